@@ -1,0 +1,159 @@
+//! memory-service settings: command-line flags, each with an environment
+//! variable fallback and a default that works on a laptop. `--help` lists
+//! them all. Environment variables read here:
+//! `MEMORY_GRPC_ADDR`, `DATABASE_URL`, `MEMORY_DB_MAX_CONNECTIONS`,
+//! `MEMORY_DB_ACQUIRE_TIMEOUT`, `MEMORY_DB_STATEMENT_TIMEOUT`,
+//! `MEMORY_SKIP_MIGRATIONS`, `MEMORY_HEALTH_INTERVAL`, `MEMORY_SHUTDOWN_TIMEOUT`,
+//! `LOG_FORMAT`, `RUST_LOG`, `MEMORY_MAX_CONTENT_BYTES`,
+//! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MEMORY_MAX_PAGE_SIZE`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use maitre::{db::PoolSettings, telemetry::LogFormat};
+
+use crate::domain::Limits;
+
+/// maitre memory-service: stores every chat message with its emotion score
+/// and keeps per-conversation emotion statistics and history, over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "memory-service", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations (unless skipped) and serve gRPC until SIGTERM (the default).
+    Serve,
+    /// Create the database if missing, apply pending migrations, and exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address the gRPC server listens on.
+    #[arg(
+        long,
+        env = "MEMORY_GRPC_ADDR",
+        default_value = "0.0.0.0:50051",
+        global = true
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// PostgreSQL URL of the database holding schema `memory`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/maitre",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_url: String,
+
+    /// Most database connections the pool opens.
+    #[arg(
+        long,
+        env = "MEMORY_DB_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
+    pub db_max_connections: u32,
+
+    /// How long a call waits for a free connection before failing UNAVAILABLE.
+    #[arg(long, env = "MEMORY_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub db_acquire_timeout: Duration,
+
+    /// PostgreSQL statement_timeout for every statement.
+    #[arg(long, env = "MEMORY_DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub db_statement_timeout: Duration,
+
+    /// Do not apply migrations when serving (run `migrate` separately).
+    #[arg(long, env = "MEMORY_SKIP_MIGRATIONS", global = true)]
+    pub skip_migrations: bool,
+
+    /// How often readiness re-checks the database.
+    #[arg(long, env = "MEMORY_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub health_interval: Duration,
+
+    /// Longest wait for in-flight calls to finish after SIGTERM.
+    #[arg(long, env = "MEMORY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_timeout: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        default_value = "info,sqlx=warn",
+        global = true
+    )]
+    pub log_filter: String,
+
+    /// Largest message content accepted, in bytes.
+    #[arg(long, env = "MEMORY_MAX_CONTENT_BYTES", default_value_t = 32 * 1024, global = true)]
+    pub max_content_bytes: usize,
+
+    /// Largest metadata map accepted (keys plus values), in bytes.
+    #[arg(long, env = "MEMORY_MAX_METADATA_BYTES", default_value_t = 8 * 1024, global = true)]
+    pub max_metadata_bytes: usize,
+
+    /// Longest emotion label accepted, in characters.
+    #[arg(
+        long,
+        env = "MEMORY_MAX_LABEL_CHARS",
+        default_value_t = 32,
+        global = true
+    )]
+    pub max_label_chars: usize,
+
+    /// Largest page a listing returns.
+    #[arg(
+        long,
+        env = "MEMORY_MAX_PAGE_SIZE",
+        default_value_t = 500,
+        global = true
+    )]
+    pub max_page_size: u32,
+}
+
+impl Settings {
+    /// Defaults for everything, with the given database (used by tests).
+    pub fn for_database(database_url: &str) -> Self {
+        let mut settings = Cli::parse_from(["memory-service"]).settings;
+        settings.database_url = database_url.to_owned();
+        settings
+    }
+
+    pub fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            url: self.database_url.clone(),
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.db_acquire_timeout,
+            statement_timeout: self.db_statement_timeout,
+            application_name: "memory-service".into(),
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_content_bytes: self.max_content_bytes,
+            max_metadata_bytes: self.max_metadata_bytes,
+            max_label_chars: self.max_label_chars,
+            max_page_size: self.max_page_size,
+            ..Limits::default()
+        }
+    }
+
+    /// Largest gRPC request the decoder accepts: the content limit plus room
+    /// for metadata, tool calls and framing.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_content_bytes * 2 + self.max_metadata_bytes + 64 * 1024
+    }
+}

@@ -1,0 +1,14 @@
+//! Validated inputs and the rules of memory-service, free of SQL and gRPC.
+//!
+//! Every request is parsed into one of these types before anything touches
+//! the database; parsing collects one violation per bad field.
+
+pub mod emotion;
+pub mod fields;
+pub mod limits;
+pub mod message;
+pub mod queries;
+
+pub use emotion::{EmotionStats, Trend};
+pub use limits::Limits;
+pub use message::{NewMessage, Role};

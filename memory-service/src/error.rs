@@ -1,0 +1,87 @@
+//! memory-service's one error type, and its one mapping to gRPC status.
+//!
+//! Use [`Error`] from the store and the handlers alike; `anyhow` only in
+//! `main.rs` and start-up. Internal causes are logged with their full chain
+//! and never shown to the caller.
+
+use std::collections::HashMap;
+
+use maitre::{
+    db::{DbFailure, classify},
+    status::{FieldViolations, with_reason},
+};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+/// The `ErrorInfo.domain` of every error this service returns.
+pub const DOMAIN: &str = "memory.maitre";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidArgument(#[from] FieldViolations),
+    #[error("conversation {0} not found")]
+    ConversationNotFound(Uuid),
+    #[error("conversation {0} belongs to another user")]
+    ConversationOfAnotherUser(Uuid),
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::InvalidArgument(violations) => violations.into_status(DOMAIN),
+            Error::ConversationNotFound(id) => with_reason(
+                Code::NotFound,
+                DOMAIN,
+                "CONVERSATION_NOT_FOUND",
+                format!("conversation {id} not found"),
+                HashMap::from([("conversation_id".into(), id.to_string())]),
+            ),
+            Error::ConversationOfAnotherUser(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "CONVERSATION_USER_MISMATCH",
+                format!("conversation {id} belongs to another user"),
+                HashMap::from([("conversation_id".into(), id.to_string())]),
+            ),
+            Error::Database(cause) => database_status(&cause),
+        }
+    }
+}
+
+fn database_status(cause: &sqlx::Error) -> Status {
+    match classify(cause) {
+        DbFailure::Unavailable => {
+            tracing::warn!(error = %cause, "database unavailable");
+            with_reason(
+                Code::Unavailable,
+                DOMAIN,
+                "DATABASE_UNAVAILABLE",
+                "the database is unavailable; retry later",
+                HashMap::new(),
+            )
+        }
+        DbFailure::Timeout => {
+            tracing::warn!(error = %cause, "statement timed out");
+            with_reason(
+                Code::DeadlineExceeded,
+                DOMAIN,
+                "DATABASE_TIMEOUT",
+                "the database did not answer in time",
+                HashMap::new(),
+            )
+        }
+        DbFailure::UniqueViolation(_) | DbFailure::Other => {
+            tracing::error!(error = ?cause, "unexpected database error");
+            with_reason(
+                Code::Internal,
+                DOMAIN,
+                "INTERNAL",
+                "internal error",
+                HashMap::new(),
+            )
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The gRPC surface: thin handlers that parse, call the store, convert back.
+
+pub mod convert;
+
+use chrono::Utc;
+use maitre::{
+    api::memory::v1::{self as pb, memory_service_server::MemoryService},
+    pagination,
+};
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    domain::{
+        Limits, NewMessage,
+        queries::{self, ConversationCursor, ConversationPage, HistoryQuery, MessagePage},
+    },
+    error::Error,
+    store::{self, messages::StoreOutcome},
+};
+
+/// Implements `maitre.memory.v1.MemoryService`.
+#[derive(Debug, Clone)]
+pub struct MemoryApi {
+    /// The `memory` schema's pool.
+    pool: PgPool,
+    /// Bounds on what callers may send.
+    limits: Limits,
+}
+
+impl MemoryApi {
+    pub fn new(pool: PgPool, limits: Limits) -> Self {
+        Self { pool, limits }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl MemoryService for MemoryApi {
+    async fn store_message(
+        &self,
+        request: Request<pb::StoreMessageRequest>,
+    ) -> Reply<pb::StoreMessageResponse> {
+        let message = NewMessage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
+        let message_id = Uuid::now_v7();
+        let outcome = store::messages::store(&self.pool, message_id, &message, Utc::now())
+            .await
+            .map_err(Error::from)?;
+        let response = match outcome {
+            StoreOutcome::Stored {
+                message_id,
+                sequence,
+                created_at,
+                message_count,
+                conversation_created,
+            } => pb::StoreMessageResponse {
+                message: Some(convert::stored_message(
+                    message, message_id, sequence, created_at,
+                )),
+                conversation_created,
+                conversation_message_count: message_count,
+                replayed: false,
+            },
+            StoreOutcome::Replayed {
+                message,
+                message_count,
+            } => pb::StoreMessageResponse {
+                message: Some(convert::message(message)),
+                conversation_created: false,
+                conversation_message_count: message_count,
+                replayed: true,
+            },
+            StoreOutcome::OtherUsersConversation => {
+                return Err(Error::ConversationOfAnotherUser(message.conversation_id).into());
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::GetConversationRequest>,
+    ) -> Reply<pb::GetConversationResponse> {
+        let id =
+            queries::conversation_id(&request.into_inner().conversation_id).map_err(Error::from)?;
+        let row = store::conversations::get(&self.pool, id)
+            .await
+            .map_err(Error::from)?
+            .ok_or(Error::ConversationNotFound(id))?;
+        Ok(Response::new(pb::GetConversationResponse {
+            conversation: Some(convert::conversation(row)),
+        }))
+    }
+
+    async fn list_messages(
+        &self,
+        request: Request<pb::ListMessagesRequest>,
+    ) -> Reply<pb::ListMessagesResponse> {
+        let page = MessagePage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
+        let mut rows = store::messages::list(&self.pool, &page)
+            .await
+            .map_err(Error::from)?;
+        // A conversation always holds at least one message, so an empty first
+        // page means there is no such conversation.
+        if rows.is_empty() && page.after.is_none() {
+            return Err(Error::ConversationNotFound(page.conversation_id).into());
+        }
+        let next_page_token = if rows.len() > page.page_size as usize {
+            rows.truncate(page.page_size as usize);
+            rows.last()
+                .map(|last| {
+                    pagination::encode(
+                        &MessagePage::token_query(page.conversation_id, page.order),
+                        &last.seq,
+                    )
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListMessagesResponse {
+            messages: rows.into_iter().map(convert::message).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_emotion_history(
+        &self,
+        request: Request<pb::GetEmotionHistoryRequest>,
+    ) -> Reply<pb::GetEmotionHistoryResponse> {
+        let query = HistoryQuery::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
+        let mut rows = store::messages::emotion_history(&self.pool, &query)
+            .await
+            .map_err(Error::from)?;
+        if rows.is_empty()
+            && !store::conversations::exists(&self.pool, query.conversation_id)
+                .await
+                .map_err(Error::from)?
+        {
+            return Err(Error::ConversationNotFound(query.conversation_id).into());
+        }
+        // Read newest first (the index order); answered oldest first.
+        rows.reverse();
+        Ok(Response::new(pb::GetEmotionHistoryResponse {
+            points: rows.into_iter().map(convert::emotion_point).collect(),
+        }))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<pb::ListConversationsRequest>,
+    ) -> Reply<pb::ListConversationsResponse> {
+        let page =
+            ConversationPage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
+        let mut rows = store::conversations::list_for_user(&self.pool, &page)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = if rows.len() > page.page_size as usize {
+            rows.truncate(page.page_size as usize);
+            rows.last()
+                .map(|last| {
+                    let cursor = ConversationCursor {
+                        in_closed: last.closed_at.is_some(),
+                        last_id: last.id,
+                    };
+                    pagination::encode(
+                        &ConversationPage::token_query(&page.user_id, page.active_only),
+                        &cursor,
+                    )
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListConversationsResponse {
+            conversations: rows.into_iter().map(convert::conversation).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn close_conversation(
+        &self,
+        request: Request<pb::CloseConversationRequest>,
+    ) -> Reply<pb::CloseConversationResponse> {
+        let id =
+            queries::conversation_id(&request.into_inner().conversation_id).map_err(Error::from)?;
+        let row = store::conversations::close(&self.pool, id, Utc::now())
+            .await
+            .map_err(Error::from)?
+            .ok_or(Error::ConversationNotFound(id))?;
+        Ok(Response::new(pb::CloseConversationResponse {
+            conversation: Some(convert::conversation(row)),
+        }))
+    }
+
+    async fn delete_user_data(
+        &self,
+        request: Request<pb::DeleteUserDataRequest>,
+    ) -> Reply<pb::DeleteUserDataResponse> {
+        let user_id = queries::user_id(&request.into_inner().user_id).map_err(Error::from)?;
+        let (conversations_deleted, messages_deleted) =
+            store::conversations::delete_user(&self.pool, &user_id)
+                .await
+                .map_err(Error::from)?;
+        tracing::info!(%user_id, conversations_deleted, messages_deleted, "user data erased");
+        Ok(Response::new(pb::DeleteUserDataResponse {
+            conversations_deleted,
+            messages_deleted,
+        }))
+    }
+}

@@ -1,0 +1,114 @@
+//! Reading, closing and erasing conversations.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::rows::ConversationRow;
+use crate::domain::queries::ConversationPage;
+
+macro_rules! columns {
+    () => {
+        "id, user_id, channel, created_at, last_message_at, closed_at, \
+         message_count, scored_count, score_sum, label_counts, recent_scores, last_score"
+    };
+}
+
+const GET: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM memory.conversations WHERE id = $1"
+);
+
+/// Active conversations (newest first) through the partial index, then,
+/// unless `$4` (active only), closed ones. One statement: the UNION ALL stops
+/// once LIMIT rows are found.
+const LIST_FOR_USER: &str = concat!(
+    "SELECT * FROM ( (SELECT ",
+    columns!(),
+    " FROM memory.conversations \
+       WHERE user_id = $1 AND closed_at IS NULL AND NOT $2 AND id < $3 \
+       ORDER BY id DESC LIMIT $5) \
+     UNION ALL \
+     (SELECT ",
+    columns!(),
+    " FROM memory.conversations \
+       WHERE user_id = $1 AND closed_at IS NOT NULL AND NOT $4 \
+         AND id < CASE WHEN $2 THEN $3 ELSE $6 END \
+       ORDER BY id DESC LIMIT $5) ) page LIMIT $5"
+);
+
+const CLOSE: &str = concat!(
+    "UPDATE memory.conversations SET closed_at = COALESCE(closed_at, $2) \
+     WHERE id = $1 RETURNING ",
+    columns!()
+);
+
+#[tracing::instrument(skip(pool))]
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<ConversationRow>, sqlx::Error> {
+    sqlx::query_as::<_, ConversationRow>(GET)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn exists(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM memory.conversations WHERE id = $1)",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+}
+
+/// A page of a user's conversations (see [`LIST_FOR_USER`]). Returns one row more than the page size when another page follows.
+#[tracing::instrument(skip_all, fields(user_id = %page.user_id))]
+pub async fn list_for_user(
+    pool: &PgPool,
+    page: &ConversationPage,
+) -> Result<Vec<ConversationRow>, sqlx::Error> {
+    // The largest UUID: "start from the newest" without an `IS NULL` branch
+    // that would keep the planner from using the index.
+    let newest = Uuid::max();
+    let (in_closed, last_id) = page
+        .after
+        .map(|c| (c.in_closed, c.last_id))
+        .unwrap_or((false, newest));
+    sqlx::query_as::<_, ConversationRow>(LIST_FOR_USER)
+        .bind(&page.user_id)
+        .bind(in_closed)
+        .bind(last_id)
+        .bind(page.active_only)
+        .bind(i64::from(page.page_size) + 1)
+        .bind(newest)
+        .fetch_all(pool)
+        .await
+}
+
+/// Closes a conversation (idempotent: closing twice keeps the first time).
+#[tracing::instrument(skip(pool))]
+pub async fn close(
+    pool: &PgPool,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<ConversationRow>, sqlx::Error> {
+    sqlx::query_as::<_, ConversationRow>(CLOSE)
+        .bind(id)
+        .bind(now)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Erases a user's conversations; their messages go with them (ON DELETE
+/// CASCADE). The message count comes from the exact per-conversation counter.
+/// Returns (conversations, messages) removed.
+#[tracing::instrument(skip(pool))]
+pub async fn delete_user(pool: &PgPool, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as::<_, (i64, i64)>(
+        "WITH gone AS (DELETE FROM memory.conversations WHERE user_id = $1 RETURNING message_count) \
+         SELECT count(*), COALESCE(sum(message_count), 0)::bigint FROM gone",
+    )
+    .bind(user_id)
+    .fetch_one(pool)
+    .await
+}

@@ -1,0 +1,217 @@
+//! Writing and reading messages.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, types::Json};
+use uuid::Uuid;
+
+use super::rows::{EmotionPointRow, MessageRow};
+use crate::domain::{
+    NewMessage,
+    emotion::TREND_WINDOW,
+    queries::{HistoryQuery, MessagePage, Order},
+};
+
+/// What StoreMessage did.
+#[derive(Debug, Clone)]
+pub enum StoreOutcome {
+    /// The message was inserted.
+    Stored {
+        message_id: Uuid,
+        sequence: i64,
+        created_at: DateTime<Utc>,
+        message_count: i64,
+        conversation_created: bool,
+    },
+    /// `request_id` was seen before: the original message, nothing written.
+    Replayed {
+        message: MessageRow,
+        message_count: i64,
+    },
+    /// The conversation exists and belongs to another user: nothing written.
+    OtherUsersConversation,
+}
+
+/// The whole write path in one statement: skip if `request_id` was seen;
+/// otherwise upsert the conversation (creating it, or bumping its counters and
+/// emotion aggregates under its row lock), then insert the message with the
+/// sequence number the upsert returned.
+const STORE_MESSAGE: &str = r#"
+WITH replay AS (
+    SELECT m.seq
+    FROM memory.messages m
+    WHERE $15::text IS NOT NULL AND m.user_id = $2 AND m.request_id = $15
+),
+conv AS (
+    INSERT INTO memory.conversations AS c
+        (id, user_id, channel, created_at, last_message_at, message_count,
+         scored_count, score_sum, label_counts, recent_scores, last_score)
+    SELECT $1, $2, $3, $16, $16, 1,
+           CASE WHEN $7::float8 IS NULL THEN 0 ELSE 1 END,
+           COALESCE($7::float8, 0),
+           CASE WHEN $7::float8 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object($8::text, 1) END,
+           CASE WHEN $7::float8 IS NULL THEN '{}'::float8[] ELSE ARRAY[$7::float8] END,
+           $7::float8
+    WHERE NOT EXISTS (SELECT 1 FROM replay)
+    ON CONFLICT (id) DO UPDATE SET
+        last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
+        closed_at = NULL,
+        message_count = c.message_count + 1,
+        scored_count = c.scored_count + EXCLUDED.scored_count,
+        score_sum = c.score_sum + EXCLUDED.score_sum,
+        label_counts = CASE WHEN $7::float8 IS NULL THEN c.label_counts
+            ELSE jsonb_set(c.label_counts, ARRAY[$8::text],
+                 to_jsonb(COALESCE((c.label_counts ->> $8::text)::bigint, 0) + 1)) END,
+        recent_scores = CASE WHEN $7::float8 IS NULL THEN c.recent_scores
+            ELSE (c.recent_scores || $7::float8)[GREATEST(1, cardinality(c.recent_scores) + 2 - $17::int):] END,
+        last_score = COALESCE($7::float8, c.last_score)
+    WHERE c.user_id = EXCLUDED.user_id
+    RETURNING c.id, c.message_count, (c.xmax = 0) AS created
+),
+msg AS (
+    INSERT INTO memory.messages
+        (conversation_id, seq, id, user_id, role, content, emotion_score, emotion_label,
+         emotion_scores, metadata, input_tokens, output_tokens, tool_calls, tool_results,
+         request_id, created_at)
+    SELECT conv.id, conv.message_count, $4, $2, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16
+    FROM conv
+    RETURNING seq
+)
+SELECT false AS replayed, msg.seq, conv.message_count, conv.created
+FROM msg CROSS JOIN conv
+UNION ALL
+SELECT true, replay.seq, 0, false FROM replay
+"#;
+
+macro_rules! columns {
+    () => {
+        "conversation_id, seq, id, role, content, emotion_score, emotion_label, \
+         emotion_scores, metadata, input_tokens, output_tokens, tool_calls, tool_results, \
+         request_id, created_at"
+    };
+}
+
+/// The original message of a replayed `request_id`, with its conversation's count.
+const REPLAY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    ", (SELECT message_count FROM memory.conversations c \
+     WHERE c.id = m.conversation_id) AS message_count \
+     FROM memory.messages m WHERE user_id = $1 AND request_id = $2"
+);
+
+const LIST_OLDEST_FIRST: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM memory.messages \
+     WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
+);
+
+const LIST_NEWEST_FIRST: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM memory.messages \
+     WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+);
+
+/// Stores a message; see [`STORE_MESSAGE`].
+#[tracing::instrument(skip_all, fields(conversation_id = %message.conversation_id))]
+pub async fn store(
+    pool: &PgPool,
+    message_id: Uuid,
+    message: &NewMessage,
+    now: DateTime<Utc>,
+) -> Result<StoreOutcome, sqlx::Error> {
+    let emotion = message.emotion.as_ref();
+    let result = sqlx::query_as::<_, (bool, i64, i64, bool)>(STORE_MESSAGE)
+        .bind(message.conversation_id)
+        .bind(&message.user_id)
+        .bind(&message.channel)
+        .bind(message_id)
+        .bind(message.role.as_i16())
+        .bind(&message.content)
+        .bind(emotion.map(|e| e.score))
+        .bind(emotion.map(|e| e.label.as_str()))
+        .bind(
+            emotion
+                .filter(|e| !e.scores.is_empty())
+                .map(|e| Json(&e.scores)),
+        )
+        .bind(Json(&message.metadata))
+        .bind(message.input_tokens)
+        .bind(message.output_tokens)
+        .bind((!message.tool_calls.is_empty()).then_some(Json(&message.tool_calls)))
+        .bind((!message.tool_results.is_empty()).then_some(Json(&message.tool_results)))
+        .bind(message.request_id.as_deref())
+        .bind(now)
+        .bind(TREND_WINDOW as i32)
+        .fetch_optional(pool)
+        .await;
+    match result {
+        Ok(Some((false, sequence, message_count, conversation_created))) => {
+            Ok(StoreOutcome::Stored {
+                message_id,
+                sequence,
+                created_at: now,
+                message_count,
+                conversation_created,
+            })
+        }
+        Ok(Some((true, _, _, _))) => replay(pool, message).await,
+        Ok(None) => Ok(StoreOutcome::OtherUsersConversation),
+        // Two concurrent calls with one request_id: the loser's statement
+        // rolled back whole (counters included); answer with the winner's.
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("messages_request_id_key") => {
+            replay(pool, message).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn replay(pool: &PgPool, message: &NewMessage) -> Result<StoreOutcome, sqlx::Error> {
+    let row = sqlx::query(REPLAY)
+        .bind(&message.user_id)
+        .bind(message.request_id.as_deref())
+        .fetch_one(pool)
+        .await?;
+    use sqlx::{FromRow, Row};
+    Ok(StoreOutcome::Replayed {
+        message: MessageRow::from_row(&row)?,
+        message_count: row.try_get("message_count")?,
+    })
+}
+
+/// One page of a conversation's messages, plus one extra row that tells
+/// whether another page follows.
+#[tracing::instrument(skip_all, fields(conversation_id = %page.conversation_id))]
+pub async fn list(pool: &PgPool, page: &MessagePage) -> Result<Vec<MessageRow>, sqlx::Error> {
+    let (sql, start) = match page.order {
+        Order::OldestFirst => (LIST_OLDEST_FIRST, 0),
+        Order::NewestFirst => (LIST_NEWEST_FIRST, i64::MAX),
+    };
+    sqlx::query_as::<_, MessageRow>(sql)
+        .bind(page.conversation_id)
+        .bind(page.after.unwrap_or(start))
+        .bind(i64::from(page.page_size) + 1)
+        .fetch_all(pool)
+        .await
+}
+
+/// The last `limit` scored messages, newest first, from the covering partial
+/// index `messages_emotion_history_idx` (an index-only scan).
+pub const EMOTION_HISTORY: &str = "SELECT id, seq, emotion_score, \
+    COALESCE(emotion_label, '') AS emotion_label, created_at \
+    FROM memory.messages \
+    WHERE conversation_id = $1 AND emotion_score IS NOT NULL \
+    ORDER BY seq DESC LIMIT $2";
+
+#[tracing::instrument(skip_all, fields(conversation_id = %query.conversation_id))]
+pub async fn emotion_history(
+    pool: &PgPool,
+    query: &HistoryQuery,
+) -> Result<Vec<EmotionPointRow>, sqlx::Error> {
+    sqlx::query_as::<_, EmotionPointRow>(EMOTION_HISTORY)
+        .bind(query.conversation_id)
+        .bind(i64::from(query.limit))
+        .fetch_all(pool)
+        .await
+}

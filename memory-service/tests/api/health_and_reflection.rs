@@ -1,0 +1,134 @@
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::support::{TestApp, proxy::DbProxy, reason, spawn_app, spawn_app_with, with_database};
+
+#[tokio::test]
+async fn health_follows_the_database_and_liveness_does_not() {
+    let proxy = DbProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let app = spawn_app_with(|settings| {
+        // Same database, reached through the proxy.
+        let name = settings
+            .database_url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        settings.database_url = with_database(
+            &format!("postgres://postgres@{}/postgres", proxy.addr),
+            &name,
+        );
+        settings.db_acquire_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let service = memory_service::startup::SERVICE_NAME;
+    let within = Duration::from_secs(10);
+    app.wait_for_health("", ServingStatus::Serving, within)
+        .await;
+    app.wait_for_health(service, ServingStatus::Serving, within)
+        .await;
+
+    proxy.take_down();
+    app.wait_for_health("", ServingStatus::NotServing, within)
+        .await;
+    app.wait_for_health(service, ServingStatus::NotServing, within)
+        .await;
+    assert_eq!(
+        app.health("liveness").await.expect("liveness"),
+        ServingStatus::Serving as i32
+    );
+    let started = std::time::Instant::now();
+    let status = app
+        .store(TestApp::message("", "pia", "while down", None))
+        .await
+        .expect_err("database down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "DATABASE_UNAVAILABLE");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "failed fast, not hung"
+    );
+
+    proxy.bring_up();
+    app.wait_for_health("", ServingStatus::Serving, within)
+        .await;
+    app.store(TestApp::message("", "pia", "after", None))
+        .await
+        .expect("stored once the database is back");
+}
+
+#[tokio::test]
+async fn shutdown_reports_not_serving_and_exits_cleanly() {
+    let app = spawn_app().await;
+    app.wait_for_health("", ServingStatus::Serving, Duration::from_secs(10))
+        .await;
+    app.shutdown().await.expect("clean exit");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_service_in_v1_and_v1alpha() {
+    let app = spawn_app().await;
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect("v1 reflection")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("answer")
+        .expect("one message");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected v1 answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&memory_service::startup::SERVICE_NAME.to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "maitre.memory.v1.MemoryService".into(),
+            ),
+        ),
+    };
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let mut stream = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect("v1alpha reflection")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("answer")
+        .expect("one message");
+    assert!(
+        matches!(
+            response.message_response,
+            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{response:?}"
+    );
+}

@@ -1,0 +1,10 @@
+//! memory-service end to end: real gRPC over loopback, real PostgreSQL, one
+//! fresh database per test.
+
+mod support;
+
+mod conversations;
+mod health_and_reflection;
+mod reads;
+mod store_message;
+mod validation;

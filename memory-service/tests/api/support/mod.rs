@@ -1,0 +1,233 @@
+//! Test harness: a real memory-service in-process on port 0, with its own
+//! fresh database on the PostgreSQL named by `DATABASE_URL` (an admin URL;
+//! default `postgres://postgres@127.0.0.1:5432/postgres`).
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::{net::SocketAddr, time::Duration};
+
+use maitre::api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
+use memory_service::{config::Settings, startup::Application};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The admin URL with its database name replaced.
+pub fn database_url(name: &str) -> String {
+    with_database(&admin_url(), name)
+}
+
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let base = match base.rfind('/') {
+        Some(i) if base[..i].contains("//") && i > base.find("//").unwrap_or(0) + 1 => &base[..i],
+        _ => base,
+    };
+    format!("{base}/{name}{query}")
+}
+
+/// A fresh, empty database: `maitre_test_<uuid>` (scripts/test.sh drops old ones).
+pub async fn fresh_database() -> String {
+    let name = format!("maitre_test_{}", uuid::Uuid::now_v7().simple());
+    let admin = PgPool::connect(&admin_url())
+        .await
+        .expect("admin connection to DATABASE_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    database_url(&name)
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: MemoryServiceClient<Channel>,
+    pub channel: Channel,
+    /// A direct pool on the test database, to check stored rows.
+    pub db: PgPool,
+    pub database_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the service with default settings adjusted by `tweak`.
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    maitre::telemetry::init_for_tests();
+    let database_url = fresh_database().await;
+    let mut settings = Settings::for_database(&database_url);
+    settings.grpc_addr = "127.0.0.1:0".parse().expect("address");
+    settings.health_interval = Duration::from_millis(200);
+    tweak(&mut settings);
+    let app = Application::build(settings).await.expect("build app");
+    let addr = app.local_addr();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stop_rx.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to memory-service");
+    let db = PgPool::connect(&database_url).await.expect("test pool");
+    TestApp {
+        addr,
+        client: MemoryServiceClient::new(channel.clone()),
+        channel,
+        db,
+        database_url,
+        stop: Some(stop_tx),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    /// A message from `user` in `conversation`, optionally scored.
+    pub fn message(
+        conversation: &str,
+        user: &str,
+        content: &str,
+        emotion: Option<(f64, &str)>,
+    ) -> pb::StoreMessageRequest {
+        pb::StoreMessageRequest {
+            conversation_id: conversation.into(),
+            user_id: user.into(),
+            channel: "web".into(),
+            role: pb::Role::User as i32,
+            content: content.into(),
+            emotion: emotion.map(|(score, label)| pb::Emotion {
+                score,
+                label: label.into(),
+                scores: Default::default(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub async fn store(
+        &self,
+        request: pb::StoreMessageRequest,
+    ) -> Result<pb::StoreMessageResponse, tonic::Status> {
+        self.client
+            .clone()
+            .store_message(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn conversation(&self, id: &str) -> Result<pb::Conversation, tonic::Status> {
+        self.client
+            .clone()
+            .get_conversation(pb::GetConversationRequest {
+                conversation_id: id.into(),
+            })
+            .await
+            .map(|r| r.into_inner().conversation.expect("conversation"))
+    }
+
+    pub async fn list_messages(
+        &self,
+        request: pb::ListMessagesRequest,
+    ) -> Result<pb::ListMessagesResponse, tonic::Status> {
+        self.client
+            .clone()
+            .list_messages(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn history(
+        &self,
+        id: &str,
+        limit: i32,
+    ) -> Result<Vec<pb::EmotionPoint>, tonic::Status> {
+        self.client
+            .clone()
+            .get_emotion_history(pb::GetEmotionHistoryRequest {
+                conversation_id: id.into(),
+                limit,
+            })
+            .await
+            .map(|r| r.into_inner().points)
+    }
+
+    pub async fn health(&self, service: &str) -> Result<i32, tonic::Status> {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    }
+
+    /// Waits until `service`'s health is `status`, or panics after `within`.
+    pub async fn wait_for_health(
+        &self,
+        service: &str,
+        status: tonic_health::pb::health_check_response::ServingStatus,
+        within: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.health(service).await.ok() == Some(status as i32) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "health of {service:?} never became {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.db)
+            .await
+            .expect("count query")
+    }
+
+    /// Stops the server the way SIGTERM does and waits for it to exit.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The field names of an INVALID_ARGUMENT's BadRequest details.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// The ErrorInfo reason of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}

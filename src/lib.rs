@@ -1,0 +1,25 @@
+//! maitre's shared crate: the wire contract and what both services need.
+//!
+//! - [`api`]: Rust code generated from `proto/` (messages, servers, clients)
+//!   and the encoded descriptor set served by reflection.
+//! - [`telemetry`]: tracing set-up, identical in both services.
+//! - [`rpc_log`]: a tower layer giving every RPC one span with method,
+//!   status code and duration.
+//! - [`status`]: building rich `tonic::Status` values (field violations,
+//!   stable reasons) the same way everywhere.
+//! - [`db`]: pool construction and the classification of database errors
+//!   (unavailable vs. timeout vs. bug).
+//! - [`health`]: the `grpc.health.v1` reporter whose readiness follows the
+//!   database, plus a liveness name that never does.
+//! - [`pagination`]: opaque, query-bound keyset page tokens.
+//! - [`shutdown`]: the SIGTERM/SIGINT future.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod db;
+pub mod health;
+pub mod pagination;
+pub mod rpc_log;
+pub mod shutdown;
+pub mod status;
+pub mod telemetry;

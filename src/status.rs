@@ -1,0 +1,81 @@
+//! Building `tonic::Status` values with rich details, the same way in both
+//! services. Every error carries an `ErrorInfo` with a stable, machine-readable
+//! `reason` (SCREAMING_SNAKE_CASE) in the service's `domain`; bad input also
+//! carries a `BadRequest` with one violation per bad field.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// Collects field violations while a request is validated, so that a caller
+/// learns about every bad field at once.
+#[derive(Debug, Default, Clone)]
+pub struct FieldViolations(Vec<FieldViolation>);
+
+impl FieldViolations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `field` is bad, with a stable `reason` and a description.
+    pub fn add(&mut self, field: &str, reason: &str, description: impl Into<String>) {
+        let mut violation = FieldViolation::new(field, description);
+        violation.reason = reason.to_owned();
+        self.0.push(violation);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The fields named so far, in order (for logs and tests).
+    pub fn fields(&self) -> Vec<&str> {
+        self.0.iter().map(|v| v.field.as_str()).collect()
+    }
+
+    /// `Ok(())` when nothing was recorded, else the violations as an error.
+    pub fn into_result(self) -> Result<(), FieldViolations> {
+        if self.0.is_empty() { Ok(()) } else { Err(self) }
+    }
+
+    /// INVALID_ARGUMENT with a `BadRequest` listing every violation.
+    pub fn into_status(self, domain: &str) -> Status {
+        let summary = self
+            .0
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut details = ErrorDetails::with_bad_request(self.0);
+        details.set_error_info("INVALID_ARGUMENT", domain, HashMap::new());
+        Status::with_error_details(
+            Code::InvalidArgument,
+            format!("invalid request: {summary}"),
+            details,
+        )
+    }
+}
+
+impl std::fmt::Display for FieldViolations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid fields: {}", self.fields().join(", "))
+    }
+}
+
+impl std::error::Error for FieldViolations {}
+
+/// A status with an `ErrorInfo` detail carrying `reason` and `metadata`.
+pub fn with_reason(
+    code: Code,
+    domain: &str,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: HashMap<String, String>,
+) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, domain, metadata),
+    )
+}
