@@ -22,6 +22,15 @@ url="$("$root/scripts/ensure-postgres.sh" | tail -n 1)" || die "scripts/ensure-p
 export DATABASE_URL="$url"
 log "DATABASE_URL=$DATABASE_URL"
 
+# Each test makes its own database maitre_test_<uuid>; drop earlier runs' ones.
+if command -v psql >/dev/null 2>&1; then
+    stale="$(psql "$DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'maitre\_test\_%'" 2>/dev/null || true)"
+    for db in $stale; do
+        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
+    done
+    [[ -z "$stale" ]] || log "dropped $(wc -w <<<"$stale") leftover test databases"
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
     log "cargo nextest run --workspace --no-fail-fast $*"
     exec cargo nextest run --workspace --no-fail-fast "$@"

@@ -78,7 +78,10 @@ pub fn classify(error: &sqlx::Error) -> DbFailure {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
-        | sqlx::Error::BeginFailed => DbFailure::Unavailable,
+        | sqlx::Error::BeginFailed
+        // A connection cut during the handshake (server restarting, proxy
+        // dropping it) shows up as an unexpected or missing protocol message.
+        | sqlx::Error::Protocol(_) => DbFailure::Unavailable,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             match code.as_ref() {
@@ -104,4 +107,11 @@ pub async fn is_reachable(pool: &PgPool, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await,
         Ok(Ok(_))
     )
+}
+
+/// The current time at PostgreSQL's precision (microseconds), so that a
+/// response built from values in hand equals what a later read returns.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    chrono::Utc::now().trunc_subsecs(6)
 }

@@ -11,15 +11,20 @@
 //!   (unavailable vs. timeout vs. bug).
 //! - [`health`]: the `grpc.health.v1` reporter whose readiness follows the
 //!   database, plus a liveness name that never does.
+//! - [`fields`]: parsers for request fields both services validate alike.
 //! - [`pagination`]: opaque, query-bound keyset page tokens.
 //! - [`shutdown`]: the SIGTERM/SIGINT future.
+//! - [`testkit`]: helpers for the integration tests (fresh databases, a
+//!   TCP proxy to cut a dependency off, waiting with a deadline).
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod db;
+pub mod fields;
 pub mod health;
 pub mod pagination;
 pub mod rpc_log;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod testkit;

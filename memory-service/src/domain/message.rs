@@ -6,7 +6,9 @@ use maitre::{api::memory::v1 as pb, status::FieldViolations};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Limits, emotion::Emotion, fields};
+use maitre::fields;
+
+use super::{Limits, emotion::Emotion};
 
 /// Who wrote a message. Stored as the proto enum's number, which the
 /// contract never changes.

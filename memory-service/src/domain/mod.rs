@@ -4,7 +4,6 @@
 //! the database; parsing collects one violation per bad field.
 
 pub mod emotion;
-pub mod fields;
 pub mod limits;
 pub mod message;
 pub mod queries;

@@ -3,7 +3,9 @@
 use maitre::{api::memory::v1 as pb, pagination, status::FieldViolations};
 use uuid::Uuid;
 
-use super::{Limits, fields};
+use maitre::fields;
+
+use super::Limits;
 
 /// Default page size of every listing.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;

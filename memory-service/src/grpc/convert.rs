@@ -10,10 +10,7 @@ use crate::{
 };
 
 pub fn timestamp(time: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: time.timestamp(),
-        nanos: time.timestamp_subsec_nanos() as i32,
-    }
+    maitre::fields::to_timestamp(time)
 }
 
 fn trend(trend: Trend) -> pb::EmotionTrend {

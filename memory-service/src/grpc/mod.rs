@@ -2,7 +2,6 @@
 
 pub mod convert;
 
-use chrono::Utc;
 use maitre::{
     api::memory::v1::{self as pb, memory_service_server::MemoryService},
     pagination,
@@ -45,7 +44,7 @@ impl MemoryService for MemoryApi {
     ) -> Reply<pb::StoreMessageResponse> {
         let message = NewMessage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
         let message_id = Uuid::now_v7();
-        let outcome = store::messages::store(&self.pool, message_id, &message, Utc::now())
+        let outcome = store::messages::store(&self.pool, message_id, &message, maitre::db::now())
             .await
             .map_err(Error::from)?;
         let response = match outcome {
@@ -67,7 +66,7 @@ impl MemoryService for MemoryApi {
                 message,
                 message_count,
             } => pb::StoreMessageResponse {
-                message: Some(convert::message(message)),
+                message: Some(convert::message(*message)),
                 conversation_created: false,
                 conversation_message_count: message_count,
                 replayed: true,
@@ -186,7 +185,7 @@ impl MemoryService for MemoryApi {
     ) -> Reply<pb::CloseConversationResponse> {
         let id =
             queries::conversation_id(&request.into_inner().conversation_id).map_err(Error::from)?;
-        let row = store::conversations::close(&self.pool, id, Utc::now())
+        let row = store::conversations::close(&self.pool, id, maitre::db::now())
             .await
             .map_err(Error::from)?
             .ok_or(Error::ConversationNotFound(id))?;

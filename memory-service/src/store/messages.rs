@@ -24,7 +24,7 @@ pub enum StoreOutcome {
     },
     /// `request_id` was seen before: the original message, nothing written.
     Replayed {
-        message: MessageRow,
+        message: Box<MessageRow>,
         message_count: i64,
     },
     /// The conversation exists and belongs to another user: nothing written.
@@ -175,7 +175,7 @@ async fn replay(pool: &PgPool, message: &NewMessage) -> Result<StoreOutcome, sql
         .await?;
     use sqlx::{FromRow, Row};
     Ok(StoreOutcome::Replayed {
-        message: MessageRow::from_row(&row)?,
+        message: Box::new(MessageRow::from_row(&row)?),
         message_count: row.try_get("message_count")?,
     })
 }

@@ -3,23 +3,17 @@ use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{TestApp, proxy::DbProxy, reason, spawn_app, spawn_app_with, with_database};
+use maitre::testkit::{proxy::TcpProxy, with_host};
+
+use crate::support::{TestApp, reason, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn health_follows_the_database_and_liveness_does_not() {
-    let proxy = DbProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let database = url_host_port(&maitre::testkit::admin_url());
+    let proxy = TcpProxy::start(database.parse().expect("DATABASE_URL host:port")).await;
     let app = spawn_app_with(|settings| {
         // Same database, reached through the proxy.
-        let name = settings
-            .database_url
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        settings.database_url = with_database(
-            &format!("postgres://postgres@{}/postgres", proxy.addr),
-            &name,
-        );
+        settings.database_url = with_host(&settings.database_url, &proxy.addr.to_string());
         settings.db_acquire_timeout = Duration::from_millis(500);
     })
     .await;
@@ -131,4 +125,17 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         ),
         "{response:?}"
     );
+}
+
+/// The host:port of a postgres URL (resolving "localhost" to 127.0.0.1).
+fn url_host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    host_port.replace("localhost", "127.0.0.1")
 }

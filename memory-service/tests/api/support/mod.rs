@@ -1,53 +1,17 @@
 //! Test harness: a real memory-service in-process on port 0, with its own
-//! fresh database on the PostgreSQL named by `DATABASE_URL` (an admin URL;
-//! default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! fresh database (see `maitre::testkit`).
 #![allow(dead_code)]
-
-pub mod proxy;
 
 use std::{net::SocketAddr, time::Duration};
 
-use maitre::api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
+use maitre::{
+    api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient},
+    testkit::fresh_database,
+};
 use memory_service::{config::Settings, startup::Application};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
-
-pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// The admin URL with its database name replaced.
-pub fn database_url(name: &str) -> String {
-    with_database(&admin_url(), name)
-}
-
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let base = match base.rfind('/') {
-        Some(i) if base[..i].contains("//") && i > base.find("//").unwrap_or(0) + 1 => &base[..i],
-        _ => base,
-    };
-    format!("{base}/{name}{query}")
-}
-
-/// A fresh, empty database: `maitre_test_<uuid>` (scripts/test.sh drops old ones).
-pub async fn fresh_database() -> String {
-    let name = format!("maitre_test_{}", uuid::Uuid::now_v7().simple());
-    let admin = PgPool::connect(&admin_url())
-        .await
-        .expect("admin connection to DATABASE_URL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create test database");
-    admin.close().await;
-    database_url(&name)
-}
 
 pub struct TestApp {
     pub addr: SocketAddr,

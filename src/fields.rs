@@ -2,7 +2,7 @@
 //! and returns `None` (or a default) instead of failing fast, so a request
 //! with three bad fields gets three violations.
 
-use maitre::status::FieldViolations;
+use crate::status::FieldViolations;
 use uuid::Uuid;
 
 /// Longest user id / request id, in characters.
@@ -96,5 +96,45 @@ pub fn known_enum<E: TryFrom<i32>>(v: &mut FieldViolations, field: &str, value: 
             );
             None
         }
+    }
+}
+
+/// A required timestamp within `[earliest, latest]`.
+pub fn timestamp(
+    v: &mut FieldViolations,
+    field: &str,
+    value: Option<&prost_types::Timestamp>,
+    earliest: chrono::DateTime<chrono::Utc>,
+    latest: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let Some(ts) = value else {
+        v.add(field, "REQUIRED", "must be set");
+        return None;
+    };
+    let parsed = u32::try_from(ts.nanos)
+        .ok()
+        .and_then(|nanos| chrono::DateTime::from_timestamp(ts.seconds, nanos));
+    match parsed {
+        Some(time) if time >= earliest && time <= latest => Some(time),
+        Some(_) => {
+            v.add(
+                field,
+                "OUT_OF_RANGE",
+                format!("must be between {earliest} and {latest}"),
+            );
+            None
+        }
+        None => {
+            v.add(field, "INVALID_TIMESTAMP", "is not a valid timestamp");
+            None
+        }
+    }
+}
+
+/// A proto Timestamp from a chrono time.
+pub fn to_timestamp(time: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: time.timestamp_subsec_nanos() as i32,
     }
 }

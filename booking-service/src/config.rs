@@ -1,0 +1,247 @@
+//! booking-service settings: flags with environment fallbacks and defaults
+//! that work on a laptop; `--help` lists them. Environment variables read:
+//! `BOOKING_GRPC_ADDR`, `DATABASE_URL`, `MEMORY_SERVICE_URL`,
+//! `MEMORY_CALL_TIMEOUT`, `BOOKING_DB_MAX_CONNECTIONS`,
+//! `BOOKING_DB_ACQUIRE_TIMEOUT`, `BOOKING_DB_STATEMENT_TIMEOUT`,
+//! `BOOKING_SKIP_MIGRATIONS`, `BOOKING_HEALTH_INTERVAL`,
+//! `BOOKING_SHUTDOWN_TIMEOUT`, `BOOKING_MAX_PAGE_SIZE`, `FOLLOWUP_DELAY`,
+//! `FOLLOWUP_HISTORY_LEN`, `FOLLOWUP_PLAN_MAX_ATTEMPTS`,
+//! `FOLLOWUP_DELIVER_MAX_ATTEMPTS`, `FOLLOWUP_RETRY_BASE`,
+//! `FOLLOWUP_RETRY_MAX`, `WORKER_CONCURRENCY`, `WORKER_POLL_INTERVAL`,
+//! `WORKER_HEARTBEAT_INTERVAL`, `WORKER_MISSED_HEARTBEATS`,
+//! `JOB_RETENTION`, `JOB_PRUNE_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
+//! `LOG_FORMAT`, `RUST_LOG`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use maitre::{db::PoolSettings, telemetry::LogFormat};
+
+use crate::{domain::backoff::Backoff, jobs::FollowUpPolicy, jobs::workers::WorkerSettings};
+
+/// maitre booking-service: books customers into time slots of limited
+/// capacity and schedules a post-event follow-up for every booking through an
+/// apalis job queue in PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "booking-service", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations (unless skipped), serve gRPC and run the follow-up workers until SIGTERM (the default).
+    Serve,
+    /// Create the database if missing, apply apalis's and booking-service's migrations, and exit.
+    Migrate,
+}
+
+fn duration(value: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(value)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address the gRPC server listens on.
+    #[arg(
+        long,
+        env = "BOOKING_GRPC_ADDR",
+        default_value = "0.0.0.0:50052",
+        global = true
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// PostgreSQL URL of the database holding schemas `booking` and `apalis`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/maitre",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_url: String,
+
+    /// Where memory-service answers gRPC.
+    #[arg(
+        long,
+        env = "MEMORY_SERVICE_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub memory_service_url: String,
+
+    /// Deadline of each call to memory-service.
+    #[arg(long, env = "MEMORY_CALL_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
+    pub memory_call_timeout: Duration,
+
+    /// Most database connections the pool opens (workers hold one each for LISTEN).
+    #[arg(
+        long,
+        env = "BOOKING_DB_MAX_CONNECTIONS",
+        default_value_t = 20,
+        global = true
+    )]
+    pub db_max_connections: u32,
+
+    /// How long a call waits for a free connection before failing UNAVAILABLE.
+    #[arg(long, env = "BOOKING_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
+    pub db_acquire_timeout: Duration,
+
+    /// PostgreSQL statement_timeout for every statement.
+    #[arg(long, env = "BOOKING_DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = duration, global = true)]
+    pub db_statement_timeout: Duration,
+
+    /// Do not apply migrations when serving (run `migrate` separately).
+    #[arg(long, env = "BOOKING_SKIP_MIGRATIONS", global = true)]
+    pub skip_migrations: bool,
+
+    /// How often readiness re-checks the database.
+    #[arg(long, env = "BOOKING_HEALTH_INTERVAL", default_value = "2s", value_parser = duration, global = true)]
+    pub health_interval: Duration,
+
+    /// Longest wait for in-flight calls and running jobs after SIGTERM.
+    #[arg(long, env = "BOOKING_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration, global = true)]
+    pub shutdown_timeout: Duration,
+
+    /// Largest page a listing returns.
+    #[arg(
+        long,
+        env = "BOOKING_MAX_PAGE_SIZE",
+        default_value_t = 500,
+        global = true
+    )]
+    pub max_page_size: u32,
+
+    /// When a follow-up is delivered: this long after the event ends.
+    #[arg(long, env = "FOLLOWUP_DELAY", default_value = "24h", value_parser = duration, global = true)]
+    pub followup_delay: Duration,
+
+    /// How many recent scored messages choose the follow-up's template.
+    #[arg(
+        long,
+        env = "FOLLOWUP_HISTORY_LEN",
+        default_value_t = 10,
+        global = true
+    )]
+    pub followup_history_len: i32,
+
+    /// Planning attempts while memory-service is unreachable; then the neutral template is used.
+    #[arg(
+        long,
+        env = "FOLLOWUP_PLAN_MAX_ATTEMPTS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub followup_plan_max_attempts: u32,
+
+    /// Delivery attempts before a follow-up is FAILED (the dead letter).
+    #[arg(
+        long,
+        env = "FOLLOWUP_DELIVER_MAX_ATTEMPTS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub followup_deliver_max_attempts: u32,
+
+    /// First retry delay; doubles each attempt, with jitter.
+    #[arg(long, env = "FOLLOWUP_RETRY_BASE", default_value = "5s", value_parser = duration, global = true)]
+    pub followup_retry_base: Duration,
+
+    /// Longest retry delay.
+    #[arg(long, env = "FOLLOWUP_RETRY_MAX", default_value = "15m", value_parser = duration, global = true)]
+    pub followup_retry_max: Duration,
+
+    /// Jobs run at once, per queue (plan, deliver).
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16, global = true)]
+    pub worker_concurrency: usize,
+
+    /// How often workers poll besides LISTEN/NOTIFY (which misses scheduled jobs).
+    #[arg(long, env = "WORKER_POLL_INTERVAL", default_value = "1s", value_parser = duration, global = true)]
+    pub worker_poll_interval: Duration,
+
+    /// Worker heartbeat; a worker missing `missed-heartbeats` of them is dead and its jobs are re-enqueued.
+    #[arg(long, env = "WORKER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = duration, global = true)]
+    pub worker_heartbeat_interval: Duration,
+
+    /// Missed heartbeats before a worker counts as dead (10s x 3 = jobs recovered within ~30-40 s).
+    #[arg(
+        long,
+        env = "WORKER_MISSED_HEARTBEATS",
+        default_value_t = 3,
+        global = true
+    )]
+    pub worker_missed_heartbeats: usize,
+
+    /// Finished job rows are deleted after this long.
+    #[arg(long, env = "JOB_RETENTION", default_value = "7d", value_parser = duration, global = true)]
+    pub job_retention: Duration,
+
+    /// How often finished job rows are pruned.
+    #[arg(long, env = "JOB_PRUNE_INTERVAL", default_value = "10m", value_parser = duration, global = true)]
+    pub job_prune_interval: Duration,
+
+    /// Serve gRPC only, without follow-up workers (another deployment runs them).
+    #[arg(long, env = "BOOKING_DISABLE_WORKERS", global = true)]
+    pub disable_workers: bool,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        default_value = "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn",
+        global = true
+    )]
+    pub log_filter: String,
+}
+
+impl Settings {
+    /// Defaults for everything, with the given database and memory-service (tests).
+    pub fn for_database(database_url: &str, memory_service_url: &str) -> Self {
+        let mut settings = Cli::parse_from(["booking-service"]).settings;
+        settings.database_url = database_url.to_owned();
+        settings.memory_service_url = memory_service_url.to_owned();
+        settings
+    }
+
+    pub fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            url: self.database_url.clone(),
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.db_acquire_timeout,
+            statement_timeout: self.db_statement_timeout,
+            application_name: "booking-service".into(),
+        }
+    }
+
+    pub fn policy(&self) -> FollowUpPolicy {
+        let retry = |max_attempts| Backoff {
+            base: self.followup_retry_base,
+            max: self.followup_retry_max,
+            max_attempts,
+        };
+        FollowUpPolicy {
+            delay_after_event: self.followup_delay,
+            history_len: self.followup_history_len.clamp(1, 200),
+            plan_retry: retry(self.followup_plan_max_attempts.max(1)),
+            deliver_retry: retry(self.followup_deliver_max_attempts.max(1)),
+        }
+    }
+
+    pub fn workers(&self) -> WorkerSettings {
+        WorkerSettings {
+            concurrency: self.worker_concurrency.max(1),
+            poll_interval: self.worker_poll_interval,
+            heartbeat_interval: self.worker_heartbeat_interval,
+            missed_heartbeats: self.worker_missed_heartbeats.max(1),
+            job_retention: self.job_retention,
+            prune_interval: self.job_prune_interval,
+        }
+    }
+}

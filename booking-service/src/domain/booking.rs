@@ -1,0 +1,251 @@
+//! Bookings: what a customer asks for, validated.
+
+use maitre::{api::booking::v1 as pb, fields, pagination, status::FieldViolations};
+use uuid::Uuid;
+
+/// Most seats one booking takes.
+pub const MAX_PARTY_SIZE: i32 = 20;
+/// Longest customer name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+/// Largest deposit, in minor units.
+pub const MAX_DEPOSIT_MINOR: i64 = 100_000_000;
+
+/// Booking states, stored as the proto enum's numbers.
+pub const CONFIRMED: i16 = pb::BookingState::Confirmed as i16;
+pub const CANCELLED: i16 = pb::BookingState::Cancelled as i16;
+/// Payment state of a fresh booking's deposit.
+pub const PAYMENT_PENDING: i16 = pb::PaymentState::Pending as i16;
+
+/// A validated CreateBooking request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBooking {
+    pub customer_id: String,
+    pub customer_name: String,
+    pub conversation_id: Option<Uuid>,
+    pub slot_id: Uuid,
+    pub party_size: i32,
+    pub deposit_currency: String,
+    pub deposit_minor: i64,
+    pub request_id: String,
+}
+
+impl NewBooking {
+    pub fn parse(request: pb::CreateBookingRequest) -> Result<Self, FieldViolations> {
+        let pb::CreateBookingRequest {
+            customer_id,
+            customer_name,
+            conversation_id,
+            slot_id,
+            party_size,
+            deposit,
+            request_id,
+        } = request;
+        let mut v = FieldViolations::new();
+        let customer_id = fields::identifier(&mut v, "customer_id", &customer_id);
+        let name = customer_name.trim();
+        if name.is_empty() {
+            v.add("customer_name", "REQUIRED", "must be set");
+        } else if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+            v.add(
+                "customer_name",
+                "INVALID_NAME",
+                format!("must be at most {MAX_NAME_CHARS} printable characters"),
+            );
+        }
+        let conversation_id = if conversation_id.is_empty() {
+            None
+        } else {
+            fields::uuid(&mut v, "conversation_id", &conversation_id)
+        };
+        let slot_id = fields::uuid(&mut v, "slot_id", &slot_id);
+        if !(1..=MAX_PARTY_SIZE).contains(&party_size) {
+            v.add(
+                "party_size",
+                "OUT_OF_RANGE",
+                format!("must be between 1 and {MAX_PARTY_SIZE}"),
+            );
+        }
+        let (currency, amount) = match deposit {
+            None => {
+                v.add("deposit", "REQUIRED", "must be set (amount_minor may be 0)");
+                (String::new(), 0)
+            }
+            Some(pb::Money {
+                currency_code,
+                amount_minor,
+            }) => {
+                if currency_code.len() != 3
+                    || !currency_code.chars().all(|c| c.is_ascii_uppercase())
+                {
+                    v.add(
+                        "deposit.currency_code",
+                        "INVALID_CURRENCY",
+                        "must be an ISO 4217 code such as EUR",
+                    );
+                }
+                if !(0..=MAX_DEPOSIT_MINOR).contains(&amount_minor) {
+                    v.add(
+                        "deposit.amount_minor",
+                        "OUT_OF_RANGE",
+                        format!("must be between 0 and {MAX_DEPOSIT_MINOR}"),
+                    );
+                }
+                (currency_code, amount_minor)
+            }
+        };
+        let request_id = fields::identifier(&mut v, "request_id", &request_id);
+        v.into_result()?;
+        match (customer_id, slot_id, request_id) {
+            (Some(customer_id), Some(slot_id), Some(request_id)) => Ok(Self {
+                customer_id,
+                customer_name: name.to_owned(),
+                conversation_id,
+                slot_id,
+                party_size,
+                deposit_currency: currency,
+                deposit_minor: amount,
+                request_id,
+            }),
+            _ => Err(FieldViolations::new()),
+        }
+    }
+}
+
+/// A validated ListBookings request; `after` is the last booking id served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BookingPage {
+    pub customer_id: String,
+    pub page_size: u32,
+    pub after: Option<Uuid>,
+}
+
+impl BookingPage {
+    pub fn token_query(customer_id: &str) -> String {
+        format!("ListBookings|{customer_id}")
+    }
+
+    pub fn parse(
+        request: pb::ListBookingsRequest,
+        max_page_size: u32,
+    ) -> Result<Self, FieldViolations> {
+        let pb::ListBookingsRequest {
+            customer_id,
+            page_size,
+            page_token,
+        } = request;
+        let mut v = FieldViolations::new();
+        let customer_id = fields::identifier(&mut v, "customer_id", &customer_id);
+        let page_size = fields::page_size(&mut v, "page_size", page_size, 50, max_page_size);
+        let after = match (&customer_id, page_token.is_empty()) {
+            (Some(customer), false) => {
+                match pagination::decode(&Self::token_query(customer), &page_token) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        v.add("page_token", "INVALID_PAGE_TOKEN", e.to_string());
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        v.into_result()?;
+        let customer_id = customer_id.ok_or_else(FieldViolations::new)?;
+        Ok(Self {
+            customer_id,
+            page_size,
+            after,
+        })
+    }
+}
+
+/// Which follow-ups ListFollowUps returns; `after` is the last id served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FollowUpPage {
+    pub booking_id: Option<Uuid>,
+    pub conversation_id: Option<Uuid>,
+    pub page_size: u32,
+    pub after: Option<Uuid>,
+}
+
+impl FollowUpPage {
+    fn token_query(booking_id: Option<Uuid>, conversation_id: Option<Uuid>) -> String {
+        format!("ListFollowUps|{booking_id:?}|{conversation_id:?}")
+    }
+
+    pub fn next_token(&self, last: Uuid) -> String {
+        pagination::encode(
+            &Self::token_query(self.booking_id, self.conversation_id),
+            &last,
+        )
+    }
+
+    pub fn parse(
+        request: pb::ListFollowUpsRequest,
+        max_page_size: u32,
+    ) -> Result<Self, FieldViolations> {
+        use pb::list_follow_ups_request::Parent;
+        let pb::ListFollowUpsRequest {
+            parent,
+            page_size,
+            page_token,
+        } = request;
+        let mut v = FieldViolations::new();
+        let (booking_id, conversation_id) = match parent {
+            Some(Parent::BookingId(id)) => (fields::uuid(&mut v, "booking_id", &id), None),
+            Some(Parent::ConversationId(id)) => {
+                (None, fields::uuid(&mut v, "conversation_id", &id))
+            }
+            None => {
+                v.add("parent", "REQUIRED", "set booking_id or conversation_id");
+                (None, None)
+            }
+        };
+        let page_size = fields::page_size(&mut v, "page_size", page_size, 50, max_page_size);
+        let after = if page_token.is_empty() || (booking_id.is_none() && conversation_id.is_none())
+        {
+            None
+        } else {
+            match pagination::decode(&Self::token_query(booking_id, conversation_id), &page_token) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    v.add("page_token", "INVALID_PAGE_TOKEN", e.to_string());
+                    None
+                }
+            }
+        };
+        v.into_result()?;
+        Ok(Self {
+            booking_id,
+            conversation_id,
+            page_size,
+            after,
+        })
+    }
+}
+
+/// A request naming one booking.
+pub fn booking_id(value: &str) -> Result<Uuid, FieldViolations> {
+    let mut v = FieldViolations::new();
+    let id = fields::uuid(&mut v, "booking_id", value);
+    v.into_result()?;
+    id.ok_or_else(FieldViolations::new)
+}
+
+/// Longest cancellation reason, in characters.
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// A validated CancelBooking request: the booking and the reason.
+pub fn parse_cancel(request: pb::CancelBookingRequest) -> Result<(Uuid, String), FieldViolations> {
+    let pb::CancelBookingRequest { booking_id, reason } = request;
+    let mut v = FieldViolations::new();
+    let id = fields::uuid(&mut v, "booking_id", &booking_id);
+    if reason.chars().count() > MAX_REASON_CHARS || reason.contains('\0') {
+        v.add(
+            "reason",
+            "INVALID_REASON",
+            format!("must be at most {MAX_REASON_CHARS} characters"),
+        );
+    }
+    v.into_result()?;
+    Ok((id.ok_or_else(FieldViolations::new)?, reason))
+}

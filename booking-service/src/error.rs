@@ -1,0 +1,115 @@
+//! booking-service's one error type, and its one mapping to gRPC status.
+//! Internal causes are logged with their chain, never shown to the caller.
+
+use std::collections::HashMap;
+
+use maitre::{
+    db::{DbFailure, classify},
+    status::{FieldViolations, with_reason},
+};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+/// The `ErrorInfo.domain` of every error this service returns.
+pub const DOMAIN: &str = "booking.maitre";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidArgument(#[from] FieldViolations),
+    #[error("slot {0} not found")]
+    SlotNotFound(Uuid),
+    #[error("slot {slot_id} has {available} free seats, {requested} requested")]
+    SlotFull {
+        slot_id: Uuid,
+        available: i32,
+        requested: i32,
+    },
+    #[error("slot {0} has already started")]
+    SlotStarted(Uuid),
+    #[error("booking {0} not found")]
+    BookingNotFound(Uuid),
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::InvalidArgument(violations) => violations.into_status(DOMAIN),
+            Error::SlotNotFound(id) => with_reason(
+                Code::NotFound,
+                DOMAIN,
+                "SLOT_NOT_FOUND",
+                message,
+                HashMap::from([("slot_id".into(), id.to_string())]),
+            ),
+            Error::SlotFull {
+                slot_id,
+                available,
+                requested,
+            } => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "SLOT_FULL",
+                message,
+                HashMap::from([
+                    ("slot_id".into(), slot_id.to_string()),
+                    ("available_seats".into(), available.to_string()),
+                    ("requested_seats".into(), requested.to_string()),
+                ]),
+            ),
+            Error::SlotStarted(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "SLOT_STARTED",
+                message,
+                HashMap::from([("slot_id".into(), id.to_string())]),
+            ),
+            Error::BookingNotFound(id) => with_reason(
+                Code::NotFound,
+                DOMAIN,
+                "BOOKING_NOT_FOUND",
+                message,
+                HashMap::from([("booking_id".into(), id.to_string())]),
+            ),
+            Error::Database(cause) => database_status(&cause),
+        }
+    }
+}
+
+fn database_status(cause: &sqlx::Error) -> Status {
+    match classify(cause) {
+        DbFailure::Unavailable => {
+            tracing::warn!(error = %cause, "database unavailable");
+            with_reason(
+                Code::Unavailable,
+                DOMAIN,
+                "DATABASE_UNAVAILABLE",
+                "the database is unavailable; retry later",
+                HashMap::new(),
+            )
+        }
+        DbFailure::Timeout => {
+            tracing::warn!(error = %cause, "statement timed out");
+            with_reason(
+                Code::DeadlineExceeded,
+                DOMAIN,
+                "DATABASE_TIMEOUT",
+                "the database did not answer in time",
+                HashMap::new(),
+            )
+        }
+        DbFailure::UniqueViolation(_) | DbFailure::Other => {
+            tracing::error!(error = ?cause, "unexpected database error");
+            with_reason(
+                Code::Internal,
+                DOMAIN,
+                "INTERNAL",
+                "internal error",
+                HashMap::new(),
+            )
+        }
+    }
+}

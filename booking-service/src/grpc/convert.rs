@@ -1,0 +1,67 @@
+//! Rows to proto messages.
+
+use maitre::{api::booking::v1 as pb, fields::to_timestamp};
+
+use crate::store::rows::{BookingRow, FollowUpRow, SlotRow};
+
+pub fn slot(row: SlotRow) -> pb::Slot {
+    pb::Slot {
+        slot_id: row.id.to_string(),
+        start_time: Some(to_timestamp(row.starts_at)),
+        end_time: Some(to_timestamp(row.ends_at)),
+        capacity: row.capacity,
+        booked_seats: row.booked,
+        available_seats: row.capacity - row.booked,
+        label: row.label,
+        create_time: Some(to_timestamp(row.created_at)),
+    }
+}
+
+pub fn booking(row: BookingRow) -> pb::Booking {
+    pb::Booking {
+        booking_id: row.id.to_string(),
+        slot_id: row.slot_id.to_string(),
+        customer_id: row.customer_id,
+        customer_name: row.customer_name,
+        conversation_id: row
+            .conversation_id
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        party_size: row.party_size,
+        state: i32::from(row.state),
+        deposit: Some(pb::Payment {
+            payment_id: row.payment_id.to_string(),
+            state: i32::from(row.payment_state),
+            amount: Some(pb::Money {
+                currency_code: row.currency,
+                amount_minor: row.amount_minor,
+            }),
+        }),
+        slot_start_time: Some(to_timestamp(row.slot_starts_at)),
+        slot_end_time: Some(to_timestamp(row.slot_ends_at)),
+        create_time: Some(to_timestamp(row.created_at)),
+        cancel_time: row.cancelled_at.map(to_timestamp),
+        request_id: row.request_id,
+    }
+}
+
+pub fn follow_up(row: FollowUpRow) -> pb::FollowUp {
+    pb::FollowUp {
+        follow_up_id: row.id.to_string(),
+        booking_id: row.booking_id.to_string(),
+        conversation_id: row
+            .conversation_id
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        trigger: row.trigger,
+        template_key: row.template_key,
+        rendered_text: row.rendered_text,
+        state: i32::from(row.state),
+        scheduled_time: Some(to_timestamp(row.scheduled_at)),
+        attempts: row.attempts,
+        last_error: row.last_error.unwrap_or_default(),
+        message_id: row.message_id.map(|m| m.to_string()).unwrap_or_default(),
+        create_time: Some(to_timestamp(row.created_at)),
+        sent_time: row.sent_at.map(to_timestamp),
+    }
+}

@@ -1,0 +1,196 @@
+//! The gRPC surface: thin handlers that parse, call the store, convert back.
+
+pub mod convert;
+
+use maitre::{
+    api::booking::v1::{self as pb, booking_service_server::BookingService},
+    pagination,
+};
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    domain::{
+        booking::{self, BookingPage, FollowUpPage, NewBooking},
+        slot::{AvailabilityQuery, NewSlot, SlotCursor},
+    },
+    error::Error,
+    store::{self, bookings::CreateOutcome},
+};
+
+/// Implements `maitre.booking.v1.BookingService`.
+#[derive(Debug, Clone)]
+pub struct BookingApi {
+    pool: PgPool,
+    /// Largest page any listing returns.
+    max_page_size: u32,
+}
+
+impl BookingApi {
+    pub fn new(pool: PgPool, max_page_size: u32) -> Self {
+        Self {
+            pool,
+            max_page_size,
+        }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Cuts the extra row a store listing returns and makes the next token.
+fn paginate<T>(rows: &mut Vec<T>, page_size: u32, token: impl Fn(&T) -> String) -> String {
+    if rows.len() > page_size as usize {
+        rows.truncate(page_size as usize);
+        rows.last().map(token).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+#[tonic::async_trait]
+impl BookingService for BookingApi {
+    async fn create_slot(
+        &self,
+        request: Request<pb::CreateSlotRequest>,
+    ) -> Reply<pb::CreateSlotResponse> {
+        let now = maitre::db::now();
+        let slot = NewSlot::parse(request.into_inner(), now).map_err(Error::from)?;
+        let row = store::slots::create(&self.pool, Uuid::now_v7(), &slot, now)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::CreateSlotResponse {
+            slot: Some(convert::slot(row)),
+        }))
+    }
+
+    async fn list_availability(
+        &self,
+        request: Request<pb::ListAvailabilityRequest>,
+    ) -> Reply<pb::ListAvailabilityResponse> {
+        let query = AvailabilityQuery::parse(request.into_inner(), self.max_page_size)
+            .map_err(Error::from)?;
+        let mut rows = store::slots::availability(&self.pool, &query)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = paginate(&mut rows, query.page_size, |last| {
+            pagination::encode(
+                &AvailabilityQuery::token_query(query.from, query.until, query.min_seats),
+                &SlotCursor {
+                    starts_at: last.starts_at,
+                    id: last.id,
+                },
+            )
+        });
+        Ok(Response::new(pb::ListAvailabilityResponse {
+            slots: rows.into_iter().map(convert::slot).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn create_booking(
+        &self,
+        request: Request<pb::CreateBookingRequest>,
+    ) -> Reply<pb::CreateBookingResponse> {
+        let booking = NewBooking::parse(request.into_inner()).map_err(Error::from)?;
+        let outcome = store::bookings::create(
+            &self.pool,
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            &booking,
+            maitre::db::now(),
+        )
+        .await
+        .map_err(Error::from)?;
+        let (row, replayed) = match outcome {
+            CreateOutcome::Created(row) => {
+                tracing::info!(booking_id = %row.id, slot_id = %row.slot_id, "booking confirmed");
+                (row, false)
+            }
+            CreateOutcome::Replayed(row) => (row, true),
+            CreateOutcome::SlotNotFound => return Err(Error::SlotNotFound(booking.slot_id).into()),
+            CreateOutcome::SlotStarted => return Err(Error::SlotStarted(booking.slot_id).into()),
+            CreateOutcome::SlotFull { available } => {
+                return Err(Error::SlotFull {
+                    slot_id: booking.slot_id,
+                    available,
+                    requested: booking.party_size,
+                }
+                .into());
+            }
+        };
+        Ok(Response::new(pb::CreateBookingResponse {
+            booking: Some(convert::booking(row)),
+            replayed,
+        }))
+    }
+
+    async fn get_booking(
+        &self,
+        request: Request<pb::GetBookingRequest>,
+    ) -> Reply<pb::GetBookingResponse> {
+        let id = booking::booking_id(&request.into_inner().booking_id).map_err(Error::from)?;
+        let row = store::bookings::get(&self.pool, id)
+            .await
+            .map_err(Error::from)?
+            .ok_or(Error::BookingNotFound(id))?;
+        Ok(Response::new(pb::GetBookingResponse {
+            booking: Some(convert::booking(row)),
+        }))
+    }
+
+    async fn list_bookings(
+        &self,
+        request: Request<pb::ListBookingsRequest>,
+    ) -> Reply<pb::ListBookingsResponse> {
+        let page =
+            BookingPage::parse(request.into_inner(), self.max_page_size).map_err(Error::from)?;
+        let mut rows = store::bookings::list_for_customer(&self.pool, &page)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = paginate(&mut rows, page.page_size, |last| {
+            pagination::encode(&BookingPage::token_query(&page.customer_id), &last.id)
+        });
+        Ok(Response::new(pb::ListBookingsResponse {
+            bookings: rows.into_iter().map(convert::booking).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_booking(
+        &self,
+        request: Request<pb::CancelBookingRequest>,
+    ) -> Reply<pb::CancelBookingResponse> {
+        let (id, reason) = booking::parse_cancel(request.into_inner()).map_err(Error::from)?;
+        let follow_ups_cancelled =
+            store::bookings::cancel(&self.pool, id, &reason, maitre::db::now())
+                .await
+                .map_err(Error::from)?
+                .ok_or(Error::BookingNotFound(id))?;
+        let row = store::bookings::get(&self.pool, id)
+            .await
+            .map_err(Error::from)?
+            .ok_or(Error::BookingNotFound(id))?;
+        tracing::info!(booking_id = %id, follow_ups_cancelled, "booking cancelled");
+        Ok(Response::new(pb::CancelBookingResponse {
+            booking: Some(convert::booking(row)),
+            follow_ups_cancelled,
+        }))
+    }
+
+    async fn list_follow_ups(
+        &self,
+        request: Request<pb::ListFollowUpsRequest>,
+    ) -> Reply<pb::ListFollowUpsResponse> {
+        let page =
+            FollowUpPage::parse(request.into_inner(), self.max_page_size).map_err(Error::from)?;
+        let mut rows = store::followups::list(&self.pool, &page)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = paginate(&mut rows, page.page_size, |last| page.next_token(last.id));
+        Ok(Response::new(pb::ListFollowUpsResponse {
+            follow_ups: rows.into_iter().map(convert::follow_up).collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,80 @@
+//! The follow-up pipeline on apalis (PostgreSQL storage).
+//!
+//! ```text
+//! CreateBooking ──(same tx)──▶ plan job ──▶ scheduled_followups row + deliver job (same tx)
+//!                                            └─ at event end + delay ─▶ deliver job ─▶ memory.StoreMessage
+//! ```
+//!
+//! Jobs run at least once, so both handlers are idempotent: the partial
+//! unique index allows one live follow-up per booking and trigger, and
+//! delivery stores the message with `request_id` = the follow-up's id.
+//! Retries are new jobs scheduled with a later `run_at` (exponential backoff
+//! with jitter, surviving restarts); a job carries its attempt number, and
+//! an idempotency key per attempt keeps two racing runs from forking the
+//! retry chain.
+
+pub mod deliver;
+pub mod plan;
+pub mod templates;
+pub mod workers;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{domain::backoff::Backoff, memory_client::MemoryClient};
+
+/// Queue of plan jobs (explicit, never apalis's default type name).
+pub const PLAN_QUEUE: &str = "maitre.followup.plan";
+/// Queue of deliver jobs.
+pub const DELIVER_QUEUE: &str = "maitre.followup.deliver";
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// Plan the follow-up of one booking. Payload changes must stay readable by
+/// older rows: a payload apalis cannot decode stops the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanFollowUp {
+    pub booking_id: Uuid,
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+/// Deliver one planned follow-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliverFollowUp {
+    pub follow_up_id: Uuid,
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+/// How follow-ups are planned and retried.
+#[derive(Debug, Clone)]
+pub struct FollowUpPolicy {
+    /// Delivery time = the event's end + this.
+    pub delay_after_event: Duration,
+    /// How many recent scored messages the template choice looks at.
+    pub history_len: i32,
+    /// Retries of planning while memory-service cannot answer.
+    pub plan_retry: Backoff,
+    /// Retries of delivery.
+    pub deliver_retry: Backoff,
+}
+
+/// What every job handler needs (injected with apalis's `Data`).
+#[derive(Clone)]
+pub struct JobContext {
+    pub pool: PgPool,
+    pub memory: MemoryClient,
+    pub templates: templates::TemplateCache,
+    pub policy: FollowUpPolicy,
+}
+
+/// A uniform random number in [0, 1) for jitter.
+fn jitter() -> f64 {
+    rand::random::<f64>()
+}

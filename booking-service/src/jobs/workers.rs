@@ -1,0 +1,161 @@
+//! Running the two apalis workers (plan, deliver) and the pruner, each
+//! supervised: a worker stops on a database error, so it is restarted with
+//! a growing delay under a new name (apalis refuses a name still registered),
+//! until shutdown. On shutdown, running jobs finish; jobs fetched but not
+//! started go back to the queue.
+
+use std::{future::Future, time::Duration};
+
+use apalis::prelude::*;
+use apalis_postgres::{Config, PostgresStorage};
+use tokio::sync::watch;
+
+use super::{DELIVER_QUEUE, DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, deliver, plan};
+use crate::store;
+
+/// How the workers fetch and recover jobs.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Jobs run at once, per queue.
+    pub concurrency: usize,
+    /// Polling interval besides LISTEN/NOTIFY (which is silent for jobs
+    /// scheduled in the future).
+    pub poll_interval: Duration,
+    /// Heartbeat of each worker; a worker silent for `heartbeat_interval ×
+    /// missed_heartbeats` is dead and its jobs are re-enqueued.
+    pub heartbeat_interval: Duration,
+    pub missed_heartbeats: usize,
+    /// Finished job rows older than this are deleted.
+    pub job_retention: Duration,
+    /// How often the pruner runs.
+    pub prune_interval: Duration,
+}
+
+impl WorkerSettings {
+    fn config(&self, queue: &str) -> Config {
+        Config::default()
+            .queue(queue)
+            .batch_size(self.concurrency.max(1))
+            .heartbeat_interval(self.heartbeat_interval)
+            .missed_heartbeats(self.missed_heartbeats)
+    }
+
+    /// Interval first: if the LISTEN stream ever ends, polling still runs.
+    fn strategy(&self, ctx: &JobContext, queue: &str) -> Strategy {
+        Strategy::new()
+            .interval(self.poll_interval)
+            .apply(StreamStrategy::new(apalis_postgres::Pubsub::new(
+                ctx.pool.clone(),
+                queue.to_owned(),
+            )))
+    }
+}
+
+/// Runs both workers and the pruner until `stop` turns true.
+pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receiver<bool>) {
+    let plan_worker = supervise(PLAN_QUEUE, stop.clone(), {
+        let (ctx, settings) = (ctx.clone(), settings.clone());
+        move |name, signal| {
+            let backend = PostgresStorage::<PlanFollowUp>::new(&ctx.pool)
+                .with_config(settings.config(PLAN_QUEUE))
+                .poll_with_strategy(settings.strategy(&ctx, PLAN_QUEUE));
+            WorkerBuilder::new(name)
+                .backend(backend)
+                .data(ctx.clone())
+                .concurrency(settings.concurrency)
+                .build(plan::handle)
+                .run_until(signal)
+        }
+    });
+    let deliver_worker = supervise(DELIVER_QUEUE, stop.clone(), {
+        let (ctx, settings) = (ctx.clone(), settings.clone());
+        move |name, signal| {
+            let backend = PostgresStorage::<DeliverFollowUp>::new(&ctx.pool)
+                .with_config(settings.config(DELIVER_QUEUE))
+                .poll_with_strategy(settings.strategy(&ctx, DELIVER_QUEUE));
+            WorkerBuilder::new(name)
+                .backend(backend)
+                .data(ctx.clone())
+                .concurrency(settings.concurrency)
+                .build(deliver::handle)
+                .run_until(signal)
+        }
+    });
+    let pruner = prune(ctx.clone(), settings.clone(), stop);
+    tokio::join!(plan_worker, deliver_worker, pruner);
+}
+
+/// Restarts `run_worker` after each failure, waiting 0.5 s, 1 s, 2 s, ...
+/// (at most 30 s), until `stop`.
+async fn supervise<F, Fut, E>(queue: &'static str, stop: watch::Receiver<bool>, run_worker: F)
+where
+    F: Fn(
+        String,
+        std::pin::Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>>,
+    ) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut restarts: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let name = format!("{queue}@{}#{restarts}", instance_name());
+        let mut signal_rx = stop.clone();
+        let signal = Box::pin(async move {
+            let _ = signal_rx.wait_for(|stopping| *stopping).await;
+            Ok::<(), std::io::Error>(())
+        });
+        tracing::info!(worker = %name, "worker starting");
+        match run_worker(name.clone(), signal).await {
+            Ok(()) => {
+                tracing::info!(worker = %name, "worker stopped");
+                return;
+            }
+            Err(error) => {
+                restarts += 1;
+                let delay = Duration::from_millis(500 * 2u64.pow(restarts.min(6)))
+                    .min(Duration::from_secs(30));
+                tracing::warn!(worker = %name, %error, ?delay, "worker stopped on an error; restarting");
+                let mut stop_rx = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop_rx.wait_for(|stopping| *stopping) => return,
+                }
+            }
+        }
+    }
+}
+
+/// This process's name among workers: host (the pod's name on Kubernetes)
+/// plus a random part, since every container's main process is pid 1.
+fn instance_name() -> String {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE
+        .get_or_init(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+            let random = uuid::Uuid::now_v7().simple().to_string();
+            format!("{host}-{}", &random[random.len() - 8..])
+        })
+        .clone()
+}
+
+async fn prune(ctx: JobContext, settings: WorkerSettings, mut stop: watch::Receiver<bool>) {
+    loop {
+        match store::jobs::prune_finished(&ctx.pool, settings.job_retention).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "pruned finished jobs"),
+            Err(error) => tracing::warn!(%error, "pruning finished jobs failed; will retry"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.prune_interval) => {}
+            _ = stop.wait_for(|stopping| *stopping) => return,
+        }
+    }
+}

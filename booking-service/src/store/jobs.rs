@@ -1,0 +1,150 @@
+//! Enqueueing follow-up jobs into apalis's tables, always inside the
+//! caller's transaction, and the queue housekeeping apalis leaves to us
+//! (depth by state, pruning finished rows).
+
+use std::time::{Duration, SystemTime};
+
+use apalis_core::task::builder::TaskBuilder;
+use apalis_postgres::PgTask;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::jobs::{DELIVER_QUEUE, DeliverFollowUp, PLAN_QUEUE, PlanFollowUp};
+
+/// apalis's own retries (immediate, no backoff) are only a safety net for
+/// unexpected errors; planned retries are re-scheduled jobs (see `jobs`).
+const APALIS_MAX_ATTEMPTS: usize = 3;
+
+fn task<T: Serialize>(
+    payload: &T,
+    key: String,
+    run_at: Option<SystemTime>,
+) -> Result<PgTask, sqlx::Error> {
+    let bytes = serde_json::to_vec(payload).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let mut builder = TaskBuilder::new(bytes)
+        .max_attempts(APALIS_MAX_ATTEMPTS)
+        .idempotency_key(key);
+    if let Some(at) = run_at {
+        builder = builder.run_at_time(at);
+    }
+    Ok(builder.build())
+}
+
+/// Pushes a job; a job with the same idempotency key already exists when two
+/// runs of one job race to schedule the same next attempt. That is success:
+/// the savepoint keeps the caller's transaction usable.
+async fn push(tx: &mut PgConnection, queue: &str, task: PgTask) -> Result<bool, sqlx::Error> {
+    let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
+    match apalis_postgres::queries::push_tasks(&mut *savepoint, queue, vec![task]).await {
+        Ok(()) => {
+            savepoint.commit().await?;
+            Ok(true)
+        }
+        Err(apalis_postgres::Error::Database(sqlx::Error::Database(e)))
+            if e.constraint() == Some("idx_jobs_idempotency_key") =>
+        {
+            savepoint.rollback().await?;
+            Ok(false)
+        }
+        Err(apalis_postgres::Error::Database(e)) => Err(e),
+        Err(other) => Err(sqlx::Error::Protocol(other.to_string())),
+    }
+}
+
+/// Enqueues attempt `attempt` of planning `booking_id`'s follow-up, due now.
+pub async fn push_plan(
+    tx: &mut PgConnection,
+    booking_id: Uuid,
+    attempt: u32,
+) -> Result<bool, sqlx::Error> {
+    let job = PlanFollowUp {
+        booking_id,
+        attempt,
+    };
+    push(
+        tx,
+        PLAN_QUEUE,
+        task(&job, format!("{booking_id}/{attempt}"), None)?,
+    )
+    .await
+}
+
+/// Enqueues a planning retry, due after `delay`.
+pub async fn push_plan_retry(
+    tx: &mut PgConnection,
+    booking_id: Uuid,
+    attempt: u32,
+    delay: Duration,
+) -> Result<bool, sqlx::Error> {
+    let job = PlanFollowUp {
+        booking_id,
+        attempt,
+    };
+    let at = SystemTime::now() + delay;
+    push(
+        tx,
+        PLAN_QUEUE,
+        task(&job, format!("{booking_id}/{attempt}"), Some(at))?,
+    )
+    .await
+}
+
+/// Enqueues delivery attempt `attempt` of a follow-up, due at `at`.
+pub async fn push_deliver(
+    tx: &mut PgConnection,
+    follow_up_id: Uuid,
+    attempt: u32,
+    at: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let job = DeliverFollowUp {
+        follow_up_id,
+        attempt,
+    };
+    let at = SystemTime::from(at);
+    push(
+        tx,
+        DELIVER_QUEUE,
+        task(&job, format!("{follow_up_id}/{attempt}"), Some(at))?,
+    )
+    .await
+}
+
+/// Jobs per queue and state, from our index on (job_type, status): cheap,
+/// unlike apalis's own statistics query. States: Pending (due), Scheduled
+/// (Pending, due later), Queued/Running, Done, Failed, Killed.
+const DEPTH: &str = "SELECT job_type, \
+    CASE WHEN status = 'Pending' AND run_at > now() THEN 'Scheduled' ELSE status END AS state, \
+    count(*) FROM apalis.jobs WHERE job_type = ANY($1) GROUP BY 1, 2";
+
+pub async fn depth(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    sqlx::query_as::<_, (String, String, i64)>(DEPTH)
+        .bind(vec![PLAN_QUEUE, DELIVER_QUEUE])
+        .fetch_all(pool)
+        .await
+}
+
+/// Deletes finished job rows older than the retention, a batch at a time so
+/// that a large backlog never holds long locks.
+const PRUNE_BATCH: &str = "DELETE FROM apalis.jobs WHERE id IN ( \
+    SELECT id FROM apalis.jobs \
+    WHERE status IN ('Done', 'Killed') AND done_at < now() - make_interval(secs => $1) \
+      AND job_type = ANY($2) \
+    LIMIT 1000)";
+
+pub async fn prune_finished(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
+    let mut removed = 0;
+    loop {
+        let batch = sqlx::query(PRUNE_BATCH)
+            .bind(retention.as_secs_f64())
+            .bind(vec![PLAN_QUEUE, DELIVER_QUEUE])
+            .execute(pool)
+            .await?
+            .rows_affected();
+        removed += batch;
+        if batch < 1000 {
+            return Ok(removed);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! memory-service and booking-service together, in-process, on one fresh
+//! database: real gRPC over loopback, real PostgreSQL, the real apalis queue.
+
+mod stack;
+
+mod bookings;
+mod follow_ups;
+mod overbooking;
+mod resilience;

@@ -1,0 +1,120 @@
+use std::time::Duration;
+
+use booking_service::jobs::PLAN_QUEUE;
+use maitre::{api::booking::v1::FollowUpState, testkit::wait_for};
+
+use crate::stack::{Stack, WITHIN, spawn_stack_with};
+
+#[tokio::test]
+async fn memory_service_down_during_planning_and_delivery_then_up_delivers_once() {
+    let stack = spawn_stack_with(|s| s.followup_deliver_max_attempts = 50).await;
+    let conversation = stack
+        .conversation("hal", &[(-0.7, "anger"), (-0.9, "anger")])
+        .await;
+    let slot = stack
+        .slot(Duration::from_secs(4), Duration::from_secs(2), 10)
+        .await;
+
+    // memory-service unreachable from booking-service: the booking is still confirmed at once.
+    stack.memory_link.take_down();
+    let started = std::time::Instant::now();
+    let confirmed = stack
+        .book(Stack::booking_request(&slot, "hal", &conversation, 2))
+        .await
+        .expect("booked");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Planning fails and is re-scheduled (a second plan job appears).
+    wait_for("a planning retry", WITHIN, || async {
+        (stack.jobs(PLAN_QUEUE, "Pending").await + stack.jobs(PLAN_QUEUE, "Done").await >= 2)
+            .then_some(())
+    })
+    .await;
+    stack.memory_link.bring_up();
+    let planned = stack
+        .wait_follow_up(&confirmed.booking_id, "the follow-up to be planned", |f| {
+            f.state == FollowUpState::Pending as i32
+        })
+        .await;
+    assert_eq!(
+        planned.template_key, "service_recovery",
+        "planned from the real history once memory answered"
+    );
+
+    // Down again when delivery comes due: attempts are counted with the error.
+    stack.memory_link.take_down();
+    let failing = stack
+        .wait_follow_up(&confirmed.booking_id, "a failed delivery attempt", |f| {
+            f.attempts >= 1
+        })
+        .await;
+    assert_eq!(failing.state, FollowUpState::Pending as i32);
+    assert!(!failing.last_error.is_empty());
+    stack.memory_link.bring_up();
+
+    let sent = stack
+        .wait_follow_up(&confirmed.booking_id, "the follow-up to be SENT", |f| {
+            f.state == FollowUpState::Sent as i32
+        })
+        .await;
+    assert!(sent.attempts >= 2, "attempts counted: {}", sent.attempts);
+    let delivered = stack.assistant_messages(&conversation).await;
+    assert_eq!(delivered.len(), 1, "delivered exactly once");
+    assert_eq!(delivered[0].message_id, sent.message_id);
+    let plan_attempts: i32 =
+        sqlx::query_scalar("SELECT plan_attempts FROM booking.scheduled_followups")
+            .fetch_one(&stack.db)
+            .await
+            .expect("plan attempts");
+    assert!(
+        plan_attempts >= 2,
+        "planning attempts counted: {plan_attempts}"
+    );
+    stack.assert_queues_clean().await;
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_follow_up_that_always_fails_ends_failed_and_stops_retrying() {
+    let stack = spawn_stack_with(|s| {
+        s.followup_plan_max_attempts = 2;
+        s.followup_deliver_max_attempts = 3;
+    })
+    .await;
+    stack.memory_link.take_down();
+    let conversation = uuid::Uuid::now_v7().to_string();
+    let slot = stack
+        .slot(Duration::from_secs(1), Duration::from_secs(1), 10)
+        .await;
+    let confirmed = stack
+        .book(Stack::booking_request(&slot, "ivo", &conversation, 1))
+        .await
+        .expect("booked");
+
+    let failed = stack
+        .wait_follow_up(&confirmed.booking_id, "the follow-up to be FAILED", |f| {
+            f.state == FollowUpState::Failed as i32
+        })
+        .await;
+    assert_eq!(failed.attempts, 3);
+    assert!(
+        failed.last_error.contains("memory-service"),
+        "{}",
+        failed.last_error
+    );
+    assert_eq!(
+        failed.template_key, "thank_you",
+        "planning fell back to the neutral template"
+    );
+    assert!(failed.message_id.is_empty());
+
+    // Nothing left to retry.
+    let deliver = booking_service::jobs::DELIVER_QUEUE;
+    assert_eq!(stack.jobs(deliver, "Pending").await, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = stack.follow_ups(&confirmed.booking_id).await;
+    assert_eq!(again[0].attempts, 3, "no retry after the last attempt");
+    assert_eq!(stack.jobs(deliver, "Done").await, 3);
+    stack.assert_queues_clean().await;
+    stack.shutdown().await;
+}

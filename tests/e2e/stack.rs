@@ -1,0 +1,300 @@
+//! Starting both services wired together, and a helper per RPC.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use booking_service::config::Settings as BookingSettings;
+use maitre::{
+    api::{
+        booking::v1::{self as booking, booking_service_client::BookingServiceClient},
+        memory::v1::{self as memory, memory_service_client::MemoryServiceClient},
+    },
+    testkit::{fresh_database, proxy::TcpProxy, wait_for},
+};
+use memory_service::config::Settings as MemorySettings;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub const WITHIN: Duration = Duration::from_secs(30);
+
+pub struct Stack {
+    pub memory: MemoryServiceClient<Channel>,
+    pub booking: BookingServiceClient<Channel>,
+    /// booking-service reaches memory-service through this, so a test can cut it off.
+    pub memory_link: TcpProxy,
+    pub memory_addr: SocketAddr,
+    pub db: PgPool,
+    pub database_url: String,
+    stops: Vec<oneshot::Sender<()>>,
+    servers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Settings that make the follow-up pipeline quick enough to watch: no delay
+/// after the event, 100 ms polling, retries after 0.2 s growing to 1 s.
+pub fn quick(settings: &mut BookingSettings) {
+    settings.followup_delay = Duration::ZERO;
+    settings.worker_poll_interval = Duration::from_millis(100);
+    settings.followup_retry_base = Duration::from_millis(200);
+    settings.followup_retry_max = Duration::from_secs(1);
+    settings.worker_heartbeat_interval = Duration::from_secs(2);
+    settings.health_interval = Duration::from_millis(200);
+}
+
+pub async fn spawn_stack() -> Stack {
+    spawn_stack_with(|_| {}).await
+}
+
+pub async fn spawn_stack_with(tweak: impl FnOnce(&mut BookingSettings)) -> Stack {
+    maitre::telemetry::init_for_tests();
+    let database_url = fresh_database().await;
+    let mut stops = Vec::new();
+    let mut servers = Vec::new();
+
+    let mut memory_settings = MemorySettings::for_database(&database_url);
+    memory_settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    let memory_app = memory_service::startup::Application::build(memory_settings)
+        .await
+        .expect("memory-service");
+    let memory_addr = memory_app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    servers.push(tokio::spawn(memory_app.run_until_stopped(async move {
+        let _ = stopped.await;
+    })));
+    stops.push(stop);
+
+    let memory_link = TcpProxy::start(memory_addr).await;
+    let mut booking_settings =
+        BookingSettings::for_database(&database_url, &format!("http://{}", memory_link.addr));
+    booking_settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    quick(&mut booking_settings);
+    tweak(&mut booking_settings);
+    let booking_app = booking_service::startup::Application::build(booking_settings)
+        .await
+        .expect("booking-service");
+    let booking_addr = booking_app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    servers.push(tokio::spawn(booking_app.run_until_stopped(async move {
+        let _ = stopped.await;
+    })));
+    stops.push(stop);
+
+    let connect = |addr: SocketAddr| async move {
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    };
+    Stack {
+        memory: MemoryServiceClient::new(connect(memory_addr).await),
+        booking: BookingServiceClient::new(connect(booking_addr).await),
+        memory_link,
+        memory_addr,
+        db: PgPool::connect(&database_url).await.expect("test pool"),
+        database_url,
+        stops,
+        servers,
+    }
+}
+
+impl Stack {
+    /// Stores `scores` as user messages of a new conversation; returns its id.
+    pub async fn conversation(&self, customer: &str, scores: &[(f64, &str)]) -> String {
+        let id = uuid::Uuid::now_v7().to_string();
+        for (i, (score, label)) in scores.iter().enumerate() {
+            self.memory
+                .clone()
+                .store_message(memory::StoreMessageRequest {
+                    conversation_id: id.clone(),
+                    user_id: customer.into(),
+                    channel: "web".into(),
+                    role: memory::Role::User as i32,
+                    content: format!("message {i}"),
+                    emotion: Some(memory::Emotion {
+                        score: *score,
+                        label: (*label).into(),
+                        scores: Default::default(),
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("message stored");
+        }
+        id
+    }
+
+    /// A slot starting `starts_in` from now and lasting `lasts`.
+    pub async fn slot(&self, starts_in: Duration, lasts: Duration, capacity: i32) -> booking::Slot {
+        let start = chrono::Utc::now() + chrono::Duration::from_std(starts_in).expect("duration");
+        let end = start + chrono::Duration::from_std(lasts).expect("duration");
+        self.booking
+            .clone()
+            .create_slot(booking::CreateSlotRequest {
+                start_time: Some(maitre::fields::to_timestamp(start)),
+                end_time: Some(maitre::fields::to_timestamp(end)),
+                capacity,
+                label: "Chef's table".into(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("slot created")
+            .into_inner()
+            .slot
+            .expect("slot")
+    }
+
+    pub fn booking_request(
+        slot: &booking::Slot,
+        customer: &str,
+        conversation: &str,
+        party_size: i32,
+    ) -> booking::CreateBookingRequest {
+        booking::CreateBookingRequest {
+            customer_id: customer.into(),
+            customer_name: format!("Customer {customer}"),
+            conversation_id: conversation.into(),
+            slot_id: slot.slot_id.clone(),
+            party_size,
+            deposit: Some(booking::Money {
+                currency_code: "EUR".into(),
+                amount_minor: 2500,
+            }),
+            request_id: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    pub async fn book(
+        &self,
+        request: booking::CreateBookingRequest,
+    ) -> Result<booking::Booking, tonic::Status> {
+        self.booking
+            .clone()
+            .create_booking(request)
+            .await
+            .map(|r| r.into_inner().booking.expect("booking"))
+    }
+
+    pub async fn follow_ups(&self, booking_id: &str) -> Vec<booking::FollowUp> {
+        self.booking
+            .clone()
+            .list_follow_ups(booking::ListFollowUpsRequest {
+                parent: Some(booking::list_follow_ups_request::Parent::BookingId(
+                    booking_id.into(),
+                )),
+                ..Default::default()
+            })
+            .await
+            .expect("follow-ups")
+            .into_inner()
+            .follow_ups
+    }
+
+    /// Waits until the booking's follow-up satisfies `done`.
+    pub async fn wait_follow_up(
+        &self,
+        booking_id: &str,
+        what: &str,
+        done: impl Fn(&booking::FollowUp) -> bool,
+    ) -> booking::FollowUp {
+        wait_for(what, WITHIN, || async {
+            self.follow_ups(booking_id)
+                .await
+                .into_iter()
+                .find(|f| done(f))
+        })
+        .await
+    }
+
+    pub async fn messages(&self, conversation: &str) -> Vec<memory::Message> {
+        self.memory
+            .clone()
+            .list_messages(memory::ListMessagesRequest {
+                conversation_id: conversation.into(),
+                page_size: 500,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().messages)
+            .unwrap_or_default()
+    }
+
+    pub async fn assistant_messages(&self, conversation: &str) -> Vec<memory::Message> {
+        self.messages(conversation)
+            .await
+            .into_iter()
+            .filter(|m| m.role == memory::Role::Assistant as i32)
+            .collect()
+    }
+
+    /// Jobs of `queue` per apalis status.
+    pub async fn jobs(&self, queue: &str, status: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = $2",
+        )
+        .bind(queue)
+        .bind(status)
+        .fetch_one(&self.db)
+        .await
+        .expect("job count")
+    }
+
+    /// Teardown check: nothing stuck, nothing failed at the queue level.
+    pub async fn assert_queues_clean(&self) {
+        let stuck: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM apalis.jobs WHERE status IN ('Failed', 'Killed') \
+             OR (status IN ('Running', 'Queued') AND lock_at < now() - interval '30 seconds')",
+        )
+        .fetch_one(&self.db)
+        .await
+        .expect("job states");
+        assert_eq!(stuck, 0, "failed or stuck jobs left in the queue");
+    }
+
+    /// Starts one more booking-service on the same database (another
+    /// "process" sharing the queue), with `tweak` applied.
+    pub async fn add_booking_service(&mut self, tweak: impl FnOnce(&mut BookingSettings)) {
+        let mut settings = BookingSettings::for_database(
+            &self.database_url,
+            &format!("http://{}", self.memory_link.addr),
+        );
+        settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+        quick(&mut settings);
+        tweak(&mut settings);
+        let app = booking_service::startup::Application::build(settings)
+            .await
+            .expect("booking-service");
+        let (stop, stopped) = oneshot::channel::<()>();
+        self.servers
+            .push(tokio::spawn(app.run_until_stopped(async move {
+                let _ = stopped.await;
+            })));
+        self.stops.push(stop);
+    }
+
+    pub async fn shutdown(mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for server in self.servers.drain(..).rev() {
+            server.await.expect("join").expect("clean exit");
+        }
+    }
+}
+
+/// The ErrorInfo reason of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
