@@ -6,3 +6,7 @@ CREATE INDEX IF NOT EXISTS maitre_jobs_done_at_idx ON apalis.jobs (done_at) WHER
 
 -- Planning attempts, kept beside delivery attempts for the operator.
 ALTER TABLE booking.scheduled_followups ADD COLUMN plan_attempts integer NOT NULL DEFAULT 1;
+
+-- Failed follow-ups (the dead letter) counted for /metrics and found by operators.
+CREATE INDEX scheduled_followups_failed_idx
+    ON booking.scheduled_followups (updated_at) WHERE state = 4;

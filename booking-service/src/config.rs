@@ -1,6 +1,8 @@
 //! booking-service settings: flags with environment fallbacks and defaults
 //! that work on a laptop; `--help` lists them. Environment variables read:
-//! `BOOKING_GRPC_ADDR`, `DATABASE_URL`, `MEMORY_SERVICE_URL`,
+//! `BOOKING_GRPC_ADDR`, `BOOKING_ADMIN_ADDR`, `DATABASE_URL`, `MEMORY_SERVICE_URL`,
+//! `MEMORY_SERVICE_TOKEN_FILE`, `MEMORY_SERVICE_CA_FILE`,
+//! `MEMORY_SERVICE_CLIENT_CERT_FILE`, `MEMORY_SERVICE_CLIENT_KEY_FILE`,
 //! `MEMORY_CALL_TIMEOUT`, `BOOKING_DB_MAX_CONNECTIONS`,
 //! `BOOKING_DB_ACQUIRE_TIMEOUT`, `BOOKING_DB_STATEMENT_TIMEOUT`,
 //! `BOOKING_SKIP_MIGRATIONS`, `BOOKING_HEALTH_INTERVAL`,
@@ -9,15 +11,26 @@
 //! `FOLLOWUP_DELIVER_MAX_ATTEMPTS`, `FOLLOWUP_RETRY_BASE`,
 //! `FOLLOWUP_RETRY_MAX`, `WORKER_CONCURRENCY`, `WORKER_POLL_INTERVAL`,
 //! `WORKER_HEARTBEAT_INTERVAL`, `WORKER_MISSED_HEARTBEATS`,
-//! `JOB_RETENTION`, `JOB_PRUNE_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
-//! `LOG_FORMAT`, `RUST_LOG`.
+//! `JOB_RETENTION`, `JOB_PRUNE_INTERVAL`, `METRICS_REFRESH_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
+//! `LOG_FORMAT`, `RUST_LOG`, and those of [`maitre::server::ServerArgs`].
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
 
 use clap::{Args, Parser, Subcommand};
-use maitre::{db::PoolSettings, telemetry::LogFormat};
+use maitre::{
+    db::PoolSettings,
+    server::{AdminAddr, ServerArgs},
+    telemetry::LogFormat,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-use crate::{domain::backoff::Backoff, jobs::FollowUpPolicy, jobs::workers::WorkerSettings};
+use crate::{
+    domain::backoff::Backoff,
+    jobs::{FollowUpPolicy, workers::WorkerSettings},
+    memory_client::MemoryClientSettings,
+};
 
 /// maitre booking-service: books customers into time slots of limited
 /// capacity and schedules a post-event follow-up for every booking through an
@@ -54,6 +67,15 @@ pub struct Settings {
     )]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the admin HTTP server (Prometheus `/metrics`, `/healthz`); `off` disables it.
+    #[arg(
+        long,
+        env = "BOOKING_ADMIN_ADDR",
+        default_value = "0.0.0.0:9102",
+        global = true
+    )]
+    pub admin_addr: AdminAddr,
+
     /// PostgreSQL URL of the database holding schemas `booking` and `apalis`.
     #[arg(
         long,
@@ -72,6 +94,32 @@ pub struct Settings {
         global = true
     )]
     pub memory_service_url: String,
+
+    /// File holding the bearer token booking-service presents to memory-service.
+    #[arg(long, env = "MEMORY_SERVICE_TOKEN_FILE", global = true)]
+    pub memory_service_token_file: Option<PathBuf>,
+
+    /// CA (PEM) of memory-service's certificate: turns TLS to memory-service on (use an https:// URL).
+    #[arg(long, env = "MEMORY_SERVICE_CA_FILE", global = true)]
+    pub memory_service_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to memory-service, for mTLS.
+    #[arg(
+        long,
+        env = "MEMORY_SERVICE_CLIENT_CERT_FILE",
+        requires = "memory_service_client_key_file",
+        global = true
+    )]
+    pub memory_service_client_cert_file: Option<PathBuf>,
+
+    /// Client private key (PEM) for mTLS to memory-service.
+    #[arg(
+        long,
+        env = "MEMORY_SERVICE_CLIENT_KEY_FILE",
+        requires = "memory_service_client_cert_file",
+        global = true
+    )]
+    pub memory_service_client_key_file: Option<PathBuf>,
 
     /// Deadline of each call to memory-service.
     #[arg(long, env = "MEMORY_CALL_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
@@ -183,9 +231,16 @@ pub struct Settings {
     #[arg(long, env = "JOB_PRUNE_INTERVAL", default_value = "10m", value_parser = duration, global = true)]
     pub job_prune_interval: Duration,
 
+    /// How often queue-depth and follow-up gauges are re-read for /metrics.
+    #[arg(long, env = "METRICS_REFRESH_INTERVAL", default_value = "15s", value_parser = duration, global = true)]
+    pub metrics_refresh_interval: Duration,
+
     /// Serve gRPC only, without follow-up workers (another deployment runs them).
     #[arg(long, env = "BOOKING_DISABLE_WORKERS", global = true)]
     pub disable_workers: bool,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
 
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -232,6 +287,44 @@ impl Settings {
             plan_retry: retry(self.followup_plan_max_attempts.max(1)),
             deliver_retry: retry(self.followup_deliver_max_attempts.max(1)),
         }
+    }
+
+    /// How to reach memory-service, with the credentials read from their files.
+    pub fn memory_client(&self) -> anyhow::Result<MemoryClientSettings> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+        };
+        let token = match &self.memory_service_token_file {
+            Some(path) => Some(
+                String::from_utf8_lossy(&read(path, "MEMORY_SERVICE_TOKEN_FILE")?)
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let tls = match &self.memory_service_ca_file {
+            None => None,
+            Some(ca) => {
+                let mut tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(ca, "MEMORY_SERVICE_CA_FILE")?));
+                if let (Some(cert), Some(key)) = (
+                    &self.memory_service_client_cert_file,
+                    &self.memory_service_client_key_file,
+                ) {
+                    tls = tls.identity(Identity::from_pem(
+                        read(cert, "MEMORY_SERVICE_CLIENT_CERT_FILE")?,
+                        read(key, "MEMORY_SERVICE_CLIENT_KEY_FILE")?,
+                    ));
+                }
+                Some(tls)
+            }
+        };
+        Ok(MemoryClientSettings {
+            url: self.memory_service_url.clone(),
+            timeout: self.memory_call_timeout,
+            token,
+            tls,
+        })
     }
 
     pub fn workers(&self) -> WorkerSettings {

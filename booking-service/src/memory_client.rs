@@ -1,13 +1,20 @@
 //! booking-service's client of memory-service: emotion history for planning,
-//! StoreMessage for delivery. Every call has its own deadline; a call that
-//! fails UNAVAILABLE (connection refused, server draining) is retried once
-//! at once, since nothing reached the server; other failures are returned
-//! for the job to retry with backoff.
+//! StoreMessage for delivery. Every call has its own deadline and carries
+//! the caller's trace (`traceparent`), request id and, when configured, a
+//! bearer token; the channel may use TLS with a client certificate. A call
+//! that fails UNAVAILABLE (connection refused, server draining) is retried
+//! once after a short pause, since nothing reached the server; other
+//! failures go back to the job, which retries with backoff.
 
 use std::time::Duration;
 
 use maitre::api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
-use tonic::{Code, Request, transport::Channel};
+use maitre::rpc::CallContext;
+use tonic::{
+    Code, Request,
+    metadata::{Ascii, MetadataValue},
+    transport::{Channel, ClientTlsConfig},
+};
 use uuid::Uuid;
 
 /// A failed memory-service call, as the jobs see it.
@@ -46,34 +53,71 @@ impl MemoryError {
     }
 }
 
+/// How booking-service reaches memory-service.
+#[derive(Clone, Default)]
+pub struct MemoryClientSettings {
+    pub url: String,
+    /// Deadline of every call (sent as `grpc-timeout`).
+    pub timeout: Duration,
+    /// Bearer token presented to memory-service.
+    pub token: Option<String>,
+    /// TLS: the CA memory-service's certificate chains to, and optionally
+    /// this service's client certificate, for mTLS.
+    pub tls: Option<ClientTlsConfig>,
+}
+
 /// Cheap to clone: one HTTP/2 channel shared by all jobs.
 #[derive(Debug, Clone)]
 pub struct MemoryClient {
     client: MemoryServiceClient<Channel>,
-    /// Deadline of every call (sent as `grpc-timeout`).
     timeout: Duration,
+    /// `Bearer <token>`, ready to send.
+    authorization: Option<MetadataValue<Ascii>>,
 }
+
+/// Pause before the one retry of an UNAVAILABLE call.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 impl MemoryClient {
     /// Connects lazily: booking-service starts while memory-service is down.
-    pub fn new(
-        url: &str,
-        timeout: Duration,
-    ) -> Result<Self, tonic::codegen::http::uri::InvalidUri> {
-        let channel = Channel::from_shared(url.to_owned())?
+    pub fn new(settings: &MemoryClientSettings) -> anyhow::Result<Self> {
+        let mut endpoint = Channel::from_shared(settings.url.clone())
+            .map_err(|e| anyhow::anyhow!("MEMORY_SERVICE_URL {:?}: {e}", settings.url))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
-            .timeout(timeout)
-            .connect_lazy();
+            .timeout(settings.timeout);
+        if let Some(tls) = &settings.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let authorization = match &settings.token {
+            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+                anyhow::anyhow!("the memory-service token has characters a header cannot carry")
+            })?),
+            None => None,
+        };
         Ok(Self {
-            client: MemoryServiceClient::new(channel),
-            timeout,
+            client: MemoryServiceClient::new(endpoint.connect_lazy()),
+            timeout: settings.timeout,
+            authorization,
         })
     }
 
+    /// A request with the deadline, credentials, trace and request id.
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request.set_timeout(self.timeout);
+        let metadata = request.metadata_mut();
+        if let Some(authorization) = &self.authorization {
+            metadata.insert("authorization", authorization.clone());
+        }
+        if let Some(call) = CallContext::current() {
+            if let Ok(value) = call.trace.child().header_value().parse() {
+                metadata.insert("traceparent", value);
+            }
+            if let Ok(value) = call.request_id.parse() {
+                metadata.insert("x-request-id", value);
+            }
+        }
         request
     }
 
@@ -104,7 +148,9 @@ impl MemoryClient {
                         .map(|p| p.score)
                         .collect());
                 }
-                Err(status) if status.code() == Code::Unavailable && attempt < 2 => continue,
+                Err(status) if status.code() == Code::Unavailable && attempt < 2 => {
+                    tokio::time::sleep(RETRY_PAUSE).await
+                }
                 Err(status) => return Err(status.into()),
             }
         }
@@ -136,9 +182,51 @@ impl MemoryClient {
                         message: format!("memory-service returned a bad message id {id:?}"),
                     });
                 }
-                Err(status) if status.code() == Code::Unavailable && attempt < 2 => continue,
+                Err(status) if status.code() == Code::Unavailable && attempt < 2 => {
+                    tokio::time::sleep(RETRY_PAUSE).await
+                }
                 Err(status) => return Err(status.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use maitre::rpc::context::{CallContext, TraceParent};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_carry_the_trace_request_id_and_token() {
+        let client = MemoryClient::new(&MemoryClientSettings {
+            url: "http://127.0.0.1:1".into(),
+            timeout: Duration::from_secs(1),
+            token: Some("secret-token-for-memory-01".into()),
+            tls: None,
+        })
+        .unwrap();
+        let call = CallContext {
+            request_id: "plan-42".into(),
+            trace: TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .unwrap(),
+        };
+        let request = call.scope(async { client.request(()) }).await;
+        let metadata = request.metadata();
+        let traceparent = metadata.get("traceparent").unwrap().to_str().unwrap();
+        let next_hop = TraceParent::parse(traceparent).unwrap();
+        assert_eq!(
+            next_hop.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+            "same trace"
+        );
+        assert_ne!(
+            next_hop.span_id, "00f067aa0ba902b7",
+            "a new span for the hop"
+        );
+        assert_eq!(metadata.get("x-request-id").unwrap(), "plan-42");
+        assert_eq!(
+            metadata.get("authorization").unwrap(),
+            "Bearer secret-token-for-memory-01"
+        );
     }
 }

@@ -1,17 +1,159 @@
-//! Follow-up pipeline measurements. Recorded as tracing events for now;
-//! `/metrics` (Prometheus) exports them once the admin server lands.
+//! booking-service's own metrics, beside the shared RPC and pool metrics:
+//! queue depth by state (from a cheap query of our own, refreshed every
+//! `METRICS_REFRESH_INTERVAL`, not apalis's heavy statistics), job runs and
+//! durations, follow-up outcomes, and the delay from booking to plan start.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-/// Time from a booking's commit to the start of its plan job.
-pub fn plan_start_delay(waited: Duration) {
-    tracing::debug!(
-        waited_ms = waited.as_secs_f64() * 1000.0,
-        "plan job started"
-    );
+use maitre::metrics::latency_histogram;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::store;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueState {
+    queue: String,
+    state: &'static str,
 }
 
-/// A delivery attempt's outcome: sent, retried or failed.
-pub fn follow_up_outcome(outcome: &'static str) {
-    tracing::debug!(outcome, "delivery outcome");
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobOutcome {
+    queue: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Debug)]
+pub struct BookingMetrics {
+    jobs: Family<QueueState, Gauge>,
+    job_runs: Family<JobOutcome, Counter>,
+    job_duration: Family<JobOutcome, Histogram, fn() -> Histogram>,
+    followups: Family<State, Gauge>,
+    deliveries: Family<Outcome, Counter>,
+    plan_start_delay: Histogram,
+}
+
+impl BookingMetrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = Self {
+            jobs: Family::default(),
+            job_runs: Family::default(),
+            job_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            followups: Family::default(),
+            deliveries: Family::default(),
+            plan_start_delay: latency_histogram(),
+        };
+        registry.register(
+            "jobs",
+            "Follow-up jobs by queue and state (pending, scheduled, running, done, failed, killed)",
+            metrics.jobs.clone(),
+        );
+        registry.register(
+            "job_runs",
+            "Follow-up job runs by queue and outcome (ok, error)",
+            metrics.job_runs.clone(),
+        );
+        registry.register(
+            "job_duration_seconds",
+            "Follow-up job run time by queue and outcome",
+            metrics.job_duration.clone(),
+        );
+        registry.register(
+            "followups",
+            "Follow-ups by state (pending, failed)",
+            metrics.followups.clone(),
+        );
+        registry.register(
+            "followup_deliveries",
+            "Delivery attempts by outcome (sent, retried, failed, cancelled)",
+            metrics.deliveries.clone(),
+        );
+        registry.register(
+            "plan_start_delay_seconds",
+            "Time from a booking's commit to its plan job's start",
+            metrics.plan_start_delay.clone(),
+        );
+        Arc::new(metrics)
+    }
+
+    pub fn job_run(&self, queue: &'static str, ok: bool, took: Duration) {
+        let labels = JobOutcome {
+            queue,
+            outcome: if ok { "ok" } else { "error" },
+        };
+        self.job_runs.get_or_create(&labels).inc();
+        self.job_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn delivery(&self, outcome: &'static str) {
+        self.deliveries.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    pub fn plan_start_delay(&self, waited: Duration) {
+        self.plan_start_delay.observe(waited.as_secs_f64());
+    }
+
+    /// Re-reads queue depth and follow-up gauges.
+    pub async fn refresh(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let depth = store::jobs::depth(pool).await?;
+        // States absent from the query are zero, not stale.
+        self.jobs.clear();
+        for (queue, status, count) in depth {
+            let state = match status.as_str() {
+                "Pending" => "pending",
+                "Scheduled" => "scheduled",
+                "Queued" | "Running" => "running",
+                "Done" => "done",
+                "Failed" => "failed",
+                "Killed" => "killed",
+                _ => "other",
+            };
+            self.jobs
+                .get_or_create(&QueueState { queue, state })
+                .inc_by(count);
+        }
+        let (pending, failed) = store::followups::pending_and_failed(pool).await?;
+        self.followups
+            .get_or_create(&State { state: "pending" })
+            .set(pending);
+        self.followups
+            .get_or_create(&State { state: "failed" })
+            .set(failed);
+        Ok(())
+    }
+
+    /// Refreshes every `interval` until `stop`.
+    pub async fn refresh_until(
+        self: Arc<Self>,
+        pool: PgPool,
+        interval: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            if let Err(error) = self.refresh(&pool).await {
+                tracing::debug!(%error, "could not refresh queue metrics");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
 }

@@ -1,58 +1,67 @@
 //! Building and running booking-service: pool, migrations (apalis's, then
-//! ours), the gRPC server, the follow-up workers, health, and shutdown.
+//! ours), the follow-up workers, and the shared server assembly
+//! (`maitre::server`): health, reflection, the RPC layer, TLS, the admin
+//! port, graceful shutdown that lets running jobs finish.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use apalis_postgres::PostgresStorage;
 use maitre::{
-    api::booking::v1::booking_service_server::BookingServiceServer, health::Health,
-    rpc_log::RpcLogLayer,
+    api::booking::v1::booking_service_server::BookingServiceServer,
+    metrics::Metrics,
+    server::{ServeSpec, serve},
 };
 use sqlx::PgPool;
-use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Server, server::TcpIncoming};
+use tokio::net::TcpListener;
 
 use crate::{
     config::Settings,
     grpc::BookingApi,
     jobs::{self, JobContext, templates::TemplateCache},
     memory_client::MemoryClient,
+    metrics::BookingMetrics,
     store,
 };
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "maitre.booking.v1.BookingService";
 
-/// A booking-service bound to its port, ready to serve.
+/// A booking-service bound to its ports, ready to serve.
 pub struct Application {
     /// Bound before serving so tests can ask for port 0 and learn it.
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     pool: PgPool,
     memory: MemoryClient,
+    metrics: Arc<Metrics>,
+    booking_metrics: Arc<BookingMetrics>,
     settings: Settings,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Fail on bad auth/TLS configuration before binding anything.
+        settings.server.tokens()?;
+        settings.server.tls()?;
+        let memory = MemoryClient::new(&settings.memory_client()?)?;
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
             .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
+        let admin_listener = settings.admin_addr.bind().await?;
         let pool = maitre::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
-        let memory = MemoryClient::new(&settings.memory_service_url, settings.memory_call_timeout)
-            .with_context(|| {
-                format!(
-                    "MEMORY_SERVICE_URL {:?} is not a URL",
-                    settings.memory_service_url
-                )
-            })?;
         if !settings.skip_migrations {
             migrate(&settings).await?;
         }
+        let mut metrics = Metrics::new("booking-service");
+        let booking_metrics = BookingMetrics::register(metrics.registry_mut());
         Ok(Self {
             listener,
+            admin_listener,
             pool,
             memory,
+            metrics: Arc::new(metrics),
+            booking_metrics,
             settings,
         })
     }
@@ -61,6 +70,13 @@ impl Application {
         self.listener
             .local_addr()
             .unwrap_or(self.settings.grpc_addr)
+    }
+
+    /// Where `/metrics` is served, if anywhere.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -75,78 +91,55 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Self {
             listener,
+            admin_listener,
             pool,
             memory,
+            metrics,
+            booking_metrics,
             settings,
         } = self;
-        let local_addr = listener.local_addr()?;
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health = Health::new(reporter, SERVICE_NAME).await;
-        let (stopping_tx, stopping) = watch::channel(false);
-        let watcher = tokio::spawn(health.clone().watch_database(
-            pool.clone(),
-            settings.health_interval,
-            stopping.clone(),
-        ));
-
-        let workers = (!settings.disable_workers).then(|| {
-            let ctx = JobContext {
-                pool: pool.clone(),
-                memory,
-                templates: TemplateCache::default(),
-                policy: settings.policy(),
-            };
-            tokio::spawn(jobs::workers::run(
-                ctx,
-                settings.workers(),
-                stopping.clone(),
-            ))
-        });
-
-        let (reflection_v1, reflection_v1alpha) = maitre::api::reflection_services()?;
         let api = BookingServiceServer::new(BookingApi::new(pool.clone(), settings.max_page_size))
             .max_decoding_message_size(64 * 1024);
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let signal = {
-            let health = health.clone();
-            async move {
-                shutdown.await;
-                tracing::info!(
-                    "shutting down: NOT_SERVING, draining calls, finishing running jobs"
-                );
-                health.set_ready(false).await;
-                let _ = stopping_tx.send(true);
-            }
+        let spec = ServeSpec {
+            service_name: SERVICE_NAME,
+            listener,
+            admin_listener,
+            pool: pool.clone(),
+            metrics,
+            args: settings.server.clone(),
+            health_interval: settings.health_interval,
+            shutdown_timeout: settings.shutdown_timeout,
         };
-        let server = Server::builder()
-            .layer(RpcLogLayer)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(api)
-            .serve_with_incoming_shutdown(incoming, signal);
-
-        tracing::info!(%local_addr, workers = !settings.disable_workers, "booking-service listening");
-        let everything = async {
-            server.await.context("gRPC server failed")?;
-            if let Some(workers) = workers {
-                workers.await.context("follow-up workers panicked")?;
-            }
-            anyhow::Ok(())
+        let background = |stopping: tokio::sync::watch::Receiver<bool>| {
+            let refresher = booking_metrics.clone().refresh_until(
+                pool.clone(),
+                settings.metrics_refresh_interval,
+                stopping.clone(),
+            );
+            let workers = (!settings.disable_workers).then(|| {
+                let ctx = JobContext {
+                    pool: pool.clone(),
+                    memory,
+                    templates: TemplateCache::default(),
+                    policy: settings.policy(),
+                    metrics: booking_metrics,
+                };
+                jobs::workers::run(ctx, settings.workers(), stopping)
+            });
+            Some(tokio::spawn(async move {
+                match workers {
+                    Some(workers) => {
+                        tokio::join!(workers, refresher);
+                    }
+                    None => refresher.await,
+                }
+            }))
         };
-        let mut drain_deadline = stopping.clone();
-        let grace = settings.shutdown_timeout;
-        tokio::select! {
-            result = everything => result?,
-            _ = async move {
-                let _ = drain_deadline.wait_for(|s| *s).await;
-                tokio::time::sleep(grace).await;
-            } => tracing::warn!(?grace, "drain timed out; unfinished jobs return to the queue after the orphan timeout"),
-        }
-        let _ = watcher.await;
-        pool.close().await;
-        tracing::info!("booking-service stopped");
-        Ok(())
+        tracing::info!(
+            workers = !settings.disable_workers,
+            "starting booking-service"
+        );
+        serve(spec, api, shutdown, background).await
     }
 }
 

@@ -1,16 +1,21 @@
 //! memory-service settings: command-line flags, each with an environment
 //! variable fallback and a default that works on a laptop. `--help` lists
 //! them all. Environment variables read here:
-//! `MEMORY_GRPC_ADDR`, `DATABASE_URL`, `MEMORY_DB_MAX_CONNECTIONS`,
+//! `MEMORY_GRPC_ADDR`, `MEMORY_ADMIN_ADDR`, `DATABASE_URL`, `MEMORY_DB_MAX_CONNECTIONS`,
 //! `MEMORY_DB_ACQUIRE_TIMEOUT`, `MEMORY_DB_STATEMENT_TIMEOUT`,
 //! `MEMORY_SKIP_MIGRATIONS`, `MEMORY_HEALTH_INTERVAL`, `MEMORY_SHUTDOWN_TIMEOUT`,
 //! `LOG_FORMAT`, `RUST_LOG`, `MEMORY_MAX_CONTENT_BYTES`,
-//! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MEMORY_MAX_PAGE_SIZE`.
+//! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MEMORY_MAX_PAGE_SIZE`,
+//! and those of [`maitre::server::ServerArgs`] (auth, TLS, limits, reflection).
 
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use maitre::{db::PoolSettings, telemetry::LogFormat};
+use maitre::{
+    db::PoolSettings,
+    server::{AdminAddr, ServerArgs},
+    telemetry::LogFormat,
+};
 
 use crate::domain::Limits;
 
@@ -43,6 +48,15 @@ pub struct Settings {
         global = true
     )]
     pub grpc_addr: SocketAddr,
+
+    /// Address of the admin HTTP server (Prometheus `/metrics`, `/healthz`); `off` disables it.
+    #[arg(
+        long,
+        env = "MEMORY_ADMIN_ADDR",
+        default_value = "0.0.0.0:9101",
+        global = true
+    )]
+    pub admin_addr: AdminAddr,
 
     /// PostgreSQL URL of the database holding schema `memory`.
     #[arg(
@@ -121,6 +135,9 @@ pub struct Settings {
         global = true
     )]
     pub max_page_size: u32,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 impl Settings {

@@ -1,44 +1,54 @@
-//! Building and running the server: pool, migrations, health, reflection,
-//! the RPC log layer, and graceful shutdown.
+//! Building and running memory-service: pool, migrations, then the shared
+//! server assembly (`maitre::server`): health, reflection, the RPC layer,
+//! TLS, the admin port, graceful shutdown.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use maitre::{
-    api::memory::v1::memory_service_server::MemoryServiceServer, health::Health,
-    rpc_log::RpcLogLayer,
+    api::memory::v1::memory_service_server::MemoryServiceServer,
+    metrics::Metrics,
+    server::{ServeSpec, serve},
 };
 use sqlx::PgPool;
-use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Server, server::TcpIncoming};
+use tokio::net::TcpListener;
 
 use crate::{config::Settings, grpc::MemoryApi, store};
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "maitre.memory.v1.MemoryService";
 
-/// A memory-service bound to its port, ready to serve.
+/// A memory-service bound to its ports, ready to serve.
 pub struct Application {
     /// Bound before serving so that tests can ask for port 0 and learn it.
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     pool: PgPool,
+    metrics: Arc<Metrics>,
     settings: Settings,
 }
 
 impl Application {
-    /// Binds the port, builds the pool (lazily: the database may be down) and
-    /// applies migrations unless `skip_migrations`.
+    /// Binds the ports, builds the pool (lazily: the database may be down)
+    /// and applies migrations unless `skip_migrations`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Fail on bad auth/TLS configuration before binding anything.
+        settings.server.tokens()?;
+        settings.server.tls()?;
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
             .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
+        let admin_listener = settings.admin_addr.bind().await?;
         let pool = maitre::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
         if !settings.skip_migrations {
             migrate(&settings).await?;
         }
+        let metrics = Arc::new(Metrics::new("memory-service"));
         Ok(Self {
             listener,
+            admin_listener,
             pool,
+            metrics,
             settings,
         })
     }
@@ -49,67 +59,43 @@ impl Application {
             .unwrap_or(self.settings.grpc_addr)
     }
 
+    /// Where `/metrics` is served, if anywhere.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    /// Serves until `shutdown` resolves; then reports NOT_SERVING, lets
-    /// in-flight calls finish (at most `shutdown_timeout`), closes the pool.
+    /// Serves until `shutdown`; then NOT_SERVING, in-flight calls finish (at
+    /// most `shutdown_timeout`), the pool closes.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self {
             listener,
+            admin_listener,
             pool,
+            metrics,
             settings,
         } = self;
-        let local_addr = listener.local_addr()?;
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health = Health::new(reporter, SERVICE_NAME).await;
-        let (stopping_tx, stopping) = watch::channel(false);
-        let watcher = tokio::spawn(health.clone().watch_database(
-            pool.clone(),
-            settings.health_interval,
-            stopping.clone(),
-        ));
-
-        let (reflection_v1, reflection_v1alpha) = maitre::api::reflection_services()?;
         let api = MemoryServiceServer::new(MemoryApi::new(pool.clone(), settings.limits()))
             .max_decoding_message_size(settings.max_request_bytes());
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-
-        let signal = {
-            let health = health.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: NOT_SERVING, draining in-flight calls");
-                health.set_ready(false).await;
-                let _ = stopping_tx.send(true);
-            }
+        let spec = ServeSpec {
+            service_name: SERVICE_NAME,
+            listener,
+            admin_listener,
+            pool,
+            metrics,
+            args: settings.server.clone(),
+            health_interval: settings.health_interval,
+            shutdown_timeout: settings.shutdown_timeout,
         };
-        let server = Server::builder()
-            .layer(RpcLogLayer)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(api)
-            .serve_with_incoming_shutdown(incoming, signal);
-
-        tracing::info!(%local_addr, "memory-service listening");
-        let mut drain_deadline = stopping.clone();
-        let grace = settings.shutdown_timeout;
-        tokio::select! {
-            result = server => result.context("gRPC server failed")?,
-            _ = async move {
-                let _ = drain_deadline.wait_for(|s| *s).await;
-                tokio::time::sleep(grace).await;
-            } => tracing::warn!(?grace, "drain timed out; closing remaining calls"),
-        }
-        let _ = watcher.await;
-        pool.close().await;
-        tracing::info!("memory-service stopped");
-        Ok(())
+        serve(spec, api, shutdown, |_| None).await
     }
 }
 

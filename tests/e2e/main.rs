@@ -5,5 +5,6 @@ mod stack;
 
 mod bookings;
 mod follow_ups;
+mod operations;
 mod overbooking;
 mod resilience;

@@ -18,9 +18,36 @@ use tonic::transport::Channel;
 
 pub const WITHIN: Duration = Duration::from_secs(30);
 
+/// Adds `authorization: Bearer <token>` when the stack has a token.
+#[derive(Clone)]
+pub struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+fn token(value: Option<&str>) -> Token {
+    Token(value.map(|t| format!("Bearer {t}").parse().expect("token header")))
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Token>;
+
 pub struct Stack {
-    pub memory: MemoryServiceClient<Channel>,
-    pub booking: BookingServiceClient<Channel>,
+    pub memory: MemoryServiceClient<Authed>,
+    pub booking: BookingServiceClient<Authed>,
+    booking_channel: Channel,
+    pub memory_admin: Option<SocketAddr>,
+    pub booking_admin: Option<SocketAddr>,
     /// booking-service reaches memory-service through this, so a test can cut it off.
     pub memory_link: TcpProxy,
     pub memory_addr: SocketAddr,
@@ -39,6 +66,7 @@ pub fn quick(settings: &mut BookingSettings) {
     settings.followup_retry_max = Duration::from_secs(1);
     settings.worker_heartbeat_interval = Duration::from_secs(2);
     settings.health_interval = Duration::from_millis(200);
+    settings.metrics_refresh_interval = Duration::from_millis(200);
 }
 
 pub async fn spawn_stack() -> Stack {
@@ -46,6 +74,16 @@ pub async fn spawn_stack() -> Stack {
 }
 
 pub async fn spawn_stack_with(tweak: impl FnOnce(&mut BookingSettings)) -> Stack {
+    spawn_stack_with_memory(|_| {}, tweak, None, None).await
+}
+
+/// Both services tweaked; the test's clients present the given tokens.
+pub async fn spawn_stack_with_memory(
+    tweak_memory: impl FnOnce(&mut MemorySettings),
+    tweak: impl FnOnce(&mut BookingSettings),
+    memory_token: Option<&str>,
+    booking_token: Option<&str>,
+) -> Stack {
     maitre::telemetry::init_for_tests();
     let database_url = fresh_database().await;
     let mut stops = Vec::new();
@@ -53,10 +91,13 @@ pub async fn spawn_stack_with(tweak: impl FnOnce(&mut BookingSettings)) -> Stack
 
     let mut memory_settings = MemorySettings::for_database(&database_url);
     memory_settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    memory_settings.admin_addr = "127.0.0.1:0".parse().expect("addr");
+    tweak_memory(&mut memory_settings);
     let memory_app = memory_service::startup::Application::build(memory_settings)
         .await
         .expect("memory-service");
     let memory_addr = memory_app.local_addr();
+    let memory_admin = memory_app.admin_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     servers.push(tokio::spawn(memory_app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -67,12 +108,14 @@ pub async fn spawn_stack_with(tweak: impl FnOnce(&mut BookingSettings)) -> Stack
     let mut booking_settings =
         BookingSettings::for_database(&database_url, &format!("http://{}", memory_link.addr));
     booking_settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    booking_settings.admin_addr = "127.0.0.1:0".parse().expect("addr");
     quick(&mut booking_settings);
     tweak(&mut booking_settings);
     let booking_app = booking_service::startup::Application::build(booking_settings)
         .await
         .expect("booking-service");
     let booking_addr = booking_app.local_addr();
+    let booking_admin = booking_app.admin_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     servers.push(tokio::spawn(booking_app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -86,9 +129,19 @@ pub async fn spawn_stack_with(tweak: impl FnOnce(&mut BookingSettings)) -> Stack
             .await
             .expect("connect")
     };
+    let booking_channel = connect(booking_addr).await;
     Stack {
-        memory: MemoryServiceClient::new(connect(memory_addr).await),
-        booking: BookingServiceClient::new(connect(booking_addr).await),
+        memory: MemoryServiceClient::with_interceptor(
+            connect(memory_addr).await,
+            token(memory_token),
+        ),
+        booking: BookingServiceClient::with_interceptor(
+            booking_channel.clone(),
+            token(booking_token),
+        ),
+        booking_channel,
+        memory_admin,
+        booking_admin,
         memory_link,
         memory_addr,
         db: PgPool::connect(&database_url).await.expect("test pool"),
@@ -99,6 +152,11 @@ pub async fn spawn_stack_with(tweak: impl FnOnce(&mut BookingSettings)) -> Stack
 }
 
 impl Stack {
+    /// A booking-service client that presents no token.
+    pub fn booking_without_token(&self) -> BookingServiceClient<Channel> {
+        BookingServiceClient::new(self.booking_channel.clone())
+    }
+
     /// Stores `scores` as user messages of a new conversation; returns its id.
     pub async fn conversation(&self, customer: &str, scores: &[(f64, &str)]) -> String {
         let id = uuid::Uuid::now_v7().to_string();
@@ -259,6 +317,7 @@ impl Stack {
             &format!("http://{}", self.memory_link.addr),
         );
         settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+        settings.admin_addr = "127.0.0.1:0".parse().expect("addr");
         quick(&mut settings);
         tweak(&mut settings);
         let app = booking_service::startup::Application::build(settings)

@@ -5,6 +5,7 @@ pub mod convert;
 use maitre::{
     api::booking::v1::{self as pb, booking_service_server::BookingService},
     pagination,
+    rpc::CallContext,
 };
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -93,12 +94,15 @@ impl BookingService for BookingApi {
         request: Request<pb::CreateBookingRequest>,
     ) -> Reply<pb::CreateBookingResponse> {
         let booking = NewBooking::parse(request.into_inner()).map_err(Error::from)?;
+        // The plan job continues this call's trace.
+        let trace = CallContext::current().map(|c| c.trace.header_value());
         let outcome = store::bookings::create(
             &self.pool,
             Uuid::now_v7(),
             Uuid::now_v7(),
             &booking,
             maitre::db::now(),
+            trace,
         )
         .await
         .map_err(Error::from)?;

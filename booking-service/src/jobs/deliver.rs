@@ -1,26 +1,41 @@
 //! The deliver job: store the follow-up in memory-service, exactly once.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Instant};
 
 use apalis::prelude::{BoxDynError, Data};
 use maitre::api::memory::v1 as memory;
 use tracing::Instrument;
 
-use super::{DeliverFollowUp, JobContext, jitter};
+use super::{DELIVER_QUEUE, DeliverFollowUp, JobContext, current_trace, jitter, job_context};
 use crate::{
     domain::booking::CONFIRMED,
     store::{self, followups::PENDING},
 };
 
 pub async fn handle(job: DeliverFollowUp, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
-    let span = tracing::info_span!("deliver_follow_up", follow_up_id = %job.follow_up_id, attempt = job.attempt);
-    deliver(&job, &ctx)
+    let call = job_context(
+        "deliver",
+        job.follow_up_id,
+        job.attempt,
+        job.trace_parent.as_deref(),
+    );
+    let span = tracing::info_span!(
+        "deliver_follow_up",
+        follow_up_id = %job.follow_up_id,
+        attempt = job.attempt,
+        trace_id = %call.trace.trace_id,
+    );
+    let started = Instant::now();
+    let result = call
+        .scope(deliver(&job, &ctx))
         .instrument(span.clone())
-        .await
-        .map_err(|error| {
-            span.in_scope(|| tracing::error!(error = ?error, "delivery failed"));
-            error.into()
-        })
+        .await;
+    ctx.metrics
+        .job_run(DELIVER_QUEUE, result.is_ok(), started.elapsed());
+    result.map_err(|error| {
+        span.in_scope(|| tracing::error!(error = ?error, "delivery failed"));
+        error.into()
+    })
 }
 
 async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
@@ -39,6 +54,7 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
     if row.booking_state != CONFIRMED {
         store::followups::mark_cancelled(&mut tx, follow_up.id, maitre::db::now()).await?;
         tx.commit().await?;
+        ctx.metrics.delivery("cancelled");
         tracing::info!("booking cancelled; follow-up cancelled");
         return Ok(());
     }
@@ -72,7 +88,7 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
         Ok(message_id) => {
             store::followups::mark_sent(&mut tx, follow_up.id, message_id, now).await?;
             tx.commit().await?;
-            crate::metrics::follow_up_outcome("sent");
+            ctx.metrics.delivery("sent");
             tracing::info!(%message_id, template = %follow_up.template_key, "follow-up delivered");
         }
         Err(error) => {
@@ -87,7 +103,7 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
                 )
                 .await?;
                 tx.commit().await?;
-                crate::metrics::follow_up_outcome("failed");
+                ctx.metrics.delivery("failed");
                 tracing::error!(%error, attempts = job.attempt, permanent, "follow-up FAILED: giving up (dead letter)");
             } else {
                 let delay = ctx.policy.deliver_retry.delay(job.attempt, jitter());
@@ -100,9 +116,14 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
                     now,
                 )
                 .await?;
-                store::jobs::push_deliver(&mut tx, follow_up.id, job.attempt + 1, next_at).await?;
+                let retry = DeliverFollowUp {
+                    follow_up_id: follow_up.id,
+                    attempt: job.attempt + 1,
+                    trace_parent: current_trace(),
+                };
+                store::jobs::push_deliver(&mut tx, &retry, next_at).await?;
                 tx.commit().await?;
-                crate::metrics::follow_up_outcome("retried");
+                ctx.metrics.delivery("retried");
                 tracing::warn!(%error, ?delay, "delivery failed; retrying later");
             }
         }

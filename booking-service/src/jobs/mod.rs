@@ -18,13 +18,14 @@ pub mod plan;
 pub mod templates;
 pub mod workers;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+use maitre::rpc::context::{CallContext, TraceParent};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{domain::backoff::Backoff, memory_client::MemoryClient};
+use crate::{domain::backoff::Backoff, memory_client::MemoryClient, metrics::BookingMetrics};
 
 /// Queue of plan jobs (explicit, never apalis's default type name).
 pub const PLAN_QUEUE: &str = "maitre.followup.plan";
@@ -42,6 +43,9 @@ pub struct PlanFollowUp {
     pub booking_id: Uuid,
     #[serde(default = "first_attempt")]
     pub attempt: u32,
+    /// W3C `traceparent` of the CreateBooking call, so the trace goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// Deliver one planned follow-up.
@@ -50,6 +54,9 @@ pub struct DeliverFollowUp {
     pub follow_up_id: Uuid,
     #[serde(default = "first_attempt")]
     pub attempt: u32,
+    /// W3C `traceparent` of the planning run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// How follow-ups are planned and retried.
@@ -72,6 +79,25 @@ pub struct JobContext {
     pub memory: MemoryClient,
     pub templates: templates::TemplateCache,
     pub policy: FollowUpPolicy,
+    pub metrics: Arc<BookingMetrics>,
+}
+
+/// The call context a job runs in: the trace it continues (or a new one),
+/// and a request id naming the job, for log lines and the memory call.
+fn job_context(kind: &str, id: Uuid, attempt: u32, trace_parent: Option<&str>) -> CallContext {
+    let trace = trace_parent
+        .and_then(TraceParent::parse)
+        .map(|parent| parent.child())
+        .unwrap_or_else(TraceParent::new_root);
+    CallContext {
+        request_id: format!("{kind}-{id}-{attempt}"),
+        trace,
+    }
+}
+
+/// The current trace as a `traceparent` to hand to the next job.
+fn current_trace() -> Option<String> {
+    CallContext::current().map(|c| c.trace.header_value())
 }
 
 /// A uniform random number in [0, 1) for jitter.

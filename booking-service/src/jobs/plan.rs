@@ -1,12 +1,16 @@
 //! The plan job: choose the wording from the customer's emotion history and
 //! schedule the delivery.
 
+use std::time::Instant;
+
 use apalis::prelude::{BoxDynError, Data};
 use chrono::Utc;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{JobContext, PlanFollowUp, jitter};
+use super::{
+    DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, current_trace, jitter, job_context,
+};
 use crate::{
     domain::{
         POST_EVENT_TRIGGER,
@@ -20,15 +24,26 @@ use crate::{
 /// apalis handler. Errors returned here are unexpected (database trouble);
 /// expected failures are retried by re-scheduling, inside `plan`.
 pub async fn handle(job: PlanFollowUp, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
-    let span =
-        tracing::info_span!("plan_follow_up", booking_id = %job.booking_id, attempt = job.attempt);
-    plan(&job, &ctx)
-        .instrument(span.clone())
-        .await
-        .map_err(|error| {
-            span.in_scope(|| tracing::error!(error = ?error, "planning failed"));
-            error.into()
-        })
+    let call = job_context(
+        "plan",
+        job.booking_id,
+        job.attempt,
+        job.trace_parent.as_deref(),
+    );
+    let span = tracing::info_span!(
+        "plan_follow_up",
+        booking_id = %job.booking_id,
+        attempt = job.attempt,
+        trace_id = %call.trace.trace_id,
+    );
+    let started = Instant::now();
+    let result = call.scope(plan(&job, &ctx)).instrument(span.clone()).await;
+    ctx.metrics
+        .job_run(PLAN_QUEUE, result.is_ok(), started.elapsed());
+    result.map_err(|error| {
+        span.in_scope(|| tracing::error!(error = ?error, "planning failed"));
+        error.into()
+    })
 }
 
 async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
@@ -40,7 +55,7 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
         let waited = (Utc::now() - booking.created_at)
             .to_std()
             .unwrap_or_default();
-        crate::metrics::plan_start_delay(waited);
+        ctx.metrics.plan_start_delay(waited);
     }
     if booking.state != CONFIRMED {
         tracing::info!("booking cancelled before planning; no follow-up");
@@ -67,7 +82,12 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
                 let delay = ctx.policy.plan_retry.delay(job.attempt, jitter());
                 tracing::warn!(%error, ?delay, "emotion history unavailable; planning again later");
                 let mut tx = ctx.pool.begin().await?;
-                store::jobs::push_plan_retry(&mut tx, booking.id, job.attempt + 1, delay).await?;
+                let retry = PlanFollowUp {
+                    booking_id: booking.id,
+                    attempt: job.attempt + 1,
+                    trace_parent: current_trace(),
+                };
+                store::jobs::push_plan(&mut tx, &retry, Some(delay)).await?;
                 tx.commit().await?;
                 return Ok(());
             }
@@ -110,7 +130,12 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
 
     let mut tx = ctx.pool.begin().await?;
     if store::followups::insert(&mut tx, &follow_up, maitre::db::now()).await? {
-        store::jobs::push_deliver(&mut tx, follow_up.id, 1, follow_up.scheduled_at).await?;
+        let deliver = DeliverFollowUp {
+            follow_up_id: follow_up.id,
+            attempt: 1,
+            trace_parent: current_trace(),
+        };
+        store::jobs::push_deliver(&mut tx, &deliver, follow_up.scheduled_at).await?;
         tx.commit().await?;
         tracing::info!(
             follow_up_id = %follow_up.id,

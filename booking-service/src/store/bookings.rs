@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::{jobs, rows::BookingRow};
 use crate::domain::booking::{BookingPage, CONFIRMED, NewBooking, PAYMENT_PENDING};
+use crate::jobs::PlanFollowUp;
 
 /// What CreateBooking did.
 #[derive(Debug, Clone)]
@@ -87,6 +88,7 @@ pub async fn create(
     payment_id: Uuid,
     booking: &NewBooking,
     now: DateTime<Utc>,
+    trace_parent: Option<String>,
 ) -> Result<CreateOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let result = sqlx::query_as::<
@@ -127,7 +129,12 @@ pub async fn create(
             replay(pool, booking).await
         }
         Some((Some(slot_starts_at), Some(slot_ends_at), Some(slot_label), false)) => {
-            jobs::push_plan(&mut tx, booking_id, 1).await?;
+            let job = PlanFollowUp {
+                booking_id,
+                attempt: 1,
+                trace_parent,
+            };
+            jobs::push_plan(&mut tx, &job, None).await?;
             tx.commit().await?;
             // Answered from the values in hand: no read after the write.
             Ok(CreateOutcome::Created(BookingRow {

@@ -195,3 +195,13 @@ pub async fn list(pool: &PgPool, page: &FollowUpPage) -> Result<Vec<FollowUpRow>
         .fetch_all(pool)
         .await
 }
+
+/// Pending and failed follow-ups, each counted through its partial index.
+pub async fn pending_and_failed(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as::<_, (i64, i64)>(
+        "SELECT (SELECT count(*) FROM booking.scheduled_followups WHERE state = 1), \
+                (SELECT count(*) FROM booking.scheduled_followups WHERE state = 4)",
+    )
+    .fetch_one(pool)
+    .await
+}

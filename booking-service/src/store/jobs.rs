@@ -9,7 +9,6 @@ use apalis_postgres::PgTask;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 use crate::jobs::{DELIVER_QUEUE, DeliverFollowUp, PLAN_QUEUE, PlanFollowUp};
 
@@ -53,60 +52,29 @@ async fn push(tx: &mut PgConnection, queue: &str, task: PgTask) -> Result<bool, 
     }
 }
 
-/// Enqueues attempt `attempt` of planning `booking_id`'s follow-up, due now.
+/// Enqueues attempt `job.attempt` of planning a booking's follow-up, due
+/// after `delay` (none: now).
 pub async fn push_plan(
     tx: &mut PgConnection,
-    booking_id: Uuid,
-    attempt: u32,
+    job: &PlanFollowUp,
+    delay: Option<Duration>,
 ) -> Result<bool, sqlx::Error> {
-    let job = PlanFollowUp {
-        booking_id,
-        attempt,
-    };
-    push(
-        tx,
-        PLAN_QUEUE,
-        task(&job, format!("{booking_id}/{attempt}"), None)?,
-    )
-    .await
+    let key = format!("{}/{}", job.booking_id, job.attempt);
+    let at = delay.map(|d| SystemTime::now() + d);
+    push(tx, PLAN_QUEUE, task(job, key, at)?).await
 }
 
-/// Enqueues a planning retry, due after `delay`.
-pub async fn push_plan_retry(
-    tx: &mut PgConnection,
-    booking_id: Uuid,
-    attempt: u32,
-    delay: Duration,
-) -> Result<bool, sqlx::Error> {
-    let job = PlanFollowUp {
-        booking_id,
-        attempt,
-    };
-    let at = SystemTime::now() + delay;
-    push(
-        tx,
-        PLAN_QUEUE,
-        task(&job, format!("{booking_id}/{attempt}"), Some(at))?,
-    )
-    .await
-}
-
-/// Enqueues delivery attempt `attempt` of a follow-up, due at `at`.
+/// Enqueues delivery attempt `job.attempt` of a follow-up, due at `at`.
 pub async fn push_deliver(
     tx: &mut PgConnection,
-    follow_up_id: Uuid,
-    attempt: u32,
+    job: &DeliverFollowUp,
     at: DateTime<Utc>,
 ) -> Result<bool, sqlx::Error> {
-    let job = DeliverFollowUp {
-        follow_up_id,
-        attempt,
-    };
-    let at = SystemTime::from(at);
+    let key = format!("{}/{}", job.follow_up_id, job.attempt);
     push(
         tx,
         DELIVER_QUEUE,
-        task(&job, format!("{follow_up_id}/{attempt}"), Some(at))?,
+        task(job, key, Some(SystemTime::from(at)))?,
     )
     .await
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod conversations;
 mod health_and_reflection;
+mod operations;
 mod reads;
 mod store_message;
 mod validation;

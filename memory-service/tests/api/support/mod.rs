@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
     pub client: MemoryServiceClient<Channel>,
     pub channel: Channel,
     /// A direct pool on the test database, to check stored rows.
@@ -34,22 +35,24 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let database_url = fresh_database().await;
     let mut settings = Settings::for_database(&database_url);
     settings.grpc_addr = "127.0.0.1:0".parse().expect("address");
+    settings.admin_addr = "127.0.0.1:0".parse().expect("address");
     settings.health_interval = Duration::from_millis(200);
     tweak(&mut settings);
     let app = Application::build(settings).await.expect("build app");
     let addr = app.local_addr();
+    let admin_addr = app.admin_addr();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stop_rx.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
-        .connect()
-        .await
-        .expect("connect to memory-service");
+        // Lazy: a TLS-only server would refuse a plaintext handshake here.
+        .connect_lazy();
     let db = PgPool::connect(&database_url).await.expect("test pool");
     TestApp {
         addr,
+        admin_addr,
         client: MemoryServiceClient::new(channel.clone()),
         channel,
         db,

@@ -1,0 +1,181 @@
+//! Command line: what to run, for how long, and where to write.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Result, bail};
+use clap::Parser;
+
+use crate::scenarios::Scenario;
+
+/// maitre-bench: drives memory-service and booking-service (release builds,
+/// started here as child processes on a fresh database) over gRPC, runs the
+/// same SQL through pgbench as the floor, and reports throughput, latency
+/// percentiles, service/floor ratios, CPU per 1,000 calls and peak RSS as a
+/// table, results.json and chart.svg.
+#[derive(Debug, Parser)]
+#[command(name = "maitre-bench", version)]
+pub struct Cli {
+    /// A short run for smoke tests (under a minute): clients 1,16, 0.5 s
+    /// warm-up + 1.5 s per run, 200 follow-ups, 20 plan-start samples.
+    #[arg(long)]
+    pub quick: bool,
+
+    /// Scenarios to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "store-message,create-booking,journey,follow-ups"
+    )]
+    pub scenarios: Vec<Scenario>,
+
+    /// Client counts of the concurrency sweep [default: 1,4,16,64; quick: 1,16].
+    #[arg(long, value_delimiter = ',')]
+    pub clients: Option<Vec<usize>>,
+
+    /// Measured time of each run [default: 10s; quick: 1.5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Unmeasured warm-up before each run [default: 2s; quick: 0.5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warmup: Option<Duration>,
+
+    /// Bookings of the follow-up throughput test [default: 2000; quick: 200].
+    #[arg(long)]
+    pub followups: Option<usize>,
+
+    /// Single bookings timed for the plan-start latency [default: 50; quick: 20].
+    #[arg(long)]
+    pub plan_samples: Option<usize>,
+
+    /// Output directory (results.json, chart.svg, report.txt, pgbench
+    /// scripts and logs, service logs).
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+
+    /// Admin URL of the PostgreSQL server; the bench drops and recreates
+    /// its own database there (see --database).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+
+    /// Name of the bench's database (dropped and recreated).
+    #[arg(long, default_value = "maitre_bench")]
+    pub database: String,
+
+    /// Directory of the service binaries [default: $CARGO_TARGET_DIR/release, else target/release].
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+
+    /// Skip pgbench (no floor, no ratios).
+    #[arg(long)]
+    pub no_floor: bool,
+
+    /// Also copy results.json and chart.svg to bench/results/ (what
+    /// BENCHMARKS.md shows).
+    #[arg(long)]
+    pub record: bool,
+
+    /// Exit 0 even when calls failed (by default any error exits 2).
+    #[arg(long)]
+    pub allow_errors: bool,
+}
+
+/// The run, every default resolved.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    pub scenarios: Vec<Scenario>,
+    pub clients: Vec<usize>,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub followups: usize,
+    pub plan_samples: usize,
+    pub out: PathBuf,
+    pub admin_url: String,
+    pub database: String,
+    pub bin_dir: PathBuf,
+    pub floor: bool,
+    pub record: bool,
+    pub allow_errors: bool,
+}
+
+impl Cli {
+    pub fn plan(self) -> Result<Plan> {
+        let quick = self.quick;
+        let pick = |given: Option<Duration>, full: f64, short: f64| {
+            given.unwrap_or(Duration::from_secs_f64(if quick { short } else { full }))
+        };
+        let clients = self.clients.unwrap_or(if quick {
+            vec![1, 16]
+        } else {
+            vec![1, 4, 16, 64]
+        });
+        if clients.is_empty() || clients.contains(&0) {
+            bail!("--clients: give positive client counts, e.g. 1,4,16,64");
+        }
+        let duration = pick(self.duration, 10.0, 1.5);
+        if duration.is_zero() {
+            bail!("--duration must be more than zero");
+        }
+        let mut scenarios = self.scenarios;
+        scenarios.sort();
+        scenarios.dedup();
+        let bin_dir = self.bin_dir.unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("target"))
+                .join("release")
+        });
+        Ok(Plan {
+            quick,
+            scenarios,
+            clients,
+            duration,
+            warmup: pick(self.warmup, 2.0, 0.5),
+            followups: self
+                .followups
+                .unwrap_or(if quick { 200 } else { 2000 })
+                .max(1),
+            plan_samples: self.plan_samples.unwrap_or(if quick { 20 } else { 50 }),
+            out: self.out,
+            admin_url: self.database_url,
+            database: self.database,
+            bin_dir,
+            floor: !self.no_floor,
+            record: self.record,
+            allow_errors: self.allow_errors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_and_full_defaults() {
+        let full = Cli::parse_from(["maitre-bench"]).plan().unwrap();
+        assert_eq!(full.clients, [1, 4, 16, 64]);
+        assert_eq!(full.duration, Duration::from_secs(10));
+        assert_eq!(full.scenarios.len(), 4);
+        let quick = Cli::parse_from(["maitre-bench", "--quick", "--clients", "2,8"])
+            .plan()
+            .unwrap();
+        assert_eq!(quick.clients, [2, 8]);
+        assert_eq!(quick.warmup, Duration::from_millis(500));
+        let some = Cli::parse_from(["maitre-bench", "--scenarios", "journey,store-message"])
+            .plan()
+            .unwrap();
+        assert_eq!(some.scenarios, [Scenario::StoreMessage, Scenario::Journey]);
+        assert!(
+            Cli::parse_from(["maitre-bench", "--clients", "0"])
+                .plan()
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! pgbench scripts that run exactly the services' statements (see
+//! [`crate::sql`]), with each bound parameter turned into a pgbench variable
+//! or a SQL expression of the same type, in the same transaction shape:
+//!
+//! - store-message: the one `STORE_MESSAGE` statement, autocommit;
+//! - create-booking: `BEGIN; CREATE; SAVEPOINT; apalis insert; RELEASE; COMMIT`
+//!   (sqlx's `begin()` on a transaction is a SAVEPOINT, as in
+//!   booking-service's `store::jobs::push`);
+//! - journey: three store-messages, then the create-booking transaction;
+//! - single-write: one durable single-row INSERT, the reference line.
+//!
+//! Ids are UUIDv7 like the services' (time-ordered B-tree inserts), made by
+//! `bench.uuid7(now(), a, b)` from random pgbench variables, so both
+//! statements of one transaction compute the same booking id. The plan job
+//! goes to queue [`FLOOR_QUEUE`], which no worker reads: the floor measures
+//! the hot path only.
+
+use anyhow::{Context, Result};
+use booking_service::jobs::PlanFollowUp;
+use memory_service::domain::emotion::TREND_WINDOW;
+use uuid::Uuid;
+
+use crate::sql::{self, bind, literal};
+
+/// The apalis queue the floor's jobs go to (never worked on).
+pub const FLOOR_QUEUE: &str = "maitre.bench.floor";
+/// Message text of every stored message, service and floor alike.
+pub const CONTENT: &str =
+    "Hello! We would like a table for two on Friday evening, somewhere quiet if possible.";
+/// Emotion labels picked at random.
+pub const LABELS: [&str; 4] = ["joy", "neutral", "anger", "sadness"];
+pub const CUSTOMER_NAME: &str = "Bench Customer";
+pub const CURRENCY: &str = "EUR";
+pub const DEPOSIT_MINOR: i64 = 2500;
+/// A W3C traceparent of the usual size, for the plan job's payload.
+const TRACE_PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+/// Seats per slot (the API's maximum).
+pub const SLOT_CAPACITY: i64 = 10_000;
+/// Slots created per pgbench client: room for 200,000 bookings each.
+pub const SLOTS_PER_CLIENT: i64 = 20;
+
+/// Schema `bench` in the bench database: id helpers and the reference table.
+pub const SETUP: &str = r#"
+CREATE SCHEMA IF NOT EXISTS bench;
+-- A UUIDv7 at time ts, with 12 random bits from a and 62 from b.
+CREATE OR REPLACE FUNCTION bench.uuid7(ts timestamptz, a bigint, b bigint) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT (lpad(to_hex((extract(epoch FROM ts) * 1000)::bigint), 12, '0')
+            || '7' || lpad(to_hex(a & 4095), 3, '0')
+            || to_hex(8 | ((b >> 60) & 3))
+            || lpad(to_hex(b & 1152921504606846975), 15, '0'))::uuid
+$fn$;
+-- A fixed id made of two numbers (per-client conversations and slots).
+CREATE OR REPLACE FUNCTION bench.key_uuid(a bigint, b bigint) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT (lpad(to_hex(a), 16, '0') || lpad(to_hex(b), 16, '0'))::uuid
+$fn$;
+CREATE TABLE IF NOT EXISTS bench.single_write (
+    id         uuid        PRIMARY KEY,
+    v          integer     NOT NULL,
+    created_at timestamptz NOT NULL
+);
+"#;
+
+/// Slots for one pgbench run: `SLOTS_PER_CLIENT` per client, keyed
+/// `bench.key_uuid(run, client * 1000 + i)`, starting in a day.
+/// Parameters: run, clients, slots per client, capacity.
+pub const FLOOR_SLOTS: &str = "
+INSERT INTO booking.slots (id, starts_at, ends_at, capacity, booked, label, created_at)
+SELECT bench.key_uuid($1, c * 1000 + i), now() + interval '1 day',
+       now() + interval '1 day 2 hours', $4, 0, 'Chef''s table', now()
+FROM generate_series(0, $2 - 1) AS c, generate_series(0, $3 - 1) AS i";
+
+/// `bench.uuid7` from the per-transaction random variable `var`.
+fn id7(var: &str) -> String {
+    format!("bench.uuid7(now(), :a::int8, :{var}::int8)")
+}
+
+/// `\set` lines: `a` (12 bits) and 62 random bits for each of `vars`.
+fn randoms(vars: &[&str]) -> String {
+    let mut out = String::from("\\set a random(0, 4095)\n");
+    for var in vars {
+        out.push_str(&format!("\\set {var} random(0, 4611686018427387903)\n"));
+    }
+    out
+}
+
+/// A message of a StoreMessage call, as SQL expressions.
+struct Message<'a> {
+    conversation: &'a str,
+    user: &'a str,
+    /// memory-service's Role as stored (1 user, 2 assistant).
+    role: i16,
+    /// `(score, label)` variables (score in hundredths), or no emotion.
+    emotion: Option<(&'a str, &'a str)>,
+    /// Random variables of the message id and the request id.
+    id_var: &'a str,
+    request_var: &'a str,
+}
+
+fn store_message(m: &Message) -> Result<String> {
+    let labels = LABELS.map(literal).join(", ");
+    let (score, label) = match m.emotion {
+        Some((score, label)) => (
+            format!("(:{score}::int8 / 100.0)::float8"),
+            format!("(ARRAY[{labels}])[:{label}::int4 + 1]"),
+        ),
+        None => ("NULL::float8".into(), "NULL::text".into()),
+    };
+    let args = [
+        m.conversation.to_owned(),
+        m.user.to_owned(),
+        "'web'::text".into(),
+        id7(m.id_var),
+        format!("{}::int2", m.role),
+        format!("{}::text", literal(CONTENT)),
+        score,
+        label,
+        // No per-emotion scores, empty metadata, no tokens, tool calls or results.
+        "NULL::jsonb".into(),
+        "'{}'::jsonb".into(),
+        "NULL::int4".into(),
+        "NULL::int4".into(),
+        "NULL::jsonb".into(),
+        "NULL::jsonb".into(),
+        format!("{}::text", id7(m.request_var)),
+        "now()".into(),
+        format!("{TREND_WINDOW}::int4"),
+    ];
+    Ok(format!(
+        "{};\n",
+        bind(&sql::store_message()?, &args).context("binding STORE_MESSAGE")?
+    ))
+}
+
+/// The CreateBooking transaction for `customer` (and `conversation`, a
+/// uuid expression or `NULL::uuid`) on the client's current slot.
+fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
+    let booking_id = id7("bk");
+    let create = bind(
+        &sql::create_booking()?,
+        &[
+            booking_id.clone(),
+            customer.to_owned(),
+            format!("{}::text", literal(CUSTOMER_NAME)),
+            conversation.to_owned(),
+            "bench.key_uuid(:run::int8, :slot::int8)".into(),
+            "1::int4".into(),
+            format!("{}::text", literal(CURRENCY)),
+            format!("{DEPOSIT_MINOR}::int8"),
+            format!("{}::text", id7("rq")),
+            "now()".into(),
+            id7("pay"),
+        ],
+    )
+    .context("binding CREATE")?;
+    // The job payload as booking-service serialises it, with a trace
+    // context like the one every CreateBooking passes on (built through
+    // serde, so optional fields added later keep this compiling).
+    let nil = Uuid::nil().to_string();
+    let job: PlanFollowUp = serde_json::from_value(serde_json::json!({
+        "booking_id": nil,
+        "attempt": 1,
+        "trace_parent": TRACE_PARENT,
+    }))?;
+    let payload = serde_json::to_string(&job)?;
+    let (before, after) = payload
+        .split_once(&nil)
+        .context("PlanFollowUp's JSON has no booking_id")?;
+    let sink = bind(
+        sql::APALIS_SINK,
+        &[
+            format!("ARRAY[{}::text]", id7("job")),
+            format!("{}::text", literal(FLOOR_QUEUE)),
+            format!(
+                "ARRAY[convert_to({} || {booking_id}::text || {}, 'UTF8')]",
+                literal(before),
+                literal(after)
+            ),
+            format!("ARRAY[{}]", sql::apalis_max_attempts()?),
+            "ARRAY[extract(epoch FROM now())::int8]".into(),
+            "ARRAY[0]".into(),
+            "ARRAY[''::hstore]".into(),
+            format!("ARRAY[{booking_id}::text || '/1']"),
+        ],
+    )
+    .context("binding apalis's insert")?;
+    Ok(format!(
+        "\\set n :n + 1\n\\set slot :client_id * 1000 + :n / {SLOT_CAPACITY}\n\
+         BEGIN;\n{create};\nSAVEPOINT _sqlx_savepoint_1;\n{sink};\n\
+         RELEASE SAVEPOINT _sqlx_savepoint_1;\nCOMMIT;\n"
+    ))
+}
+
+/// One StoreMessage per transaction, each client in its own conversation.
+pub fn store_message_script() -> Result<String> {
+    let user = "('floor-' || :run::text || '-' || :client_id::text)";
+    Ok(format!(
+        "{}\\set s random(-100, 100)\n\\set l random(0, {})\n{}",
+        randoms(&["m", "r"]),
+        LABELS.len() - 1,
+        store_message(&Message {
+            conversation: "bench.key_uuid(:run::int8, :client_id::int8)",
+            user,
+            role: 1,
+            emotion: Some(("s", "l")),
+            id_var: "m",
+            request_var: "r",
+        })?
+    ))
+}
+
+/// One CreateBooking per transaction, party of one, no conversation.
+pub fn create_booking_script() -> Result<String> {
+    Ok(format!(
+        "{}{}",
+        randoms(&["bk", "rq", "pay", "job"]),
+        booking_transaction(
+            "('floor-' || :run::text || '-' || :client_id::text)",
+            "NULL::uuid"
+        )?
+    ))
+}
+
+/// A journey: user message, assistant reply, user message (a new
+/// conversation each time), then the booking tied to that conversation.
+pub fn journey_script() -> Result<String> {
+    let conversation = "bench.key_uuid(:run::int8, :client_id::int8 * 1000000000 + :j::int8)";
+    let user = "('floor-' || :run::text || '-' || :client_id::text || '-' || :j::text)";
+    let mut script = randoms(&["m1", "r1", "m2", "r2", "m3", "r3", "bk", "rq", "pay", "job"]);
+    script.push_str("\\set j :j + 1\n");
+    script.push_str(&format!(
+        "\\set s1 random(-100, 100)\n\\set s2 random(-100, 100)\n\
+         \\set l1 random(0, {n})\n\\set l2 random(0, {n})\n",
+        n = LABELS.len() - 1
+    ));
+    let steps = [
+        (1, Some(("s1", "l1")), "m1", "r1"),
+        (2, None, "m2", "r2"),
+        (1, Some(("s2", "l2")), "m3", "r3"),
+    ];
+    for (role, emotion, id_var, request_var) in steps {
+        script.push_str(&store_message(&Message {
+            conversation,
+            user,
+            role,
+            emotion,
+            id_var,
+            request_var,
+        })?);
+    }
+    script.push_str(&booking_transaction(user, conversation)?);
+    Ok(script)
+}
+
+/// The reference: one durable single-row INSERT per transaction.
+pub fn single_write_script() -> String {
+    format!(
+        "{}\\set v random(1, 1000000)\n\
+         INSERT INTO bench.single_write (id, v, created_at) VALUES ({}, :v::int4, now());\n",
+        randoms(&["w"]),
+        id7("w")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_have_no_placeholder_left() {
+        for script in [
+            store_message_script().unwrap(),
+            create_booking_script().unwrap(),
+            journey_script().unwrap(),
+            single_write_script(),
+        ] {
+            assert_eq!(sql::placeholders(&script), 0, "{script}");
+        }
+    }
+
+    #[test]
+    fn booking_transaction_has_the_services_shape() {
+        let script = create_booking_script().unwrap();
+        let order = [
+            "BEGIN;",
+            "UPDATE booking.slots",
+            "SAVEPOINT _sqlx_savepoint_1;",
+            "INSERT INTO apalis.jobs",
+            "RELEASE SAVEPOINT",
+            "COMMIT;",
+        ];
+        let mut at = 0;
+        for part in order {
+            let found = script[at..]
+                .find(part)
+                .unwrap_or_else(|| panic!("{part} missing in order"));
+            at += found + part.len();
+        }
+        assert!(script.contains("'{\"booking_id\":\"' || bench.uuid7("));
+        assert!(script.contains(FLOOR_QUEUE));
+    }
+
+    #[test]
+    fn journey_stores_three_messages_then_books() {
+        let script = journey_script().unwrap();
+        assert_eq!(script.matches("INSERT INTO memory.messages").count(), 3);
+        assert_eq!(script.matches("INSERT INTO booking.bookings").count(), 1);
+    }
+}

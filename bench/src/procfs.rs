@@ -1,0 +1,188 @@
+//! What the processes cost, from /proc: CPU time of the services, of the
+//! bench itself, of pgbench (a reaped child) and of PostgreSQL (postmaster
+//! and its backends), the machine's busy time, and peak RSS.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// Clock ticks per second of /proc's CPU times.
+pub fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Fields of `/proc/<pid>/stat` after the command name: index 0 is field 3
+/// (state) of proc(5).
+fn stat_fields(pid: &str) -> Result<Vec<u64>> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name is in parentheses and may contain anything.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("{path}: unexpected format"))?;
+    Ok(rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect())
+}
+
+fn field(fields: &[u64], number: usize) -> u64 {
+    fields.get(number - 3).copied().unwrap_or(0)
+}
+
+/// utime + stime of a process, in ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let f = stat_fields(&pid.to_string())?;
+    Ok(field(&f, 14) + field(&f, 15))
+}
+
+/// This process's own CPU and its reaped children's (pgbench), in ticks.
+pub fn self_ticks() -> Result<(u64, u64)> {
+    let f = stat_fields("self")?;
+    Ok((field(&f, 14) + field(&f, 15), field(&f, 16) + field(&f, 17)))
+}
+
+pub fn parent_pid(pid: u32) -> Result<u32> {
+    let f = stat_fields(&pid.to_string())?;
+    Ok(u32::try_from(field(&f, 4)).unwrap_or(0))
+}
+
+/// Peak and current resident set, in KiB (VmHWM, VmRSS).
+pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((value("VmHWM:"), value("VmRSS:")))
+}
+
+/// Busy and total ticks of the whole machine (first line of /proc/stat).
+pub fn machine_ticks() -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = text.lines().next().unwrap_or_default();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// CPU of a PostgreSQL server on this machine: the postmaster's own time,
+/// its reaped backends' and its live children's.
+pub fn postgres_ticks(postmaster: u32) -> Result<u64> {
+    let f = stat_fields(&postmaster.to_string())?;
+    let mut ticks = field(&f, 14) + field(&f, 15) + field(&f, 16) + field(&f, 17);
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // Processes come and go while we read: skip the ones gone.
+        if let Ok(child) = stat_fields(pid)
+            && field(&child, 4) == u64::from(postmaster)
+        {
+            ticks += field(&child, 14) + field(&child, 15);
+        }
+    }
+    Ok(ticks)
+}
+
+/// The processes a run is charged to.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub memory_pid: u32,
+    pub booking_pid: u32,
+    /// None when PostgreSQL is not a process on this machine.
+    pub postmaster: Option<u32>,
+    pub ticks_per_second: f64,
+}
+
+/// Counters at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    memory: u64,
+    booking: u64,
+    bench: u64,
+    children: u64,
+    postgres: Option<u64>,
+    busy: u64,
+    total: u64,
+}
+
+/// CPU seconds spent between two snapshots, by whom.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuUse {
+    pub memory_service_s: f64,
+    pub booking_service_s: f64,
+    /// The load generator itself.
+    pub bench_s: f64,
+    /// pgbench (floor runs only).
+    pub pgbench_s: f64,
+    /// PostgreSQL, when it runs on this machine.
+    pub postgres_s: Option<f64>,
+    /// Share of all cores busy, in percent.
+    pub machine_busy_pct: f64,
+}
+
+impl Probe {
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let (bench, children) = self_ticks()?;
+        let (busy, total) = machine_ticks()?;
+        Ok(Snapshot {
+            memory: cpu_ticks(self.memory_pid)?,
+            booking: cpu_ticks(self.booking_pid)?,
+            bench,
+            children,
+            postgres: self.postmaster.and_then(|p| postgres_ticks(p).ok()),
+            busy,
+            total,
+        })
+    }
+
+    pub fn between(&self, a: &Snapshot, b: &Snapshot) -> CpuUse {
+        let s = |x: u64, y: u64| y.saturating_sub(x) as f64 / self.ticks_per_second;
+        CpuUse {
+            memory_service_s: s(a.memory, b.memory),
+            booking_service_s: s(a.booking, b.booking),
+            bench_s: s(a.bench, b.bench),
+            pgbench_s: s(a.children, b.children),
+            postgres_s: a.postgres.zip(b.postgres).map(|(x, y)| s(x, y)),
+            machine_busy_pct: if b.total > a.total {
+                100.0 * b.busy.saturating_sub(a.busy) as f64 / (b.total - a.total) as f64
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let (hwm, rss) = memory_kib(std::process::id()).unwrap();
+        assert!(hwm >= rss && rss > 0);
+        cpu_ticks(std::process::id()).unwrap();
+        let (busy, total) = machine_ticks().unwrap();
+        assert!(total >= busy && total > 0);
+        assert!(parent_pid(std::process::id()).unwrap() > 0);
+    }
+}

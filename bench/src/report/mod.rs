@@ -1,0 +1,257 @@
+//! What a bench run found: the JSON model, the targets it is judged
+//! against, and the two renderings (terminal table, SVG chart).
+
+pub mod svg;
+pub mod table;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::{
+    db::ServerInfo, procfs::CpuUse, scenarios::follow_ups::FollowUpResult, stats::Measurement,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub started_at: DateTime<Utc>,
+    pub quick: bool,
+    pub machine: Machine,
+    pub settings: RunSettings,
+    /// The closed-loop scenarios, service beside floor.
+    pub scenarios: Vec<ScenarioResult>,
+    /// The reference floor: one durable single-row INSERT per transaction.
+    pub single_write: Vec<FloorPoint>,
+    pub follow_ups: Option<FollowUpResult>,
+    /// Each service's peak RSS over the whole run.
+    pub services: Vec<ServicePeak>,
+    pub targets: Vec<Target>,
+    /// Failed operations over the whole run (service and floor).
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub postgres: ServerInfo,
+    pub pgbench: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSettings {
+    pub clients: Vec<usize>,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub follow_up_bookings: usize,
+    pub plan_start_samples: usize,
+    pub floor: bool,
+    /// How the services were started, beyond their defaults.
+    pub service_settings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub name: String,
+    /// What one operation is ("call", "journey").
+    pub unit: String,
+    pub points: Vec<Point>,
+}
+
+/// One client count of a scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub clients: usize,
+    pub service: Measurement,
+    pub service_cpu: CpuUse,
+    pub floor: Option<Measurement>,
+    pub floor_cpu: Option<CpuUse>,
+    /// service / floor.
+    pub ratio: Option<Ratio>,
+    pub per_1k: PerThousand,
+    pub rss: Rss,
+    /// Follow-up jobs still due after the service run, and the time the
+    /// workers took to finish them before the next run started.
+    pub backlog_after_run: i64,
+    pub drain_seconds: f64,
+}
+
+/// service / floor: above 1 the service is slower (latency) or faster
+/// (throughput).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Ratio {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub throughput: f64,
+}
+
+impl Ratio {
+    pub fn of(service: &Measurement, floor: &Measurement) -> Option<Self> {
+        let r = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        (floor.ops > 0).then(|| Self {
+            p50: r(service.latency.p50_ms, floor.latency.p50_ms),
+            p95: r(service.latency.p95_ms, floor.latency.p95_ms),
+            p99: r(service.latency.p99_ms, floor.latency.p99_ms),
+            max: r(service.latency.max_ms, floor.latency.max_ms),
+            throughput: r(service.per_second, floor.per_second),
+        })
+    }
+}
+
+/// CPU seconds per 1,000 operations (all operations of the run, warm-up
+/// included, since CPU is counted over the whole run).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PerThousand {
+    pub memory_service_cpu_s: f64,
+    pub booking_service_cpu_s: f64,
+    pub bench_cpu_s: f64,
+    pub postgres_cpu_s: Option<f64>,
+    pub floor_postgres_cpu_s: Option<f64>,
+    pub floor_pgbench_cpu_s: Option<f64>,
+}
+
+impl PerThousand {
+    pub fn new(
+        service: &Measurement,
+        cpu: &CpuUse,
+        floor: Option<(&Measurement, &CpuUse)>,
+    ) -> Self {
+        let per = |seconds: f64, ops: u64| {
+            if ops == 0 {
+                0.0
+            } else {
+                seconds * 1000.0 / ops as f64
+            }
+        };
+        let ops = service.total_ops;
+        Self {
+            memory_service_cpu_s: per(cpu.memory_service_s, ops),
+            booking_service_cpu_s: per(cpu.booking_service_s, ops),
+            bench_cpu_s: per(cpu.bench_s, ops),
+            postgres_cpu_s: cpu.postgres_s.map(|s| per(s, ops)),
+            floor_postgres_cpu_s: floor
+                .and_then(|(m, c)| c.postgres_s.map(|s| per(s, m.total_ops))),
+            floor_pgbench_cpu_s: floor.map(|(m, c)| per(c.pgbench_s, m.total_ops)),
+        }
+    }
+}
+
+/// Resident memory of the services after a run, MiB.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Rss {
+    pub memory_service_peak_mib: f64,
+    pub booking_service_peak_mib: f64,
+    pub memory_service_now_mib: f64,
+    pub booking_service_now_mib: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FloorPoint {
+    pub clients: usize,
+    pub floor: Measurement,
+    pub cpu: CpuUse,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicePeak {
+    pub name: String,
+    pub peak_rss_mib: f64,
+}
+
+/// One target of the issue, and whether this run met it (None: not
+/// measured in this run).
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub goal: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+fn target(
+    name: String,
+    goal: &str,
+    measured: Option<f64>,
+    unit: &str,
+    ok: impl Fn(f64) -> bool,
+) -> Target {
+    Target {
+        name,
+        goal: goal.to_owned(),
+        measured: measured.map_or("not measured".into(), |v| format!("{v:.2}{unit}")),
+        met: measured.map(ok),
+    }
+}
+
+/// The issue's targets, evaluated on `results`.
+pub fn targets(results: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    for name in ["store-message", "create-booking"] {
+        let Some(scenario) = results.scenarios.iter().find(|s| s.name == name) else {
+            continue;
+        };
+        let at = |clients: usize| {
+            scenario
+                .points
+                .iter()
+                .find(|p| p.clients == clients)
+                .and_then(|p| p.ratio)
+        };
+        out.push(target(
+            format!("{name}, 1 client: median vs floor"),
+            "<= 1.5x",
+            at(1).map(|r| r.p50),
+            "x",
+            |v| v <= 1.5,
+        ));
+        for clients in [16, 64] {
+            out.push(target(
+                format!("{name}, {clients} clients: throughput vs floor"),
+                ">= 0.75x",
+                at(clients).map(|r| r.throughput),
+                "x",
+                |v| v >= 0.75,
+            ));
+            out.push(target(
+                format!("{name}, {clients} clients: p99 vs floor"),
+                "<= 3x",
+                at(clients).map(|r| r.p99),
+                "x",
+                |v| v <= 3.0,
+            ));
+        }
+    }
+    let follow_ups = results.follow_ups.as_ref();
+    out.push(target(
+        "follow-ups planned and delivered per second".into(),
+        ">= 500/s",
+        follow_ups.map(|f| f.throughput.delivered_per_second),
+        "/s",
+        |v| v >= 500.0,
+    ));
+    out.push(target(
+        "plan job start on an idle queue, median".into(),
+        "<= 50 ms",
+        follow_ups
+            .filter(|f| f.plan_start.from_created_ms.samples > 0)
+            .map(|f| f.plan_start.from_created_ms.p50_ms),
+        " ms",
+        |v| v <= 50.0,
+    ));
+    for service in &results.services {
+        out.push(target(
+            format!("{} peak RSS under load", service.name),
+            "< 64 MiB",
+            Some(service.peak_rss_mib),
+            " MiB",
+            |v| v < 64.0,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+pub mod sample;

@@ -1,0 +1,127 @@
+//! A small, made-up result set for the rendering tests.
+
+use super::*;
+use crate::{
+    procfs::CpuUse,
+    stats::{self, Errors, Measurement},
+};
+
+fn measurement(per_second: u64, p50_ms: u64) -> Measurement {
+    let mut h = stats::histogram();
+    for i in 0..per_second {
+        let micros = p50_ms * 1000 + i % 3 * 500;
+        h.record(micros).unwrap();
+    }
+    let mut errors = Errors::new();
+    if p50_ms > 5 {
+        stats::count_error(&mut errors, "Unavailable", "pool timed out");
+    }
+    Measurement::new(&h, std::time::Duration::from_secs(1), per_second, errors)
+}
+
+fn point(clients: usize) -> Point {
+    let service = measurement(500 * clients as u64, 1 + clients as u64 / 8);
+    let floor = measurement(700 * clients as u64, 1 + clients as u64 / 16);
+    let cpu = CpuUse {
+        memory_service_s: 0.5,
+        postgres_s: Some(1.0),
+        ..CpuUse::default()
+    };
+    Point {
+        clients,
+        ratio: Ratio::of(&service, &floor),
+        per_1k: PerThousand::new(&service, &cpu, Some((&floor, &cpu))),
+        service,
+        service_cpu: cpu,
+        floor: Some(floor),
+        floor_cpu: Some(cpu),
+        rss: Rss::default(),
+        backlog_after_run: 0,
+        drain_seconds: 0.0,
+    }
+}
+
+pub fn results() -> Results {
+    let clients = [1, 4, 16, 64];
+    let mut r = Results {
+        started_at: chrono::Utc::now(),
+        quick: true,
+        machine: Machine {
+            cpus: 2,
+            cpu_model: "Chef&Co <virtual>".into(),
+            memory_gib: 24.0,
+            kernel: "6.1".into(),
+            postgres: crate::db::ServerInfo {
+                version: "PostgreSQL 15.20 on x86_64".into(),
+                fsync: "on".into(),
+                synchronous_commit: "on".into(),
+                shared_buffers: "128MB".into(),
+                max_connections: "100".into(),
+            },
+            pgbench: Some("pgbench (PostgreSQL) 15.20".into()),
+        },
+        settings: RunSettings {
+            clients: clients.to_vec(),
+            warmup_s: 2.0,
+            duration_s: 10.0,
+            follow_up_bookings: 200,
+            plan_start_samples: 20,
+            floor: true,
+            service_settings: vec![],
+        },
+        scenarios: ["store-message", "create-booking"]
+            .iter()
+            .map(|name| ScenarioResult {
+                name: (*name).into(),
+                unit: "call".into(),
+                points: clients.iter().map(|&c| point(c)).collect(),
+            })
+            .collect(),
+        single_write: clients
+            .iter()
+            .map(|&c| FloorPoint {
+                clients: c,
+                floor: measurement(900 * c as u64, 1),
+                cpu: CpuUse::default(),
+            })
+            .collect(),
+        follow_ups: None,
+        services: vec![ServicePeak {
+            name: "memory-service".into(),
+            peak_rss_mib: 30.0,
+        }],
+        targets: vec![],
+        errors: 0,
+    };
+    r.targets = targets(&r);
+    r
+}
+
+#[test]
+fn targets_are_judged_from_the_ratios() {
+    let r = results();
+    let find = |name: &str| r.targets.iter().find(|t| t.name == name).unwrap();
+    // 1 client: service p50 1 ms vs floor 1 ms.
+    assert_eq!(
+        find("store-message, 1 client: median vs floor").met,
+        Some(true)
+    );
+    // 64 clients: 32000/s vs 44800/s = 0.71.
+    assert_eq!(
+        find("create-booking, 64 clients: throughput vs floor").met,
+        Some(false)
+    );
+    assert_eq!(
+        find("follow-ups planned and delivered per second").met,
+        None
+    );
+    assert_eq!(find("memory-service peak RSS under load").met, Some(true));
+}
+
+#[test]
+fn table_shows_every_scenario_target_and_error() {
+    let text = super::table::render(&results());
+    assert!(text.contains("== store-message (per call) =="));
+    assert!(text.contains("MISS"));
+    assert!(text.contains("ERRORS service c=64: Unavailable"));
+}

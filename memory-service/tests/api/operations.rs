@@ -1,0 +1,404 @@
+//! What operators rely on: metrics, request ids, deadlines, load shedding,
+//! authentication and TLS.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use maitre::{
+    api::memory::v1::memory_service_client::MemoryServiceClient,
+    testkit::{http_get, sample},
+};
+use tonic::{Code, Request, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::support::{TestApp, reason, spawn_app, spawn_app_with};
+
+/// Holds a conversation's row lock in an open transaction, so every
+/// StoreMessage on that conversation waits: a slow database, on demand.
+async fn block_conversation(
+    app: &TestApp,
+    conversation: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = app.db.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM memory.conversations WHERE id = $1::uuid FOR UPDATE")
+        .bind(conversation)
+        .execute(&mut *tx)
+        .await
+        .expect("lock");
+    tx
+}
+
+#[tokio::test]
+async fn metrics_count_rpcs_by_method_and_code_with_latency_buckets() {
+    let app = spawn_app().await;
+    let conversation = uuid::Uuid::now_v7().to_string();
+    for i in 0..5 {
+        app.store(TestApp::message(
+            &conversation,
+            "ops",
+            &format!("m{i}"),
+            Some((0.1, "calm")),
+        ))
+        .await
+        .expect("stored");
+    }
+    app.conversation("not-a-uuid").await.expect_err("invalid");
+
+    let (status, body) = http_get(app.admin_addr.expect("admin port"), "/metrics").await;
+
+    assert_eq!(status, 200);
+    let store = [
+        ("method", "maitre.memory.v1.MemoryService/StoreMessage"),
+        ("code", "OK"),
+    ];
+    assert_eq!(
+        sample(&body, "maitre_rpc_requests_total", &store),
+        Some(5.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "maitre_rpc_duration_seconds_count", &store),
+        Some(5.0)
+    );
+    let slow_bucket = [store[0], store[1], ("le", "10.0")];
+    assert_eq!(
+        sample(&body, "maitre_rpc_duration_seconds_bucket", &slow_bucket),
+        Some(5.0)
+    );
+    let invalid = [
+        ("method", "maitre.memory.v1.MemoryService/GetConversation"),
+        ("code", "INVALID_ARGUMENT"),
+    ];
+    assert_eq!(
+        sample(&body, "maitre_rpc_requests_total", &invalid),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "maitre_rpc_in_flight",
+            &[("service", "memory-service")]
+        ),
+        Some(0.0)
+    );
+    assert!(sample(&body, "maitre_db_pool_max_connections", &[]).is_some_and(|max| max >= 1.0));
+    assert!(sample(&body, "maitre_db_pool_connections", &[("state", "idle")]).is_some());
+    assert_eq!(
+        http_get(app.admin_addr.expect("admin"), "/healthz").await.0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_or_generated() {
+    let app = spawn_app().await;
+    let mut request = Request::new(TestApp::message("", "rid", "hi", None));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "client-chosen-42".parse().expect("header"));
+    let response = app
+        .client
+        .clone()
+        .store_message(request)
+        .await
+        .expect("stored");
+    assert_eq!(
+        response
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("client-chosen-42")
+    );
+
+    let response = app
+        .client
+        .clone()
+        .store_message(TestApp::message("", "rid", "hi", None))
+        .await
+        .expect("stored");
+    let generated = response
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(uuid::Uuid::parse_str(generated).is_ok(), "{generated:?}");
+}
+
+#[tokio::test]
+async fn deadlines_are_honoured_and_a_retry_with_the_request_id_is_safe() {
+    let app = spawn_app_with(|s| s.server.rpc_timeout = Duration::from_millis(400)).await;
+    let conversation = uuid::Uuid::now_v7().to_string();
+    app.store(TestApp::message(&conversation, "dl", "first", None))
+        .await
+        .expect("stored");
+    let lock = block_conversation(&app, &conversation).await;
+    let late = |request_id: &str| {
+        let mut message = TestApp::message(&conversation, "dl", "late", None);
+        message.request_id = request_id.into();
+        message
+    };
+
+    // The header a client sends for a 150 ms deadline (set by hand: tonic's
+    // client would also start a timer of its own and report that instead).
+    let mut request = Request::new(late("late-1"));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "150m".parse().expect("header"));
+    let started = Instant::now();
+    let status = app
+        .client
+        .clone()
+        .store_message(request)
+        .await
+        .expect_err("deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(350),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // No grpc-timeout: the server's default deadline (400 ms here) applies.
+    let started = Instant::now();
+    let status = app
+        .store(late("late-2"))
+        .await
+        .expect_err("server deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(380) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+
+    // As gRPC warns, a call past its deadline may still take effect (its
+    // statement was already waiting in PostgreSQL): retrying with the same
+    // request_id is what makes that safe, exactly once either way.
+    lock.rollback().await.expect("release");
+    for request_id in ["late-1", "late-2"] {
+        app.store(late(request_id)).await.expect("retry answers");
+    }
+    assert_eq!(
+        app.conversation(&conversation)
+            .await
+            .expect("conversation")
+            .message_count,
+        3
+    );
+}
+
+#[tokio::test]
+async fn past_the_concurrency_limit_calls_fail_fast_with_resource_exhausted() {
+    let app = spawn_app_with(|s| s.server.max_concurrent_rpcs = 4).await;
+    let conversation = uuid::Uuid::now_v7().to_string();
+    app.store(TestApp::message(&conversation, "shed", "first", None))
+        .await
+        .expect("stored");
+    let lock = block_conversation(&app, &conversation).await;
+
+    // 4 calls hold the permits (blocked on the lock); 40 more arrive.
+    let blocked: Vec<_> = (0..4)
+        .map(|i| {
+            let app_client = app.client.clone();
+            let request = TestApp::message(&conversation, "shed", &format!("held {i}"), None);
+            tokio::spawn(async move { app_client.clone().store_message(request).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let shed = join_all((0..40).map(|i| {
+        let mut client = app.client.clone();
+        let request = TestApp::message(&conversation, "shed", &format!("extra {i}"), None);
+        async move {
+            let started = Instant::now();
+            (client.store_message(request).await, started.elapsed())
+        }
+    }))
+    .await;
+    for (result, took) in &shed {
+        let status = result.as_ref().expect_err("shed");
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(reason(status), "OVERLOADED");
+        assert!(
+            *took < Duration::from_millis(500),
+            "refused at once, not queued: {took:?}"
+        );
+    }
+    // Health still answers while saturated.
+    assert_eq!(
+        app.health("").await.expect("health"),
+        ServingStatus::Serving as i32
+    );
+
+    lock.rollback().await.expect("release");
+    for call in blocked {
+        call.await
+            .expect("join")
+            .expect("held calls complete once the lock is gone");
+    }
+    assert_eq!(
+        app.conversation(&conversation)
+            .await
+            .expect("conversation")
+            .message_count,
+        5
+    );
+}
+
+const TOKEN: &str = "a-long-enough-test-token-0001";
+
+fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    request
+}
+
+#[tokio::test]
+async fn with_tokens_configured_only_the_right_token_gets_in() {
+    let app = spawn_app_with(|s| {
+        s.server.auth_tokens = Some(format!("{TOKEN},another-valid-token-00002"))
+    })
+    .await;
+    let mut client = app.client.clone();
+
+    for token in [
+        None,
+        Some("wrong-token-but-long-enough"),
+        Some("a-long-enough-test-token-000"),
+    ] {
+        let status = client
+            .store_message(with_token(
+                TestApp::message("", "auth", "secret", None),
+                token,
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM memory.messages").await,
+        0,
+        "no trace in the database"
+    );
+
+    client
+        .store_message(with_token(
+            TestApp::message("", "auth", "welcome", None),
+            Some(TOKEN),
+        ))
+        .await
+        .expect("right token");
+    assert_eq!(app.count("SELECT count(*) FROM memory.messages").await, 1);
+    // The kubelet needs no token.
+    assert_eq!(
+        app.health("liveness").await.expect("health"),
+        ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn reflection_can_be_switched_off() {
+    let app = spawn_app_with(|s| s.server.reflection = false).await;
+    use tonic_reflection::pb::v1;
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let status = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone())
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .expect_err("no reflection");
+    assert_eq!(status.code(), Code::Unimplemented);
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client
+/// certificate, written to a temporary directory.
+struct Pki {
+    dir: std::path::PathBuf,
+    ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+}
+
+fn make_pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(names)
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client_cert_pem, client_key_pem) = leaf(vec!["booking-service".into()]);
+    let dir = std::env::temp_dir().join(format!("maitre-pki-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("pki dir");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+    std::fs::write(dir.join("server.pem"), server_cert).expect("write");
+    std::fs::write(dir.join("server.key"), server_key).expect("write");
+    Pki {
+        dir,
+        ca_pem: ca_cert.pem(),
+        client_cert_pem,
+        client_key_pem,
+    }
+}
+
+#[tokio::test]
+async fn mtls_admits_clients_with_a_certificate_and_refuses_others() {
+    let pki = make_pki();
+    let app = spawn_app_with(|s| {
+        s.server.tls_cert_file = Some(pki.dir.join("server.pem"));
+        s.server.tls_key_file = Some(pki.dir.join("server.key"));
+        s.server.tls_client_ca_file = Some(pki.dir.join("ca.pem"));
+    })
+    .await;
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let endpoint = |identity: Option<Identity>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+            .domain_name("localhost");
+        if let Some(identity) = identity {
+            tls = tls.identity(identity);
+        }
+        Channel::from_shared(format!("https://localhost:{}", app.addr.port()))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls")
+    };
+
+    let channel = endpoint(Some(Identity::from_pem(
+        &pki.client_cert_pem,
+        &pki.client_key_pem,
+    )))
+    .connect()
+    .await
+    .expect("handshake with a client certificate");
+    MemoryServiceClient::new(channel)
+        .store_message(TestApp::message("", "tls", "over mTLS", None))
+        .await
+        .expect("call over mTLS");
+
+    let refused = match endpoint(None).connect().await {
+        Err(_) => true,
+        Ok(channel) => MemoryServiceClient::new(channel)
+            .store_message(TestApp::message("", "tls", "no cert", None))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate must not get in");
+    assert_eq!(app.count("SELECT count(*) FROM memory.messages").await, 1);
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}

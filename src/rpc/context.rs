@@ -1,0 +1,160 @@
+//! Who a call is: its request id (from `x-request-id`, or generated) and its
+//! W3C trace context (from `traceparent`, or a new trace). Both ride along
+//! in a task-local for the length of the call, so log lines carry them and
+//! outgoing calls (booking → memory) pass them on.
+
+use uuid::Uuid;
+
+tokio::task_local! {
+    static CURRENT: CallContext;
+}
+
+/// Longest accepted `x-request-id`.
+const MAX_REQUEST_ID: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallContext {
+    pub request_id: String,
+    pub trace: TraceParent,
+}
+
+impl CallContext {
+    /// From incoming headers; anything missing or malformed is generated.
+    pub fn from_headers(headers: &http::HeaderMap) -> Self {
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= MAX_REQUEST_ID
+                    && v.bytes().all(|b| b.is_ascii_graphic())
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let trace = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse)
+            .map(|parent| parent.child())
+            .unwrap_or_else(TraceParent::new_root);
+        Self { request_id, trace }
+    }
+
+    /// The context of the running call or job, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `future` with this context as the current one.
+    pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
+        CURRENT.scope(self, future).await
+    }
+}
+
+/// A W3C `traceparent`: version 00, 16-byte trace id, 8-byte span id, flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 32 lower-case hex digits.
+    pub trace_id: String,
+    /// 16 lower-case hex digits: this hop's span.
+    pub span_id: String,
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    pub fn new_root() -> Self {
+        Self {
+            trace_id: random_hex(16),
+            span_id: random_hex(8),
+            sampled: true,
+        }
+    }
+
+    /// Parses `00-<trace>-<span>-<flags>`; refuses all-zero ids as the spec says.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let ok = version == "00"
+            && parts.next().is_none()
+            && hex(trace_id, 32)
+            && hex(span_id, 16)
+            && hex(flags, 2)
+            && trace_id.bytes().any(|b| b != b'0')
+            && span_id.bytes().any(|b| b != b'0');
+        ok.then(|| Self {
+            trace_id: trace_id.to_owned(),
+            span_id: span_id.to_owned(),
+            sampled: u8::from_str_radix(flags, 16).is_ok_and(|f| f & 1 == 1),
+        })
+    }
+
+    /// A new span in the same trace (for the next hop).
+    pub fn child(&self) -> Self {
+        Self {
+            trace_id: self.trace_id.clone(),
+            span_id: random_hex(8),
+            sampled: self.sampled,
+        }
+    }
+
+    pub fn header_value(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            self.trace_id,
+            self.span_id,
+            u8::from(self.sampled)
+        )
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_continues_a_trace() {
+        let parent =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(parent.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(parent.sampled);
+        let child = parent.child();
+        assert_eq!(child.trace_id, parent.trace_id);
+        assert_ne!(child.span_id, parent.span_id);
+        assert_eq!(TraceParent::parse(&child.header_value()), Some(child));
+    }
+
+    #[test]
+    fn refuses_malformed_traceparents() {
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_id_is_taken_or_generated() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-request-id", "abc-123".parse().unwrap());
+        assert_eq!(CallContext::from_headers(&headers).request_id, "abc-123");
+        headers.insert("x-request-id", "has space".parse().unwrap());
+        assert_ne!(CallContext::from_headers(&headers).request_id, "has space");
+    }
+}

@@ -1,0 +1,341 @@
+//! The one layer every RPC passes through, at the HTTP level below tonic's
+//! routing, in this order:
+//!
+//! 1. identity: request id (`x-request-id`, echoed back) and W3C trace
+//!    context (`traceparent`), in a span and a task-local for the call;
+//! 2. authentication (bearer tokens), unless the server is open;
+//! 3. load shedding: past the global concurrency limit a call fails at once
+//!    with RESOURCE_EXHAUSTED instead of queueing without bound;
+//! 4. the deadline: the client's `grpc-timeout`, or the server default,
+//!    answered with DEADLINE_EXCEEDED;
+//! 5. metrics and one log line with method, code and duration.
+//!
+//! Health checks skip 2-4: the kubelet must always get an answer. Reflection
+//! skips 4 (it is a long-lived stream). Request content is never logged.
+//! Codes are read from response headers: tonic sends errors "trailers-only"
+//! (code in the headers); a response without `grpc-status` there is a
+//! successful answer whose OK follows in the trailers.
+
+pub mod auth;
+pub mod context;
+pub mod deadline;
+pub mod methods;
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Semaphore;
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::{Instrument, field::Empty};
+
+pub use self::{auth::TokenSet, context::CallContext};
+use crate::metrics::{Metrics, RpcLabels};
+
+/// How much earlier than tonic's own grpc-timeout timer ours fires.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(3);
+
+/// What the layer enforces and where it reports.
+#[derive(Clone)]
+pub struct RpcPolicy {
+    pub metrics: Arc<Metrics>,
+    /// Paths labelled as themselves in metrics; others are `unknown`.
+    pub known_methods: Arc<HashSet<String>>,
+    /// Permits for calls in progress, shared by all connections.
+    pub limiter: Arc<Semaphore>,
+    /// Deadline of calls that bring none.
+    pub default_deadline: Duration,
+    /// Accepted bearer tokens; `None` leaves the server open.
+    pub tokens: Option<Arc<TokenSet>>,
+}
+
+impl RpcPolicy {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        max_concurrent: usize,
+        default_deadline: Duration,
+        tokens: Option<TokenSet>,
+    ) -> Self {
+        Self {
+            metrics,
+            known_methods: Arc::new(methods::known_methods(&[
+                crate::api::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ])),
+            limiter: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            default_deadline,
+            tokens: tokens.filter(|t| !t.is_empty()).map(Arc::new),
+        }
+    }
+}
+
+/// Adds [`Rpc`] to a service stack.
+#[derive(Clone)]
+pub struct RpcLayer {
+    policy: RpcPolicy,
+}
+
+impl RpcLayer {
+    pub fn new(policy: RpcPolicy) -> Self {
+        Self { policy }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = Rpc<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Rpc {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Rpc<S> {
+    inner: S,
+    policy: RpcPolicy,
+}
+
+/// The gRPC status code of a response, as far as its headers tell.
+pub fn response_code<B>(response: &http::Response<B>) -> Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+        .unwrap_or(Code::Ok)
+}
+
+/// The upper-snake name Prometheus labels and logs use.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Decrements the in-flight gauge however the call ends (a client that
+/// hangs up drops the future).
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn refusal<B: Default>(code: Code, reason: &str, message: &str) -> http::Response<B> {
+    crate::status::with_reason(code, "maitre", reason, message, HashMap::new()).into_http()
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Rpc<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display + Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let started = Instant::now();
+        let path = request.uri().path().trim_start_matches('/');
+        let method = if self.policy.known_methods.contains(path) {
+            path.to_owned()
+        } else {
+            "unknown".to_owned()
+        };
+        let health = method.starts_with("grpc.health.v1.Health/");
+        let streaming = health || method.starts_with("grpc.reflection.");
+        let context = CallContext::from_headers(request.headers());
+        let span = tracing::info_span!(
+            "rpc",
+            method = %method,
+            request_id = %context.request_id,
+            trace_id = %context.trace.trace_id,
+            code = Empty,
+            duration_ms = Empty,
+        );
+        let request_id = context.request_id.clone();
+        let policy = self.policy.clone();
+
+        // Refusals are answered here, before any work or database access.
+        let authorization = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let refused = if !health
+            && policy
+                .tokens
+                .as_ref()
+                .is_some_and(|tokens| !tokens.accepts(authorization))
+        {
+            Some((
+                Code::Unauthenticated,
+                "UNAUTHENTICATED",
+                "missing or invalid bearer token",
+            ))
+        } else {
+            None
+        };
+        let permit = match (&refused, health) {
+            (None, false) => match policy.limiter.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    return finish(
+                        refusal(
+                            Code::ResourceExhausted,
+                            "OVERLOADED",
+                            "server overloaded; retry with backoff",
+                        ),
+                        &policy,
+                        &method,
+                        &request_id,
+                        started,
+                        span,
+                    );
+                }
+            },
+            _ => None,
+        };
+        if let Some((code, reason, message)) = refused {
+            return finish(
+                refusal(code, reason, message),
+                &policy,
+                &method,
+                &request_id,
+                started,
+                span,
+            );
+        }
+
+        // tonic's own timer for a client's grpc-timeout answers CANCELLED;
+        // ours fires a hair earlier so the caller gets DEADLINE_EXCEEDED.
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(deadline::parse)
+            .map(|d| {
+                d.saturating_sub(DEADLINE_MARGIN)
+                    .max(Duration::from_millis(1))
+            })
+            .unwrap_or(policy.default_deadline);
+        let future = span.in_scope(|| self.inner.call(request));
+        policy.metrics.rpc.in_flight.inc();
+        let in_flight = InFlight(policy.metrics.rpc.in_flight.clone());
+        Box::pin(
+            async move {
+                let call = context.scope(future);
+                let result = if streaming {
+                    call.await
+                } else {
+                    match tokio::time::timeout(deadline, call).await {
+                        Ok(result) => result,
+                        Err(_) => Ok(refusal(
+                            Code::DeadlineExceeded,
+                            "DEADLINE_EXCEEDED",
+                            "deadline exceeded",
+                        )),
+                    }
+                };
+                drop(permit);
+                drop(in_flight);
+                let mut response = result?;
+                record(&mut response, &policy, &method, &request_id, started);
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Answers a refused call at once, recorded like any other.
+fn finish<B, E>(
+    mut response: http::Response<B>,
+    policy: &RpcPolicy,
+    method: &str,
+    request_id: &str,
+    started: Instant,
+    span: tracing::Span,
+) -> Pin<Box<dyn Future<Output = Result<http::Response<B>, E>> + Send>>
+where
+    B: Send + 'static,
+    E: Send + 'static,
+{
+    span.in_scope(|| record(&mut response, policy, method, request_id, started));
+    Box::pin(std::future::ready(Ok(response)))
+}
+
+fn record<B>(
+    response: &mut http::Response<B>,
+    policy: &RpcPolicy,
+    method: &str,
+    request_id: &str,
+    started: Instant,
+) {
+    let elapsed = started.elapsed();
+    let code = response_code(response);
+    if let Ok(value) = http::HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let labels = RpcLabels {
+        method: method.to_owned(),
+        code: code_name(code).to_owned(),
+    };
+    policy.metrics.rpc.requests.get_or_create(&labels).inc();
+    policy
+        .metrics
+        .rpc
+        .duration
+        .get_or_create(&labels)
+        .observe(elapsed.as_secs_f64());
+    let span = tracing::Span::current();
+    span.record("code", code_name(code));
+    span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+    let quiet = method.starts_with("grpc.health.") || method.starts_with("grpc.reflection.");
+    match code {
+        Code::Ok if quiet => tracing::debug!("rpc done"),
+        Code::Ok => tracing::info!("rpc done"),
+        // Server-side trouble: worth a look at 3 a.m.
+        Code::Internal
+        | Code::Unknown
+        | Code::DataLoss
+        | Code::Unavailable
+        | Code::ResourceExhausted => {
+            tracing::warn!("rpc failed")
+        }
+        _ => tracing::info!("rpc refused"),
+    }
+}
