@@ -11,7 +11,7 @@
 //! `FOLLOWUP_DELIVER_MAX_ATTEMPTS`, `FOLLOWUP_RETRY_BASE`,
 //! `FOLLOWUP_RETRY_MAX`, `WORKER_CONCURRENCY`, `WORKER_POLL_INTERVAL`,
 //! `WORKER_HEARTBEAT_INTERVAL`, `WORKER_MISSED_HEARTBEATS`,
-//! `JOB_RETENTION`, `JOB_PRUNE_INTERVAL`, `METRICS_REFRESH_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
+//! `JOB_RETENTION`, `JOB_PRUNE_INTERVAL`, `FOLLOWUP_SWEEP_GRACE`, `METRICS_REFRESH_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
 //! `LOG_FORMAT`, `RUST_LOG`, and those of [`maitre::server::ServerArgs`].
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -227,9 +227,13 @@ pub struct Settings {
     #[arg(long, env = "JOB_RETENTION", default_value = "7d", value_parser = duration, global = true)]
     pub job_retention: Duration,
 
-    /// How often finished job rows are pruned.
+    /// How often finished job rows are pruned and stranded follow-ups swept.
     #[arg(long, env = "JOB_PRUNE_INTERVAL", default_value = "10m", value_parser = duration, global = true)]
     pub job_prune_interval: Duration,
+
+    /// A planning or delivery overdue by this much with no live job (it died) is enqueued again.
+    #[arg(long, env = "FOLLOWUP_SWEEP_GRACE", default_value = "5m", value_parser = duration, global = true)]
+    pub followup_sweep_grace: Duration,
 
     /// How often queue-depth and follow-up gauges are re-read for /metrics.
     #[arg(long, env = "METRICS_REFRESH_INTERVAL", default_value = "15s", value_parser = duration, global = true)]
@@ -335,6 +339,8 @@ impl Settings {
             missed_heartbeats: self.worker_missed_heartbeats.max(1),
             job_retention: self.job_retention,
             prune_interval: self.job_prune_interval,
+            sweep_grace: self.followup_sweep_grace,
+            plan_max_attempts: self.followup_plan_max_attempts.max(1),
         }
     }
 }

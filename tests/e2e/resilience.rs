@@ -118,3 +118,83 @@ async fn a_follow_up_that_always_fails_ends_failed_and_stops_retrying() {
     stack.assert_queues_clean().await;
     stack.shutdown().await;
 }
+
+/// Kills every job of `queue` for good, as apalis does after a handler
+/// failed on unexpected errors too many times in a row.
+async fn kill_jobs(stack: &Stack, queue: &str) {
+    sqlx::query(
+        "UPDATE apalis.jobs SET status = 'Failed', attempts = max_attempts WHERE job_type = $1",
+    )
+    .bind(queue)
+    .execute(&stack.db)
+    .await
+    .expect("kill jobs");
+}
+
+#[tokio::test]
+async fn a_plan_job_that_died_is_swept_up_and_the_follow_up_still_arrives() {
+    let mut stack = spawn_stack_with(|s| s.disable_workers = true).await;
+    let conversation = stack.conversation("oli", &[(0.1, "calm")]).await;
+    let slot = stack
+        .slot(Duration::from_secs(1), Duration::from_secs(1), 5)
+        .await;
+    let booked = stack
+        .book(Stack::booking_request(&slot, "oli", &conversation, 1))
+        .await
+        .expect("booked");
+    kill_jobs(&stack, PLAN_QUEUE).await;
+
+    stack
+        .add_booking_service(|s| {
+            s.followup_sweep_grace = Duration::ZERO;
+            s.job_prune_interval = Duration::from_millis(200);
+        })
+        .await;
+
+    let sent = stack
+        .wait_follow_up(
+            &booked.booking_id,
+            "the swept-up follow-up to be SENT",
+            |f| f.state == FollowUpState::Sent as i32,
+        )
+        .await;
+    assert_eq!(stack.assistant_messages(&conversation).await.len(), 1);
+    assert_eq!(sent.attempts, 1);
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deliver_job_that_died_is_swept_up_and_delivered_once() {
+    let stack = spawn_stack_with(|s| {
+        s.followup_sweep_grace = Duration::ZERO;
+        s.job_prune_interval = Duration::from_millis(200);
+    })
+    .await;
+    let conversation = stack.conversation("pam", &[(0.9, "joy")]).await;
+    let slot = stack
+        .slot(Duration::from_secs(2), Duration::from_secs(2), 5)
+        .await;
+    let booked = stack
+        .book(Stack::booking_request(&slot, "pam", &conversation, 1))
+        .await
+        .expect("booked");
+    stack
+        .wait_follow_up(&booked.booking_id, "planned", |f| {
+            f.state == FollowUpState::Pending as i32
+        })
+        .await;
+    kill_jobs(&stack, booking_service::jobs::DELIVER_QUEUE).await;
+
+    let sent = stack
+        .wait_follow_up(
+            &booked.booking_id,
+            "the swept-up follow-up to be SENT",
+            |f| f.state == FollowUpState::Sent as i32,
+        )
+        .await;
+    assert_eq!(sent.template_key, "review_request");
+    // Give the sweep a few more rounds: nothing is sent twice.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(stack.assistant_messages(&conversation).await.len(), 1);
+    stack.shutdown().await;
+}

@@ -51,6 +51,7 @@ pub struct Stack {
     /// booking-service reaches memory-service through this, so a test can cut it off.
     pub memory_link: TcpProxy,
     pub memory_addr: SocketAddr,
+    pub booking_addr: SocketAddr,
     pub db: PgPool,
     pub database_url: String,
     stops: Vec<oneshot::Sender<()>>,
@@ -144,6 +145,7 @@ pub async fn spawn_stack_with_memory(
         booking_admin,
         memory_link,
         memory_addr,
+        booking_addr,
         db: PgPool::connect(&database_url).await.expect("test pool"),
         database_url,
         stops,

@@ -27,8 +27,12 @@ pub struct WorkerSettings {
     pub missed_heartbeats: usize,
     /// Finished job rows older than this are deleted.
     pub job_retention: Duration,
-    /// How often the pruner runs.
+    /// How often housekeeping (pruning, the stranded-work sweep) runs.
     pub prune_interval: Duration,
+    /// Work overdue by this much with no live job is enqueued again.
+    pub sweep_grace: Duration,
+    /// Planning attempts (to know which plan jobs could still exist).
+    pub plan_max_attempts: u32,
 }
 
 impl WorkerSettings {
@@ -81,8 +85,8 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
                 .run_until(signal)
         }
     });
-    let pruner = prune(ctx.clone(), settings.clone(), stop);
-    tokio::join!(plan_worker, deliver_worker, pruner);
+    let housekeeping = housekeeping(ctx.clone(), settings.clone(), stop);
+    tokio::join!(plan_worker, deliver_worker, housekeeping);
 }
 
 /// Restarts `run_worker` after each failure, waiting 0.5 s, 1 s, 2 s, ...
@@ -146,16 +150,55 @@ fn instance_name() -> String {
         .clone()
 }
 
-async fn prune(ctx: JobContext, settings: WorkerSettings, mut stop: watch::Receiver<bool>) {
+/// Every `prune_interval`: delete finished job rows past retention, and
+/// enqueue again any planning or delivery whose job died (`store::sweeps`).
+async fn housekeeping(ctx: JobContext, settings: WorkerSettings, mut stop: watch::Receiver<bool>) {
     loop {
         match store::jobs::prune_finished(&ctx.pool, settings.job_retention).await {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "pruned finished jobs"),
             Err(error) => tracing::warn!(%error, "pruning finished jobs failed; will retry"),
         }
+        if let Err(error) = sweep(&ctx, &settings).await {
+            tracing::warn!(%error, "sweeping stranded follow-ups failed; will retry");
+        }
         tokio::select! {
             _ = tokio::time::sleep(settings.prune_interval) => {}
             _ = stop.wait_for(|stopping| *stopping) => return,
         }
     }
+}
+
+async fn sweep(ctx: &JobContext, settings: &WorkerSettings) -> Result<(), sqlx::Error> {
+    let grace = settings.sweep_grace.as_secs_f64();
+    for (follow_up_id, attempts) in store::sweeps::stranded_deliveries(&ctx.pool, grace).await? {
+        let attempt = u32::try_from(attempts).unwrap_or(0) + 1;
+        let job = DeliverFollowUp {
+            follow_up_id,
+            attempt,
+            trace_parent: None,
+        };
+        let mut tx = ctx.pool.begin().await?;
+        store::jobs::requeue_deliver(&mut tx, &job).await?;
+        tx.commit().await?;
+        tracing::warn!(%follow_up_id, attempt, "delivery had no live job; enqueued again");
+    }
+    let now = chrono::Utc::now();
+    let window_start = now - chrono::Duration::hours(1);
+    let window_end = now - chrono::Duration::from_std(settings.sweep_grace).unwrap_or_default();
+    let max_attempts = i32::try_from(settings.plan_max_attempts).unwrap_or(i32::MAX);
+    for booking_id in
+        store::sweeps::stranded_plans(&ctx.pool, window_start, window_end, max_attempts).await?
+    {
+        let job = PlanFollowUp {
+            booking_id,
+            attempt: 1,
+            trace_parent: None,
+        };
+        let mut tx = ctx.pool.begin().await?;
+        store::jobs::requeue_plan(&mut tx, &job).await?;
+        tx.commit().await?;
+        tracing::warn!(%booking_id, "planning had no live job; enqueued again");
+    }
+    Ok(())
 }

@@ -116,3 +116,21 @@ pub async fn prune_finished(pool: &PgPool, retention: Duration) -> Result<u64, s
         }
     }
 }
+
+/// Enqueues `job` again after its earlier job for the same attempt died
+/// (see `store::sweeps`): the dead row goes, so its key can be reused.
+pub async fn requeue_plan(tx: &mut PgConnection, job: &PlanFollowUp) -> Result<bool, sqlx::Error> {
+    let key = format!("{}/{}", job.booking_id, job.attempt);
+    super::sweeps::delete_dead_job(tx, PLAN_QUEUE, &key).await?;
+    push(tx, PLAN_QUEUE, task(job, key, None)?).await
+}
+
+/// Like [`requeue_plan`], for a delivery attempt, due now.
+pub async fn requeue_deliver(
+    tx: &mut PgConnection,
+    job: &DeliverFollowUp,
+) -> Result<bool, sqlx::Error> {
+    let key = format!("{}/{}", job.follow_up_id, job.attempt);
+    super::sweeps::delete_dead_job(tx, DELIVER_QUEUE, &key).await?;
+    push(tx, DELIVER_QUEUE, task(job, key, None)?).await
+}

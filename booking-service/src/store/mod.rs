@@ -5,6 +5,7 @@ pub mod followups;
 pub mod jobs;
 pub mod rows;
 pub mod slots;
+pub mod sweeps;
 pub mod templates;
 
 use sqlx::migrate::Migrator;

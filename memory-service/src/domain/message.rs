@@ -129,7 +129,13 @@ impl NewMessage {
             Some(r) => Role::from_i16(r as i16),
             None => None,
         };
-        if content.len() > limits.max_content_bytes {
+        if content.trim().is_empty() && tool_calls.is_empty() && tool_results.is_empty() {
+            v.add(
+                "content",
+                "REQUIRED",
+                "must be set (may be empty only with tool calls or results)",
+            );
+        } else if content.len() > limits.max_content_bytes {
             v.add(
                 "content",
                 "TOO_LONG",
