@@ -111,8 +111,10 @@ pub fn timestamp(
         v.add(field, "REQUIRED", "must be set");
         return None;
     };
+    // chrono reads nanos of 1e9 and more as a leap second; proto does not.
     let parsed = u32::try_from(ts.nanos)
         .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
         .and_then(|nanos| chrono::DateTime::from_timestamp(ts.seconds, nanos));
     match parsed {
         Some(time) if time >= earliest && time <= latest => Some(time),

@@ -31,7 +31,7 @@ use std::{
 };
 
 use tokio::sync::Semaphore;
-use tonic::Code;
+use tonic::{Code, body::Body};
 use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty};
 
@@ -153,12 +153,11 @@ fn refusal<B: Default>(code: Code, reason: &str, message: &str) -> http::Respons
     crate::status::with_reason(code, "maitre", reason, message, HashMap::new()).into_http()
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Rpc<S>
+impl<S, ReqBody> Service<http::Request<ReqBody>> for Rpc<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S: Service<http::Request<ReqBody>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
     S::Error: std::fmt::Display + Send + 'static,
-    ResBody: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -187,58 +186,48 @@ where
             code = Empty,
             duration_ms = Empty,
         );
-        let request_id = context.request_id.clone();
-        let policy = self.policy.clone();
+        let outcome = Outcome {
+            metrics: self.policy.metrics.clone(),
+            method,
+            request_id: context.request_id.clone(),
+            started,
+            span: span.clone(),
+        };
+        let policy = &self.policy;
 
         // Refusals are answered here, before any work or database access.
         let authorization = request
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let refused = if !health
+        if !health
             && policy
                 .tokens
                 .as_ref()
                 .is_some_and(|tokens| !tokens.accepts(authorization))
         {
-            Some((
+            let response = refusal(
                 Code::Unauthenticated,
                 "UNAUTHENTICATED",
                 "missing or invalid bearer token",
-            ))
-        } else {
+            );
+            return Box::pin(std::future::ready(Ok(outcome.finish(response))));
+        }
+        let permit = if health {
             None
-        };
-        let permit = match (&refused, health) {
-            (None, false) => match policy.limiter.clone().try_acquire_owned() {
+        } else {
+            match policy.limiter.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    return finish(
-                        refusal(
-                            Code::ResourceExhausted,
-                            "OVERLOADED",
-                            "server overloaded; retry with backoff",
-                        ),
-                        &policy,
-                        &method,
-                        &request_id,
-                        started,
-                        span,
+                    let response = refusal(
+                        Code::ResourceExhausted,
+                        "OVERLOADED",
+                        "server overloaded; retry with backoff",
                     );
+                    return Box::pin(std::future::ready(Ok(outcome.finish(response))));
                 }
-            },
-            _ => None,
+            }
         };
-        if let Some((code, reason, message)) = refused {
-            return finish(
-                refusal(code, reason, message),
-                &policy,
-                &method,
-                &request_id,
-                started,
-                span,
-            );
-        }
 
         // tonic's own timer for a client's grpc-timeout answers CANCELLED;
         // ours fires a hair earlier so the caller gets DEADLINE_EXCEEDED.
@@ -272,70 +261,157 @@ where
                 };
                 drop(permit);
                 drop(in_flight);
-                let mut response = result?;
-                record(&mut response, &policy, &method, &request_id, started);
-                Ok(response)
+                Ok(outcome.finish(result?))
             }
             .instrument(span),
         )
     }
 }
 
-/// Answers a refused call at once, recorded like any other.
-fn finish<B, E>(
-    mut response: http::Response<B>,
-    policy: &RpcPolicy,
-    method: &str,
-    request_id: &str,
+/// What is known of a call until its final status code: recorded once, in
+/// metrics and one log line, when the code is known (response headers for
+/// trailers-only answers, else the trailers).
+struct Outcome {
+    metrics: Arc<crate::metrics::Metrics>,
+    method: String,
+    request_id: String,
     started: Instant,
     span: tracing::Span,
-) -> Pin<Box<dyn Future<Output = Result<http::Response<B>, E>> + Send>>
-where
-    B: Send + 'static,
-    E: Send + 'static,
-{
-    span.in_scope(|| record(&mut response, policy, method, request_id, started));
-    Box::pin(std::future::ready(Ok(response)))
 }
 
-fn record<B>(
-    response: &mut http::Response<B>,
-    policy: &RpcPolicy,
-    method: &str,
-    request_id: &str,
-    started: Instant,
-) {
-    let elapsed = started.elapsed();
-    let code = response_code(response);
-    if let Ok(value) = http::HeaderValue::from_str(request_id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    let labels = RpcLabels {
-        method: method.to_owned(),
-        code: code_name(code).to_owned(),
-    };
-    policy.metrics.rpc.requests.get_or_create(&labels).inc();
-    policy
-        .metrics
-        .rpc
-        .duration
-        .get_or_create(&labels)
-        .observe(elapsed.as_secs_f64());
-    let span = tracing::Span::current();
-    span.record("code", code_name(code));
-    span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
-    let quiet = method.starts_with("grpc.health.") || method.starts_with("grpc.reflection.");
-    match code {
-        Code::Ok if quiet => tracing::debug!("rpc done"),
-        Code::Ok => tracing::info!("rpc done"),
-        // Server-side trouble: worth a look at 3 a.m.
-        Code::Internal
-        | Code::Unknown
-        | Code::DataLoss
-        | Code::Unavailable
-        | Code::ResourceExhausted => {
-            tracing::warn!("rpc failed")
+impl Outcome {
+    /// Tags the response with the request id, and records the code now or
+    /// once the body's trailers carry it.
+    fn finish(self, mut response: http::Response<Body>) -> http::Response<Body> {
+        if let Ok(value) = http::HeaderValue::from_str(&self.request_id) {
+            response.headers_mut().insert("x-request-id", value);
         }
-        _ => tracing::info!("rpc refused"),
+        if response.headers().contains_key("grpc-status") {
+            let code = normalize_decode_errors(response.headers_mut());
+            self.record(code);
+            response
+        } else {
+            response.map(|inner| {
+                Body::new(Watched {
+                    inner,
+                    outcome: Some(self),
+                })
+            })
+        }
     }
+
+    fn record(self, code: Code) {
+        let elapsed = self.started.elapsed();
+        let labels = RpcLabels {
+            method: self.method.clone(),
+            code: code_name(code).to_owned(),
+        };
+        self.metrics.rpc.requests.get_or_create(&labels).inc();
+        self.metrics
+            .rpc
+            .duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        let _entered = self.span.enter();
+        self.span.record("code", code_name(code));
+        self.span
+            .record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+        let quiet =
+            self.method.starts_with("grpc.health.") || self.method.starts_with("grpc.reflection.");
+        match code {
+            Code::Ok if quiet => tracing::debug!("rpc done"),
+            Code::Ok => tracing::info!("rpc done"),
+            // Server-side trouble: worth a look at 3 a.m.
+            Code::Internal
+            | Code::Unknown
+            | Code::DataLoss
+            | Code::Unavailable
+            | Code::ResourceExhausted => {
+                tracing::warn!("rpc failed")
+            }
+            _ => tracing::info!("rpc refused"),
+        }
+    }
+}
+
+/// A response body watched for its trailers (where a streamed answer's
+/// status code travels).
+struct Watched {
+    inner: Body,
+    outcome: Option<Outcome>,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(trailers) = frame.trailers_mut()
+                    && let Some(outcome) = this.outcome.take()
+                {
+                    outcome.record(normalize_decode_errors(trailers));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                if let Some(outcome) = this.outcome.take() {
+                    outcome.record(Code::Unknown);
+                }
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    /// A body dropped before its trailers: the client went away.
+    fn drop(&mut self) {
+        if let Some(outcome) = self.outcome.take() {
+            outcome.record(Code::Cancelled);
+        }
+    }
+}
+
+/// The final code in `headers` (a trailers-only response's headers, or a
+/// stream's trailers), after one correction: tonic answers a request it
+/// cannot decode with INTERNAL and one over the size limit with OUT_OF_RANGE.
+/// Both are the caller's doing: reported as gRPC means (INVALID_ARGUMENT;
+/// RESOURCE_EXHAUSTED, as grpc-go does), INTERNAL stays for our own bugs.
+fn normalize_decode_errors(headers: &mut http::HeaderMap) -> Code {
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+        .unwrap_or(Code::Unknown);
+    // grpc-message is percent-encoded; spaces are all we need back.
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .replace("%20", " ");
+    let corrected = match code {
+        Code::Internal if message.starts_with("failed to decode Protobuf message") => {
+            Code::InvalidArgument
+        }
+        Code::OutOfRange if message.contains("message length too large") => Code::ResourceExhausted,
+        other => return other,
+    };
+    headers.insert("grpc-status", http::HeaderValue::from(corrected as i32));
+    corrected
 }

@@ -408,3 +408,67 @@ async fn every_booking_rule_names_its_field_and_writes_nothing() {
     assert_eq!(rows, (1, 0, 0), "nothing written");
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_plan_job_row_matches_what_apalis_writes() {
+    let stack = spawn_stack_with(|s| s.disable_workers = true).await;
+    let slot = stack
+        .slot(Duration::from_secs(3600), Duration::from_secs(3600), 4)
+        .await;
+    let booked = stack
+        .book(Stack::booking_request(&slot, "pia", "", 1))
+        .await
+        .expect("booked");
+
+    // A reference row written by apalis's own push_tasks.
+    let reference = uuid::Uuid::now_v7();
+    let mut tx = stack.db.begin().await.expect("begin");
+    let job = booking_service::jobs::PlanFollowUp {
+        booking_id: reference,
+        attempt: 1,
+        trace_parent: None,
+    };
+    booking_service::store::jobs::push_plan(&mut tx, &job, None)
+        .await
+        .expect("push_tasks");
+    tx.commit().await.expect("commit");
+
+    type Row = (
+        String,
+        String,
+        String,
+        i32,
+        i32,
+        Option<i32>,
+        Option<String>,
+        Option<String>,
+        Vec<u8>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, job_type, status, attempts, max_attempts, priority, metadata::text, idempotency_key, job \
+         FROM apalis.jobs ORDER BY idempotency_key = $1 DESC",
+    )
+    .bind(format!("{}/1", booked.booking_id))
+    .fetch_all(&stack.db)
+    .await
+    .expect("job rows");
+    assert_eq!(rows.len(), 2);
+    let (ours, theirs) = (&rows[0], &rows[1]);
+    assert_eq!(
+        ours.7.as_deref(),
+        Some(format!("{}/1", booked.booking_id).as_str())
+    );
+    assert_eq!(
+        (&ours.1, &ours.2, ours.3, ours.4, ours.5, &ours.6),
+        (
+            &theirs.1, &theirs.2, theirs.3, theirs.4, theirs.5, &theirs.6
+        )
+    );
+    assert_eq!(ours.0.len(), 26, "a ULID like apalis's own: {}", ours.0);
+    assert!(ours.0.chars().all(|c| c.is_ascii_alphanumeric()));
+    let payload: booking_service::jobs::PlanFollowUp =
+        serde_json::from_slice(&ours.8).expect("decodes as the worker will");
+    assert_eq!(payload.booking_id.to_string(), booked.booking_id);
+    assert_eq!(payload.attempt, 1);
+    stack.shutdown().await;
+}

@@ -3,8 +3,10 @@
 
 mod stack;
 
+mod bad_input;
 mod bookings;
 mod follow_ups;
+mod garbage;
 mod operations;
 mod overbooking;
 mod resilience;

@@ -89,6 +89,10 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
     tokio::join!(plan_worker, deliver_worker, housekeeping);
 }
 
+/// A worker run this long counts as healthy: the next failure starts the
+/// restart delays over.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
 /// Restarts `run_worker` after each failure, waiting 0.5 s, 1 s, 2 s, ...
 /// (at most 30 s), until `stop`.
 async fn supervise<F, Fut, E>(queue: &'static str, stop: watch::Receiver<bool>, run_worker: F)
@@ -100,11 +104,16 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
+    // `restarts` names each run uniquely; `failures_in_a_row` sets the
+    // delay and starts over once a run has stayed up for a while, so brief
+    // database blips hours apart do not add up to the longest delay.
     let mut restarts: u32 = 0;
+    let mut failures_in_a_row: u32 = 0;
     loop {
         if *stop.borrow() {
             return;
         }
+        let started = std::time::Instant::now();
         let name = format!("{queue}@{}#{restarts}", instance_name());
         let mut signal_rx = stop.clone();
         let signal = Box::pin(async move {
@@ -119,7 +128,12 @@ where
             }
             Err(error) => {
                 restarts += 1;
-                let delay = Duration::from_millis(500 * 2u64.pow(restarts.min(6)))
+                failures_in_a_row = if started.elapsed() >= HEALTHY_RUN {
+                    1
+                } else {
+                    failures_in_a_row + 1
+                };
+                let delay = Duration::from_millis(250 * 2u64.pow(failures_in_a_row.min(7)))
                     .min(Duration::from_secs(30));
                 tracing::warn!(worker = %name, %error, ?delay, "worker stopped on an error; restarting");
                 let mut stop_rx = stop.clone();

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::{jobs, rows::BookingRow};
 use crate::domain::booking::{BookingPage, CONFIRMED, NewBooking, PAYMENT_PENDING};
-use crate::jobs::PlanFollowUp;
+use crate::jobs::{PLAN_QUEUE, PlanFollowUp};
 
 /// What CreateBooking did.
 #[derive(Debug, Clone)]
@@ -23,10 +23,16 @@ pub enum CreateOutcome {
     SlotStarted,
 }
 
-/// Seats, booking and pending payment in one statement. The seats are taken
-/// by a conditional UPDATE, so two concurrent bookings can never both take
-/// the last seat: the second waits for the first's row lock, re-checks
-/// `booked + n <= capacity` against the new value, and finds no row.
+/// The whole booking in one statement (one round trip, one implicit
+/// transaction): seats, booking, pending payment, and the follow-up's plan
+/// job. The seats are taken by a conditional UPDATE, so two concurrent
+/// bookings can never both take the last seat: the second waits for the
+/// first's row lock, re-checks `booked + n <= capacity` against the new
+/// value, and finds no row. The plan job row is the one
+/// `apalis_postgres::queries::push_tasks` writes (its `sink.sql`: same
+/// columns, status, ULID id, JSON payload), inserted here so that the booking
+/// and its job commit together without four more round trips; the test
+/// `the_plan_job_row_matches_what_apalis_writes` keeps the two in step.
 const CREATE: &str = "
 WITH replay AS (
     SELECT 1 FROM booking.bookings WHERE customer_id = $2 AND request_id = $9
@@ -47,9 +53,15 @@ payment AS (
     INSERT INTO booking.payments (id, booking_id, state, currency, amount_minor, created_at, updated_at)
     SELECT $11, new_booking.id, 1, $7, $8, $10, $10 FROM new_booking
     RETURNING id
+),
+plan_job AS (
+    INSERT INTO apalis.jobs
+        (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+    SELECT $12, $13, $14, 'Pending', 0, $15, now(), 0, ''::hstore, $16 FROM new_booking
+    RETURNING id
 )
 SELECT seats.starts_at, seats.ends_at, seats.label, false AS replayed
-FROM seats, new_booking, payment
+FROM seats, new_booking, payment, plan_job
 UNION ALL
 SELECT NULL, NULL, NULL, true FROM replay
 ";
@@ -79,7 +91,7 @@ const LIST_FOR_CUSTOMER: &str = concat!(
     "WHERE b.customer_id = $1 AND b.id < $2 ORDER BY b.id DESC LIMIT $3"
 );
 
-/// Books seats and enqueues the follow-up planning job in one transaction:
+/// Books seats and enqueues the follow-up planning job in one statement:
 /// either the booking and its job both exist, or neither does.
 #[tracing::instrument(skip_all, fields(slot_id = %booking.slot_id, party_size = booking.party_size))]
 pub async fn create(
@@ -90,7 +102,11 @@ pub async fn create(
     now: DateTime<Utc>,
     trace_parent: Option<String>,
 ) -> Result<CreateOutcome, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let plan = jobs::plan_job_row(&PlanFollowUp {
+        booking_id,
+        attempt: 1,
+        trace_parent,
+    })?;
     let result = sqlx::query_as::<
         _,
         (
@@ -111,31 +127,25 @@ pub async fn create(
     .bind(&booking.request_id)
     .bind(now)
     .bind(payment_id)
-    .fetch_optional(&mut *tx)
+    .bind(&plan.id)
+    .bind(PLAN_QUEUE)
+    .bind(&plan.payload)
+    .bind(plan.max_attempts)
+    .bind(&plan.idempotency_key)
+    .fetch_optional(pool)
     .await;
     let row = match result {
         Ok(row) => row,
         // Two concurrent first calls with one request_id: the loser's
         // statement failed whole (no seat taken); answer with the winner's.
         Err(sqlx::Error::Database(e)) if e.constraint() == Some("bookings_request_id_key") => {
-            drop(tx);
             return replay(pool, booking).await;
         }
         Err(e) => return Err(e),
     };
     match row {
-        Some((_, _, _, true)) => {
-            drop(tx);
-            replay(pool, booking).await
-        }
+        Some((_, _, _, true)) => replay(pool, booking).await,
         Some((Some(slot_starts_at), Some(slot_ends_at), Some(slot_label), false)) => {
-            let job = PlanFollowUp {
-                booking_id,
-                attempt: 1,
-                trace_parent,
-            };
-            jobs::push_plan(&mut tx, &job, None).await?;
-            tx.commit().await?;
             // Answered from the values in hand: no read after the write.
             Ok(CreateOutcome::Created(BookingRow {
                 id: booking_id,
@@ -158,7 +168,6 @@ pub async fn create(
             }))
         }
         _ => {
-            drop(tx);
             let state = sqlx::query_as::<_, (i32, DateTime<Utc>)>(SLOT_STATE)
                 .bind(booking.slot_id)
                 .fetch_optional(pool)

@@ -31,6 +31,27 @@ fn task<T: Serialize>(
     Ok(builder.build())
 }
 
+/// A plan job's row as `push_tasks` would write it, for statements that
+/// insert it themselves (CreateBooking).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    /// A ULID, like every apalis task id (the worker refuses other ids).
+    pub id: String,
+    /// The JSON the worker's codec decodes.
+    pub payload: Vec<u8>,
+    pub max_attempts: i32,
+    pub idempotency_key: String,
+}
+
+pub fn plan_job_row(job: &PlanFollowUp) -> Result<JobRow, sqlx::Error> {
+    Ok(JobRow {
+        id: ulid::Ulid::generate().to_string(),
+        payload: serde_json::to_vec(job).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+        max_attempts: APALIS_MAX_ATTEMPTS as i32,
+        idempotency_key: format!("{}/{}", job.booking_id, job.attempt),
+    })
+}
+
 /// Pushes a job; a job with the same idempotency key already exists when two
 /// runs of one job race to schedule the same next attempt. That is success:
 /// the savepoint keeps the caller's transaction usable.

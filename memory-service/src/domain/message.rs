@@ -188,6 +188,28 @@ impl NewMessage {
                 ),
             );
         }
+        // PostgreSQL's jsonb cannot hold NUL characters.
+        let has_nul = |text: &str| text.contains('\0');
+        if tool_calls
+            .iter()
+            .any(|c| has_nul(&c.id) || has_nul(&c.name) || has_nul(&c.arguments_json))
+        {
+            v.add(
+                "tool_calls",
+                "INVALID_CHARACTERS",
+                "must not contain NUL characters",
+            );
+        }
+        if tool_results
+            .iter()
+            .any(|r| has_nul(&r.tool_call_id) || has_nul(&r.content))
+        {
+            v.add(
+                "tool_results",
+                "INVALID_CHARACTERS",
+                "must not contain NUL characters",
+            );
+        }
         let request_id = fields::optional_identifier(&mut v, "request_id", &request_id);
 
         v.into_result()?;

@@ -4,6 +4,7 @@
 mod support;
 
 mod conversations;
+mod fuzz;
 mod health_and_reflection;
 mod operations;
 mod reads;

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# The whole maitre journey with the real grpcurl, the way a person debugging
+# the services would type it. Every grpcurl command is printed (ready to copy)
+# before it runs; any unexpected answer stops the script with a message and a
+# non-zero exit.
+#
+#   scripts/grpcurl-journey.sh
+#
+# Needs a running stack whose follow-ups go out right after the event:
+#
+#   FOLLOWUP_DELAY=0s WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh
+#
+# Steps: reflection (list, describe) and health (readiness and liveness) of
+# both services; StoreMessage x3 with negative emotions into a new
+# conversation; GetConversation (3 messages, trend DECLINING);
+# GetEmotionHistory; CreateSlot (starts in ~3 s, lasts 1 s); CreateBooking for
+# that conversation; ListFollowUps until the follow-up is SENT; ListMessages
+# shows the assistant follow-up exactly once; and one bad call (StoreMessage
+# without a role) that must fail with InvalidArgument.
+#
+# Environment (all optional):
+#   MEMORY_ADDR     memory-service host:port           (127.0.0.1:50051)
+#   BOOKING_ADDR    booking-service host:port          (127.0.0.1:50052)
+#   AUTH_TOKEN      bearer token sent to both, when the stack requires one
+#   GRPCURL         grpcurl binary (default: the one scripts/install-tools.sh
+#                   installs, installed on first use)
+#   SLOT_START_IN   seconds from now until the slot starts (3: each grpcurl
+#                   call takes a few hundred ms, the booking must come first)
+#   FOLLOWUP_WAIT   seconds to wait for the follow-up to be SENT (30)
+set -euo pipefail
+
+me="grpcurl-journey"
+log() { printf '%s: %s\n' "$me" "$*" >&2; }
+die() { printf '%s: FAILED: %s\n' "$me" "$*" >&2; exit 1; }
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+memory_addr="${MEMORY_ADDR:-127.0.0.1:50051}"
+booking_addr="${BOOKING_ADDR:-127.0.0.1:50052}"
+start_in="${SLOT_START_IN:-3}"
+followup_wait="${FOLLOWUP_WAIT:-30}"
+
+command -v python3 >/dev/null 2>&1 || die "python3 is needed to read grpcurl's JSON answers"
+
+# ------------------------------------------------------------ grpcurl
+is_elf() { [[ -f "$1" && -x "$1" && "$(head -c 4 "$1" 2>/dev/null | od -An -c | tr -d ' ')" == '177ELF' ]]; }
+grpcurl="${GRPCURL:-}"
+if [[ -z "$grpcurl" ]]; then
+    grpcurl="${MAITRE_TOOLS_DIR:-${HOME:-/root}/.cache/maitre-tools}/bin/grpcurl"
+    if ! is_elf "$(readlink -f "$grpcurl" 2>/dev/null || echo "$grpcurl")"; then
+        log "no grpcurl at $grpcurl yet: running scripts/install-tools.sh"
+        bin="$("$root/scripts/install-tools.sh" | tail -n 1)" || die "scripts/install-tools.sh failed"
+        grpcurl="$bin/grpcurl"
+    fi
+fi
+[[ -x "$grpcurl" ]] || die "grpcurl not found at $grpcurl"
+grpcurl_version="$("$grpcurl" -version 2>&1)" || die "$grpcurl -version failed: $grpcurl_version"
+log "using $grpcurl ($grpcurl_version)"
+log "memory-service at $memory_addr, booking-service at $booking_addr"
+
+# ------------------------------------------------------------ helpers
+# quote ARG: ARG as a reader would type it in a POSIX shell.
+quote() {
+    if [[ "$1" =~ ^[A-Za-z0-9_./:@%+=,-]+$ ]]; then
+        printf '%s' "$1"
+    else
+        printf "'%s'" "${1//\'/\'\\\'\'}"
+    fi
+}
+
+auth=()
+[[ -z "${AUTH_TOKEN:-}" ]] || auth=(-H "authorization: Bearer $AUTH_TOKEN")
+
+out=""   # what the last grpcurl call printed (stdout and stderr)
+rc=0     # its exit status
+# call ARGS...: prints the command, runs it, keeps its output in $out, $rc.
+call() {
+    local -a cmd=("$grpcurl" -plaintext "${auth[@]}" "$@")
+    local shown="" a
+    for a in "${cmd[@]}"; do
+        if [[ -n "${AUTH_TOKEN:-}" && "$a" == *"$AUTH_TOKEN"* ]]; then
+            a="${a//$AUTH_TOKEN/\$AUTH_TOKEN}"   # never print the secret
+        fi
+        shown+="$(quote "$a") "
+    done
+    printf '\n$ %s\n' "${shown% }"
+    rc=0
+    out="$("${cmd[@]}" 2>&1)" || rc=$?
+    printf '%s\n' "$out" | sed 's/^/  /'
+}
+
+# ok ARGS...: call, and die unless it succeeded.
+ok() {
+    call "$@"
+    ((rc == 0)) || die "grpcurl exited $rc for: ${*: -1}"
+}
+
+# py EXPR: evaluates the Python expression EXPR over `d`, the JSON in $out.
+py() {
+    python3 -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+v = eval(sys.argv[1])
+print(json.dumps(v) if isinstance(v, (dict, list)) else v)
+' "$1" <<<"$out" || die "could not read $1 from the answer above"
+}
+
+# expect WHAT ACTUAL WANTED
+expect() {
+    [[ "$2" == "$3" ]] || die "$1: got '$2', expected '$3'"
+    log "ok: $1 = $3"
+}
+
+# contains WHAT NEEDLE: $out must contain NEEDLE.
+contains() {
+    grep -qF -- "$2" <<<"$out" || die "$1: '$2' not in the answer above"
+    log "ok: $1"
+}
+
+uuid() {
+    if [[ -r /proc/sys/kernel/random/uuid ]]; then
+        cat /proc/sys/kernel/random/uuid
+    else
+        python3 -c 'import uuid; print(uuid.uuid4())'
+    fi
+}
+
+# rfc3339 SECONDS_FROM_NOW
+rfc3339() { date -u -d "+$1 seconds" +%Y-%m-%dT%H:%M:%S.%3NZ; }
+
+memory_svc=maitre.memory.v1.MemoryService
+booking_svc=maitre.booking.v1.BookingService
+
+# ------------------------------------------------------------ reflection
+log "== reflection"
+ok "$memory_addr" list
+for s in "$memory_svc" grpc.health.v1.Health grpc.reflection.v1alpha.ServerReflection; do
+    contains "memory-service lists $s" "$s"
+done
+ok "$booking_addr" list
+for s in "$booking_svc" grpc.health.v1.Health grpc.reflection.v1alpha.ServerReflection; do
+    contains "booking-service lists $s" "$s"
+done
+
+ok "$memory_addr" describe "$memory_svc"
+for m in StoreMessage GetConversation ListMessages GetEmotionHistory ListConversations CloseConversation DeleteUserData; do
+    contains "MemoryService describes $m" "rpc $m ("
+done
+ok "$booking_addr" describe "$booking_svc"
+for m in CreateSlot ListAvailability CreateBooking GetBooking ListBookings CancelBooking ListFollowUps; do
+    contains "BookingService describes $m" "rpc $m ("
+done
+ok "$memory_addr" describe maitre.memory.v1.StoreMessageRequest
+contains "StoreMessageRequest has user_id" "string user_id = 2;"
+
+# ------------------------------------------------------------ health
+log "== health"
+ok -d '{"service":"maitre.memory.v1.MemoryService"}' "$memory_addr" grpc.health.v1.Health/Check
+expect "memory-service readiness" "$(py 'd["status"]')" SERVING
+ok -d '{"service":"liveness"}' "$memory_addr" grpc.health.v1.Health/Check
+expect "memory-service liveness" "$(py 'd["status"]')" SERVING
+ok -d '{"service":"maitre.booking.v1.BookingService"}' "$booking_addr" grpc.health.v1.Health/Check
+expect "booking-service readiness" "$(py 'd["status"]')" SERVING
+ok -d '{"service":"liveness"}' "$booking_addr" grpc.health.v1.Health/Check
+expect "booking-service liveness" "$(py 'd["status"]')" SERVING
+
+# ------------------------------------------------------------ memory
+log "== a conversation with three negative messages"
+conversation="$(uuid)"
+user="grpcurl-$(uuid | cut -c1-8)"
+scores=(-0.2 -0.5 -0.8)
+labels=(sadness anger anger)
+for i in 0 1 2; do
+    body="{\"conversation_id\":\"$conversation\",\"user_id\":\"$user\",\"channel\":\"grpcurl\",\"role\":\"ROLE_USER\",\"content\":\"message $((i + 1)): still waiting for my table\",\"emotion\":{\"score\":${scores[$i]},\"label\":\"${labels[$i]}\"},\"request_id\":\"$user-msg-$i\"}"
+    ok -d "$body" "$memory_addr" "$memory_svc/StoreMessage"
+    expect "message $((i + 1)) sequence" "$(py 'd["message"]["sequence"]')" "$((i + 1))"
+    expect "message $((i + 1)) conversation" "$(py 'd["message"]["conversationId"]')" "$conversation"
+    expect "conversation count after message $((i + 1))" "$(py 'd["conversationMessageCount"]')" "$((i + 1))"
+done
+
+ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetConversation"
+expect "message_count" "$(py 'd["conversation"]["messageCount"]')" 3
+expect "user_id" "$(py 'd["conversation"]["userId"]')" "$user"
+expect "emotion trend" "$(py 'd["conversation"]["emotionStats"]["trend"]')" EMOTION_TREND_DECLINING
+expect "scored messages" "$(py 'd["conversation"]["emotionStats"]["scoredMessageCount"]')" 3
+expect "average score" "$(py 'round(d["conversation"]["emotionStats"]["averageScore"], 6)')" -0.5
+expect "label counts" "$(py 'sorted(d["conversation"]["emotionStats"]["labelCounts"].items())')" '[["anger", "2"], ["sadness", "1"]]'
+
+ok -d "{\"conversation_id\":\"$conversation\",\"limit\":10}" "$memory_addr" "$memory_svc/GetEmotionHistory"
+expect "emotion history scores" "$(py '[p["score"] for p in d["points"]]')" "[-0.2, -0.5, -0.8]"
+expect "emotion history labels" "$(py '[p["label"] for p in d["points"]]')" '["sadness", "anger", "anger"]'
+
+# ------------------------------------------------------------ booking
+log "== a slot, a booking, its follow-up"
+start="$(rfc3339 "$start_in")"
+end="$(rfc3339 "$((start_in + 1))")"
+ok -d "{\"start_time\":\"$start\",\"end_time\":\"$end\",\"capacity\":4,\"label\":\"grpcurl table\",\"request_id\":\"$user-slot\"}" \
+    "$booking_addr" "$booking_svc/CreateSlot"
+slot="$(py 'd["slot"]["slotId"]')"
+expect "slot capacity" "$(py 'd["slot"]["capacity"]')" 4
+expect "slot free seats" "$(py 'd["slot"]["availableSeats"]')" 4
+
+ok -d "{\"customer_id\":\"$user\",\"customer_name\":\"Grace Curl\",\"conversation_id\":\"$conversation\",\"slot_id\":\"$slot\",\"party_size\":2,\"deposit\":{\"currency_code\":\"EUR\",\"amount_minor\":2500},\"request_id\":\"$user-booking\"}" \
+    "$booking_addr" "$booking_svc/CreateBooking"
+booking="$(py 'd["booking"]["bookingId"]')"
+expect "booking state" "$(py 'd["booking"]["state"]')" BOOKING_STATE_CONFIRMED
+expect "booking conversation" "$(py 'd["booking"]["conversationId"]')" "$conversation"
+expect "deposit state" "$(py 'd["booking"]["deposit"]["state"]')" PAYMENT_STATE_PENDING
+
+log "polling ListFollowUps until the follow-up is SENT (at most ${followup_wait} s)"
+deadline=$((SECONDS + followup_wait))
+state=""
+while :; do
+    ok -d "{\"booking_id\":\"$booking\"}" "$booking_addr" "$booking_svc/ListFollowUps"
+    state="$(py '(d.get("followUps") or [{}])[0].get("state", "")')"
+    [[ "$state" == FOLLOW_UP_STATE_SENT ]] && break
+    [[ "$state" == FOLLOW_UP_STATE_FAILED || "$state" == FOLLOW_UP_STATE_CANCELLED ]] \
+        && die "the follow-up ended $state (see last_error above)"
+    if ((SECONDS >= deadline)); then
+        scheduled="$(py '(d.get("followUps") or [{}])[0].get("scheduledTime", "")')"
+        die "no SENT follow-up after ${followup_wait} s (state '${state:-none}', scheduled '${scheduled:-?}'); does booking-service run with FOLLOWUP_DELAY=0s and a short WORKER_POLL_INTERVAL?"
+    fi
+    sleep 0.5
+done
+expect "follow-ups of the booking" "$(py 'len(d["followUps"])')" 1
+expect "follow-up conversation" "$(py 'd["followUps"][0]["conversationId"]')" "$conversation"
+expect "follow-up template (negative history)" "$(py 'd["followUps"][0]["templateKey"]')" service_recovery
+followup_text="$(py 'd["followUps"][0]["renderedText"]')"
+followup_message="$(py 'd["followUps"][0]["messageId"]')"
+
+ok -d "{\"conversation_id\":\"$conversation\",\"page_size\":50}" "$memory_addr" "$memory_svc/ListMessages"
+expect "messages in the conversation" "$(py 'len(d["messages"])')" 4
+expect "assistant messages" "$(py 'len([m for m in d["messages"] if m["role"] == "ROLE_ASSISTANT"])')" 1
+expect "the assistant message is the follow-up" \
+    "$(py '[m["messageId"] for m in d["messages"] if m["role"] == "ROLE_ASSISTANT"][0]')" "$followup_message"
+expect "its text" "$(py '[m["content"] for m in d["messages"] if m["role"] == "ROLE_ASSISTANT"][0]')" "$followup_text"
+
+# ------------------------------------------------------------ bad input
+log "== a bad call: StoreMessage without a role"
+call -d "{\"conversation_id\":\"$conversation\",\"user_id\":\"$user\",\"content\":\"no role\"}" "$memory_addr" "$memory_svc/StoreMessage"
+((rc != 0)) || die "StoreMessage without a role succeeded"
+contains "refused with InvalidArgument (grpcurl exit $rc)" "InvalidArgument"
+contains "the message names the role field" "role"
+
+ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetConversation"
+expect "nothing written by the bad call" "$(py 'd["conversation"]["messageCount"]')" 4
+
+printf '\n%s: PASSED: reflection, health, the whole journey and a refused bad call\n' "$me"
