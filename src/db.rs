@@ -22,17 +22,25 @@ pub struct PoolSettings {
     pub statement_timeout: Duration,
     /// Shown in `pg_stat_activity`, so an operator can tell services apart.
     pub application_name: String,
+    /// Commit without waiting for the WAL flush (`synchronous_commit = off`).
+    /// Only for work that is safe to redo after a crash; see booking-service's
+    /// worker pool.
+    pub asynchronous_commit: bool,
 }
 
 /// Builds a pool that connects lazily: a service starts (and reports
 /// NOT_SERVING) while the database is down, instead of crash-looping.
 pub fn connect_lazy(settings: &PoolSettings) -> Result<PgPool, sqlx::Error> {
+    let mut server_options = vec![(
+        "statement_timeout",
+        format!("{}ms", settings.statement_timeout.as_millis()),
+    )];
+    if settings.asynchronous_commit {
+        server_options.push(("synchronous_commit", "off".to_owned()));
+    }
     let options = PgConnectOptions::from_str(&settings.url)?
         .application_name(&settings.application_name)
-        .options([(
-            "statement_timeout",
-            format!("{}ms", settings.statement_timeout.as_millis()),
-        )]);
+        .options(server_options);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)

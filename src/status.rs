@@ -79,3 +79,34 @@ pub fn with_reason(
         ErrorDetails::with_error_info(reason, domain, metadata),
     )
 }
+
+/// The status for a database error, by what the caller can do about it:
+/// UNAVAILABLE (retry later), DEADLINE_EXCEEDED (statement timeout), or
+/// INTERNAL with a generic message — the cause goes to the log, never to the
+/// caller.
+pub fn database_status(domain: &str, cause: &sqlx::Error) -> Status {
+    use crate::db::{DbFailure, classify};
+    let (code, reason, message) = match classify(cause) {
+        DbFailure::Unavailable => {
+            tracing::warn!(error = %cause, "database unavailable");
+            (
+                Code::Unavailable,
+                "DATABASE_UNAVAILABLE",
+                "the database is unavailable; retry later",
+            )
+        }
+        DbFailure::Timeout => {
+            tracing::warn!(error = %cause, "statement timed out");
+            (
+                Code::DeadlineExceeded,
+                "DATABASE_TIMEOUT",
+                "the database did not answer in time",
+            )
+        }
+        DbFailure::UniqueViolation(_) | DbFailure::Other => {
+            tracing::error!(error = ?cause, "unexpected database error");
+            (Code::Internal, "INTERNAL", "internal error")
+        }
+    };
+    with_reason(code, domain, reason, message, HashMap::new())
+}

@@ -41,6 +41,12 @@ pub struct Cli {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub warmup: Option<Duration>,
 
+    /// Service and floor alternate this many times per client count (each
+    /// for duration / rounds after its own warm-up), so that both see the
+    /// same background load; the rounds are merged [default: 2; quick: 1].
+    #[arg(long)]
+    pub rounds: Option<usize>,
+
     /// Bookings of the follow-up throughput test [default: 2000; quick: 200].
     #[arg(long)]
     pub followups: Option<usize>,
@@ -80,6 +86,12 @@ pub struct Cli {
     #[arg(long)]
     pub record: bool,
 
+    /// Run the closed-loop scenarios with booking-service's follow-up
+    /// workers off (BOOKING_DISABLE_WORKERS), to see the hot path alone;
+    /// the follow-ups scenario always runs them.
+    #[arg(long)]
+    pub workers_off: bool,
+
     /// Exit 0 even when calls failed (by default any error exits 2).
     #[arg(long)]
     pub allow_errors: bool,
@@ -93,6 +105,7 @@ pub struct Plan {
     pub clients: Vec<usize>,
     pub duration: Duration,
     pub warmup: Duration,
+    pub rounds: usize,
     pub followups: usize,
     pub plan_samples: usize,
     pub out: PathBuf,
@@ -101,6 +114,7 @@ pub struct Plan {
     pub bin_dir: PathBuf,
     pub floor: bool,
     pub record: bool,
+    pub workers_during_load: bool,
     pub allow_errors: bool,
 }
 
@@ -137,6 +151,7 @@ impl Cli {
             clients,
             duration,
             warmup: pick(self.warmup, 2.0, 0.5),
+            rounds: self.rounds.unwrap_or(if quick { 1 } else { 2 }).max(1),
             followups: self
                 .followups
                 .unwrap_or(if quick { 200 } else { 2000 })
@@ -148,6 +163,7 @@ impl Cli {
             bin_dir,
             floor: !self.no_floor,
             record: self.record,
+            workers_during_load: !self.workers_off,
             allow_errors: self.allow_errors,
         })
     }

@@ -38,7 +38,7 @@ pub async fn recreate(admin_url: &str, name: &str) -> Result<()> {
 /// A small pool on the bench database for the bench's own queries.
 pub async fn connect(url: &str) -> Result<PgPool> {
     PgPoolOptions::new()
-        .max_connections(4)
+        .max_connections(2)
         .connect(url)
         .await
         .with_context(|| format!("connecting to {url}"))
@@ -86,6 +86,37 @@ pub async fn clear_floor_jobs(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
+/// Waits (at most `limit`) until the server has room for `clients` more
+/// connections: other work on a shared server may hold many. Returns the
+/// room found.
+pub async fn wait_for_connections(pool: &PgPool, clients: usize, limit: Duration) -> Result<i64> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let room: i64 = sqlx::query_scalar(
+            "SELECT current_setting('max_connections')::int8 \
+                  - current_setting('superuser_reserved_connections')::int8 \
+                  - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+        )
+        .fetch_one(pool)
+        .await
+        .context("counting free connections")?;
+        if room > i64::try_from(clients)? || started.elapsed() >= limit {
+            return Ok(room);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Deletes plan jobs nobody worked on (a run with the workers off).
+pub async fn discard_plan_jobs(pool: &PgPool) -> Result<()> {
+    sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1 AND status = 'Pending'")
+        .bind(booking_service::jobs::PLAN_QUEUE)
+        .execute(pool)
+        .await
+        .context("deleting unplanned jobs")?;
+    Ok(())
+}
+
 /// Jobs due but not finished in booking-service's queues.
 pub async fn queue_backlog(pool: &PgPool) -> Result<i64> {
     Ok(sqlx::query_scalar(
@@ -114,7 +145,7 @@ pub async fn drain(pool: &PgPool, limit: Duration) -> Result<(Duration, i64)> {
 }
 
 /// The PostgreSQL server as the report describes it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ServerInfo {
     pub version: String,
     pub fsync: String,

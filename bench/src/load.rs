@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::{
     scenarios::Client,
-    stats::{self, Errors, Measurement},
+    stats::{self, Errors, Sample},
 };
 
 /// What one client task brings back.
@@ -30,7 +30,7 @@ pub async fn closed_loop(
     clients: Vec<Client>,
     warmup: Duration,
     duration: Duration,
-) -> Result<Measurement> {
+) -> Result<Sample> {
     let warm_end = Instant::now() + warmup;
     let end = warm_end + duration;
     let tasks: Vec<_> = clients
@@ -48,7 +48,12 @@ pub async fn closed_loop(
         total += tally.total;
         stats::merge_errors(&mut errors, tally.errors);
     }
-    Ok(Measurement::new(&histogram, duration, total, errors))
+    Ok(Sample {
+        histogram,
+        window: duration,
+        total_ops: total,
+        errors,
+    })
 }
 
 async fn drive(mut client: Client, warm_end: Instant, end: Instant) -> ClientTally {

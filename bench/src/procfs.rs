@@ -35,8 +35,11 @@ fn field(fields: &[u64], number: usize) -> u64 {
     fields.get(number - 3).copied().unwrap_or(0)
 }
 
-/// utime + stime of a process, in ticks.
+/// utime + stime of a process, in ticks (0 for pid 0: no process).
 pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    if pid == 0 {
+        return Ok(0);
+    }
     let f = stat_fields(&pid.to_string())?;
     Ok(field(&f, 14) + field(&f, 15))
 }
@@ -50,6 +53,23 @@ pub fn self_ticks() -> Result<(u64, u64)> {
 pub fn parent_pid(pid: u32) -> Result<u32> {
     let f = stat_fields(&pid.to_string())?;
     Ok(u32::try_from(field(&f, 4)).unwrap_or(0))
+}
+
+/// Nanoseconds the threads of a process have spent runnable but waiting
+/// for a CPU (second field of /proc/<pid>/task/*/schedstat), summed over
+/// its live threads: how much the machine's other work delays it.
+pub fn run_queue_wait_ns(pid: u32) -> u64 {
+    if pid == 0 {
+        return 0;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Peak and current resident set, in KiB (VmHWM, VmRSS).
@@ -106,6 +126,7 @@ pub fn postgres_ticks(postmaster: u32) -> Result<u64> {
 /// The processes a run is charged to.
 #[derive(Debug, Clone)]
 pub struct Probe {
+    /// 0 while the service is not running.
     pub memory_pid: u32,
     pub booking_pid: u32,
     /// None when PostgreSQL is not a process on this machine.
@@ -119,6 +140,8 @@ pub struct Snapshot {
     memory: u64,
     booking: u64,
     bench: u64,
+    /// Run-queue waits, ns: memory-service, booking-service, the bench.
+    waits: [u64; 3],
     children: u64,
     postgres: Option<u64>,
     busy: u64,
@@ -136,8 +159,58 @@ pub struct CpuUse {
     pub pgbench_s: f64,
     /// PostgreSQL, when it runs on this machine.
     pub postgres_s: Option<f64>,
+    /// Core-seconds the machine was busy, and had (cores x wall time).
+    pub machine_busy_s: f64,
+    pub machine_capacity_s: f64,
     /// Share of all cores busy, in percent.
     pub machine_busy_pct: f64,
+    /// Share of all cores used by processes that are none of the above
+    /// (other work on the machine): what disturbs the measurement.
+    pub others_pct: f64,
+    /// Seconds the threads of memory-service, booking-service and the
+    /// bench were runnable but waited for a CPU.
+    pub run_queue_wait_s: [f64; 3],
+}
+
+impl CpuUse {
+    /// Sums two measurements (the rounds of one point).
+    pub fn add(&mut self, o: &CpuUse) {
+        if self.machine_capacity_s == 0.0 {
+            *self = *o;
+            return;
+        }
+        self.memory_service_s += o.memory_service_s;
+        self.booking_service_s += o.booking_service_s;
+        self.bench_s += o.bench_s;
+        self.pgbench_s += o.pgbench_s;
+        self.postgres_s = match (self.postgres_s, o.postgres_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.machine_busy_s += o.machine_busy_s;
+        self.machine_capacity_s += o.machine_capacity_s;
+        for (a, b) in self.run_queue_wait_s.iter_mut().zip(o.run_queue_wait_s) {
+            *a += b;
+        }
+        self.derive();
+    }
+
+    fn derive(&mut self) {
+        let pct = |s: f64| {
+            if self.machine_capacity_s > 0.0 {
+                100.0 * s / self.machine_capacity_s
+            } else {
+                0.0
+            }
+        };
+        let ours = self.memory_service_s
+            + self.booking_service_s
+            + self.bench_s
+            + self.pgbench_s
+            + self.postgres_s.unwrap_or(0.0);
+        self.machine_busy_pct = pct(self.machine_busy_s);
+        self.others_pct = pct((self.machine_busy_s - ours).max(0.0));
+    }
 }
 
 impl Probe {
@@ -148,6 +221,11 @@ impl Probe {
             memory: cpu_ticks(self.memory_pid)?,
             booking: cpu_ticks(self.booking_pid)?,
             bench,
+            waits: [
+                run_queue_wait_ns(self.memory_pid),
+                run_queue_wait_ns(self.booking_pid),
+                run_queue_wait_ns(std::process::id()),
+            ],
             children,
             postgres: self.postmaster.and_then(|p| postgres_ticks(p).ok()),
             busy,
@@ -157,18 +235,19 @@ impl Probe {
 
     pub fn between(&self, a: &Snapshot, b: &Snapshot) -> CpuUse {
         let s = |x: u64, y: u64| y.saturating_sub(x) as f64 / self.ticks_per_second;
-        CpuUse {
+        let mut cpu = CpuUse {
             memory_service_s: s(a.memory, b.memory),
             booking_service_s: s(a.booking, b.booking),
             bench_s: s(a.bench, b.bench),
             pgbench_s: s(a.children, b.children),
             postgres_s: a.postgres.zip(b.postgres).map(|(x, y)| s(x, y)),
-            machine_busy_pct: if b.total > a.total {
-                100.0 * b.busy.saturating_sub(a.busy) as f64 / (b.total - a.total) as f64
-            } else {
-                0.0
-            },
-        }
+            machine_busy_s: s(a.busy, b.busy),
+            machine_capacity_s: s(a.total, b.total),
+            run_queue_wait_s: [0, 1, 2].map(|i| b.waits[i].saturating_sub(a.waits[i]) as f64 / 1e9),
+            ..CpuUse::default()
+        };
+        cpu.derive();
+        cpu
     }
 }
 
@@ -183,6 +262,21 @@ mod tests {
         cpu_ticks(std::process::id()).unwrap();
         let (busy, total) = machine_ticks().unwrap();
         assert!(total >= busy && total > 0);
+        let mut a = CpuUse {
+            bench_s: 1.0,
+            machine_busy_s: 2.0,
+            machine_capacity_s: 4.0,
+            ..CpuUse::default()
+        };
+        a.derive();
+        let mut sum = CpuUse::default();
+        sum.add(&a);
+        sum.add(&a);
+        assert_eq!(sum.bench_s, 2.0);
+        a = sum;
+        assert_eq!((a.machine_busy_pct, a.others_pct), (50.0, 25.0));
         assert!(parent_pid(std::process::id()).unwrap() > 0);
+        // Present on kernels with schedstats; 0 otherwise.
+        let _ = run_queue_wait_ns(std::process::id());
     }
 }

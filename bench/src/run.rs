@@ -3,7 +3,7 @@
 //! client count), the single-write reference, the follow-up pipeline, then
 //! the services stopped and the report written.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
@@ -13,17 +13,17 @@ use crate::{
     db,
     floor::{FloorRun, Pgbench, scripts},
     load,
-    procfs::{self, Probe},
+    procfs::{self, CpuUse, Probe},
     report::{
         self, FloorPoint, Machine, PerThousand, Point, Ratio, Results, Rss, RunSettings,
-        ScenarioResult, ServicePeak,
+        ScenarioResult, ServicePeak, output,
     },
     scenarios::{
         Client, Endpoints, Scenario, create_booking::BookClient, follow_ups,
         journey::JourneyClient, store_message::StoreClient,
     },
     services::{Launch, Stack},
-    stats::Measurement,
+    stats::{Measurement, Sample},
 };
 
 /// Longest wait for the follow-up workers to catch up after a run.
@@ -32,15 +32,23 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// Exit code when any operation failed (and --allow-errors is not given).
 pub const EXIT_ERRORS: u8 = 2;
 
-/// What the scenarios share while the services run.
+/// What the scenarios share.
 struct Bench<'a> {
     plan: &'a Plan,
     pool: PgPool,
+    launch: Launch,
+    /// The running services' pids (updated at every start).
     probe: Probe,
+    /// Where the running services listen (updated at every start).
     endpoints: Endpoints,
     pgbench: Pgbench,
     /// Distinguishes the customers, conversations and slots of each run.
     next_run: u64,
+    /// Highest VmHWM of memory-service and booking-service over all their
+    /// processes, KiB.
+    peaks_kib: [u64; 2],
+    /// The services, while they run.
+    stack: Option<Stack>,
 }
 
 pub async fn run(plan: Plan) -> Result<u8> {
@@ -52,6 +60,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
         true => Some(Pgbench::check().await?),
         false => None,
     };
+    let machine = output::describe_machine(pgbench_version).await?;
     eprintln!("maitre-bench: fresh database {}", plan.database);
     db::recreate(&plan.admin_url, &plan.database).await?;
     let database_url = maitre::testkit::with_database(&plan.admin_url, &plan.database);
@@ -64,33 +73,34 @@ pub async fn run(plan: Plan) -> Result<u8> {
     launch.migrate("booking-service").await?;
     let pool = db::connect(&database_url).await?;
     db::setup(&pool).await?;
-    let machine = describe(&pool, pgbench_version).await?;
-
-    eprintln!(
-        "maitre-bench: starting the services from {}",
-        plan.bin_dir.display()
-    );
-    let mut stack = launch.start().await?;
+    let machine = Machine {
+        postgres: db::server_info(&pool).await?,
+        ..machine
+    };
+    let pgbench = Pgbench {
+        database_url,
+        dir: plan.out.join("pgbench"),
+    };
+    tokio::fs::create_dir_all(&pgbench.dir).await?;
     let mut bench = Bench {
         plan: &plan,
         probe: Probe {
-            memory_pid: stack.memory.pid,
-            booking_pid: stack.booking.pid,
+            memory_pid: 0,
+            booking_pid: 0,
             postmaster: db::postmaster_pid(&pool).await,
             ticks_per_second: procfs::clock_ticks(),
         },
         endpoints: Endpoints {
-            memory: stack.memory.url(),
-            booking: stack.booking.url(),
+            memory: String::new(),
+            booking: String::new(),
         },
-        pgbench: Pgbench {
-            database_url,
-            dir: plan.out.join("pgbench"),
-        },
+        launch,
+        pgbench,
         pool,
         next_run: 1,
+        peaks_kib: [0, 0],
+        stack: None,
     };
-    tokio::fs::create_dir_all(&bench.pgbench.dir).await?;
     let mut results = Results {
         started_at: chrono::Utc::now(),
         quick: plan.quick,
@@ -102,9 +112,14 @@ pub async fn run(plan: Plan) -> Result<u8> {
             follow_up_bookings: plan.followups,
             plan_start_samples: plan.plan_samples,
             floor: plan.floor,
+            rounds: plan.rounds,
             service_settings: vec![
-                "defaults, plus: FOLLOWUP_DELAY=0s WORKER_POLL_INTERVAL=100ms RUST_LOG=warn".into(),
-                "booking-service follow-up workers ON in every scenario".into(),
+                "defaults, plus FOLLOWUP_DELAY=0s WORKER_POLL_INTERVAL=100ms RUST_LOG=warn".into(),
+                format!(
+                    "booking-service follow-up workers {} during the closed-loop scenarios (always on for follow-ups)",
+                    if plan.workers_during_load { "ON" } else { "OFF" }
+                ),
+                "services restarted for every round and stopped while pgbench runs (PostgreSQL's connection limit)".into(),
             ],
         },
         scenarios: Vec::new(),
@@ -114,28 +129,23 @@ pub async fn run(plan: Plan) -> Result<u8> {
         targets: Vec::new(),
         errors: 0,
     };
-    let outcome = bench.all(&mut stack, &mut results).await;
-    // Read the peaks before the processes go away.
-    for (name, pid) in [
-        ("memory-service", stack.memory.pid),
-        ("booking-service", stack.booking.pid),
-    ] {
-        if let Ok((peak, _)) = procfs::memory_kib(pid) {
-            results.services.push(ServicePeak {
-                name: name.into(),
-                peak_rss_mib: mib(peak),
-            });
-        }
-    }
-    let stopped = stop(stack).await;
+    let outcome = bench.all(&mut results).await;
+    let stopped = bench.stop().await;
     outcome?;
-    for line in stopped? {
-        eprintln!("maitre-bench: {line}");
-    }
-
+    stopped?;
+    results.services = vec![
+        ServicePeak {
+            name: "memory-service".into(),
+            peak_rss_mib: mib(bench.peaks_kib[0]),
+        },
+        ServicePeak {
+            name: "booking-service".into(),
+            peak_rss_mib: mib(bench.peaks_kib[1]),
+        },
+    ];
     results.targets = report::targets(&results);
-    results.errors = count_errors(&results);
-    write_outputs(&plan, &results).await?;
+    results.errors = output::count_errors(&results);
+    output::write_outputs(&plan, &results).await?;
     Ok(if results.errors > 0 && !plan.allow_errors {
         eprintln!(
             "maitre-bench: {} operations failed (see ERRORS above); exiting {EXIT_ERRORS}",
@@ -147,19 +157,62 @@ pub async fn run(plan: Plan) -> Result<u8> {
     })
 }
 
-async fn stop(stack: Stack) -> Result<Vec<String>> {
-    // booking-service first: it calls memory-service while draining.
-    let booking = stack.booking.stop().await;
-    let memory = stack.memory.stop().await;
-    Ok(vec![booking?, memory?])
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
 impl Bench<'_> {
-    async fn all(&mut self, stack: &mut Stack, results: &mut Results) -> Result<()> {
+    /// Starts the services and points the probe and the clients at them.
+    async fn start(&mut self, workers: bool) -> Result<()> {
+        let stack = self.launch.start(workers).await?;
+        self.probe.memory_pid = stack.memory.pid;
+        self.probe.booking_pid = stack.booking.pid;
+        self.endpoints = Endpoints {
+            memory: stack.memory.url(),
+            booking: stack.booking.url(),
+        };
+        self.stack = Some(stack);
+        Ok(())
+    }
+
+    /// Notes the services' peak RSS, then stops them (SIGTERM).
+    async fn stop(&mut self) -> Result<()> {
+        let Some(stack) = self.stack.take() else {
+            return Ok(());
+        };
+        for (i, pid) in [stack.memory.pid, stack.booking.pid]
+            .into_iter()
+            .enumerate()
+        {
+            if let Ok((peak, _)) = procfs::memory_kib(pid) {
+                self.peaks_kib[i] = self.peaks_kib[i].max(peak);
+            }
+        }
+        self.probe.memory_pid = 0;
+        self.probe.booking_pid = 0;
+        // booking-service first: it calls memory-service while draining.
+        let booking = stack.booking.stop().await;
+        let memory = stack.memory.stop().await;
+        booking?;
+        memory?;
+        Ok(())
+    }
+
+    /// Fails if a service died; returns their current (peak, now) RSS in KiB.
+    fn check_services(&mut self) -> Result<[(u64, u64); 2]> {
+        let stack = self
+            .stack
+            .as_mut()
+            .context("the services are not running")?;
+        stack.memory.ensure_running()?;
+        stack.booking.ensure_running()?;
+        Ok([
+            procfs::memory_kib(stack.memory.pid)?,
+            procfs::memory_kib(stack.booking.pid)?,
+        ])
+    }
+
+    async fn all(&mut self, results: &mut Results) -> Result<()> {
         let closed_loop: Vec<Scenario> = self
             .plan
             .scenarios
@@ -167,15 +220,20 @@ impl Bench<'_> {
             .copied()
             .filter(|s| *s != Scenario::FollowUps)
             .collect();
+        // Every script first: a statement the floor cannot mirror stops the
+        // run before anything is measured.
+        let mut floor_scripts = Vec::new();
         for &scenario in &closed_loop {
-            let script = match scenario {
+            floor_scripts.push(match scenario {
                 Scenario::StoreMessage => scripts::store_message_script()?,
                 Scenario::CreateBooking => scripts::create_booking_script()?,
                 _ => scripts::journey_script()?,
-            };
+            });
+        }
+        for (&scenario, script) in closed_loop.iter().zip(floor_scripts) {
             let mut points = Vec::new();
             for &clients in &self.plan.clients {
-                points.push(self.point(stack, scenario, clients, &script).await?);
+                points.push(self.point(scenario, clients, &script).await?);
             }
             results.scenarios.push(ScenarioResult {
                 name: scenario.name().into(),
@@ -186,7 +244,10 @@ impl Bench<'_> {
         if self.plan.floor && !closed_loop.is_empty() {
             let script = scripts::single_write_script();
             for &clients in &self.plan.clients {
-                let (floor, cpu) = self.floor("single-write", &script, clients).await?;
+                let (sample, cpu) = self
+                    .floor("single-write", &script, clients, 0, self.plan.duration)
+                    .await?;
+                let floor = sample.measurement();
                 eprintln!("  single-write c={clients}: {}", summary(&floor));
                 results.single_write.push(FloorPoint {
                     clients,
@@ -196,8 +257,8 @@ impl Bench<'_> {
             }
         }
         if self.plan.scenarios.contains(&Scenario::FollowUps) {
-            db::drain(&self.pool, DRAIN_LIMIT).await?;
             eprintln!("maitre-bench: follow-ups");
+            self.start(true).await?;
             let run = self.take_run();
             let settings = follow_ups::Settings {
                 bookings: self.plan.followups,
@@ -205,8 +266,8 @@ impl Bench<'_> {
             };
             let result =
                 follow_ups::run(&self.endpoints, &self.pool, &self.probe, settings, run).await?;
-            stack.memory.ensure_running()?;
-            stack.booking.ensure_running()?;
+            self.check_services()?;
+            self.stop().await?;
             eprintln!(
                 "  {:.0} delivered/s, plan start p50 {:.1} ms",
                 result.throughput.delivered_per_second, result.plan_start.from_created_ms.p50_ms
@@ -235,39 +296,59 @@ impl Bench<'_> {
         Ok(made)
     }
 
-    async fn point(
-        &mut self,
-        stack: &mut Stack,
-        scenario: Scenario,
-        clients: usize,
-        script: &str,
-    ) -> Result<Point> {
-        db::checkpoint(&self.pool).await?;
-        let load_clients = self.clients(scenario, clients).await?;
-        let before = self.probe.snapshot()?;
-        let service = load::closed_loop(load_clients, self.plan.warmup, self.plan.duration).await?;
-        let after = self.probe.snapshot()?;
-        stack.memory.ensure_running()?;
-        stack.booking.ensure_running()?;
-        let service_cpu = self.probe.between(&before, &after);
-        let backlog_after_run = db::queue_backlog(&self.pool).await?;
-        let (drained, _) = db::drain(&self.pool, DRAIN_LIMIT).await?;
-        let (memory_peak, memory_now) = procfs::memory_kib(stack.memory.pid)?;
-        let (booking_peak, booking_now) = procfs::memory_kib(stack.booking.pid)?;
+    /// One client count: `rounds` alternations of a service segment and a
+    /// floor segment (so that both see the same background noise), merged.
+    async fn point(&mut self, scenario: Scenario, clients: usize, script: &str) -> Result<Point> {
+        let rounds = self.plan.rounds;
+        let segment = self.plan.duration / u32::try_from(rounds)?;
+        let mut service = Sample::empty();
+        let mut service_cpu = CpuUse::default();
+        let mut floor = self
+            .plan
+            .floor
+            .then(|| (Sample::empty(), CpuUse::default()));
+        let (mut backlog_after_run, mut drain_seconds) = (0, 0.0);
+        let mut rss = [(0, 0); 2];
+        for round in 0..rounds {
+            self.start(self.plan.workers_during_load).await?;
+            db::checkpoint(&self.pool).await?;
+            let load_clients = self.clients(scenario, clients).await?;
+            let before = self.probe.snapshot()?;
+            let sample = load::closed_loop(load_clients, self.plan.warmup, segment).await?;
+            let after = self.probe.snapshot()?;
+            self.check_services()?;
+            service.merge(sample)?;
+            service_cpu.add(&self.probe.between(&before, &after));
+            backlog_after_run = backlog_after_run.max(db::queue_backlog(&self.pool).await?);
+            if self.plan.workers_during_load {
+                drain_seconds += db::drain(&self.pool, DRAIN_LIMIT).await?.0.as_secs_f64();
+            } else {
+                // Nobody will plan these; keep them out of the follow-ups scenario.
+                db::discard_plan_jobs(&self.pool).await?;
+            }
+            for (kept, seen) in rss.iter_mut().zip(self.check_services()?) {
+                *kept = (kept.0.max(seen.0), seen.1);
+            }
+            self.stop().await?;
+            if let Some((floor_sample, floor_cpu)) = floor.as_mut() {
+                let (sample, cpu) = self
+                    .floor(scenario.name(), script, clients, round, segment)
+                    .await?;
+                floor_sample.merge(sample)?;
+                floor_cpu.add(&cpu);
+            }
+        }
+        let [(memory_peak, memory_now), (booking_peak, booking_now)] = rss;
+        let service = service.measurement();
+        let floor = floor.map(|(sample, cpu)| (sample.measurement(), cpu));
         eprintln!(
             "  {} c={clients}: service {}",
             scenario.name(),
             summary(&service)
         );
-
-        let floor = match self.plan.floor {
-            true => {
-                let (m, cpu) = self.floor(scenario.name(), script, clients).await?;
-                eprintln!("  {} c={clients}: floor   {}", scenario.name(), summary(&m));
-                Some((m, cpu))
-            }
-            false => None,
-        };
+        if let Some((m, _)) = &floor {
+            eprintln!("  {} c={clients}: floor   {}", scenario.name(), summary(m));
+        }
         Ok(Point {
             clients,
             ratio: floor.as_ref().and_then(|(m, _)| Ratio::of(&service, m)),
@@ -283,7 +364,7 @@ impl Bench<'_> {
                 booking_service_now_mib: mib(booking_now),
             },
             backlog_after_run,
-            drain_seconds: drained.as_secs_f64(),
+            drain_seconds,
         })
     }
 
@@ -292,27 +373,36 @@ impl Bench<'_> {
         name: &str,
         script: &str,
         clients: usize,
-    ) -> Result<(Measurement, procfs::CpuUse)> {
+        round: usize,
+        duration: Duration,
+    ) -> Result<(Sample, CpuUse)> {
         let run = self.take_run();
         if name != "single-write" && name != "store-message" {
             db::floor_slots(&self.pool, run, clients).await?;
         }
+        let room = db::wait_for_connections(&self.pool, clients, Duration::from_secs(60)).await?;
+        if room <= i64::try_from(clients)? {
+            eprintln!(
+                "  warning: PostgreSQL has room for {room} more connections, pgbench needs {clients}"
+            );
+        }
         db::checkpoint(&self.pool).await?;
         let before = self.probe.snapshot()?;
-        let measurement = self
+        let sample = self
             .pgbench
             .run(&FloorRun {
                 name,
                 script,
                 clients,
                 warmup: self.plan.warmup,
-                duration: self.plan.duration,
+                duration,
                 run,
+                round,
             })
             .await?;
         let after = self.probe.snapshot()?;
         db::clear_floor_jobs(&self.pool).await?;
-        Ok((measurement, self.probe.between(&before, &after)))
+        Ok((sample, self.probe.between(&before, &after)))
     }
 }
 
@@ -325,74 +415,4 @@ fn summary(m: &Measurement) -> String {
         m.latency.max_ms,
         m.error_count()
     )
-}
-
-fn count_errors(r: &Results) -> u64 {
-    let points = r.scenarios.iter().flat_map(|s| &s.points);
-    let closed: u64 = points
-        .map(|p| p.service.error_count() + p.floor.as_ref().map_or(0, Measurement::error_count))
-        .sum();
-    let single: u64 = r.single_write.iter().map(|p| p.floor.error_count()).sum();
-    let follow_ups = r.follow_ups.as_ref().map_or(0, |f| {
-        let n = |e: &crate::stats::Errors| e.values().map(|t| t.count).sum::<u64>();
-        n(&f.plan_start.errors) + n(&f.throughput.errors)
-    });
-    closed + single + follow_ups
-}
-
-async fn describe(pool: &PgPool, pgbench: Option<String>) -> Result<Machine> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let value = |text: &str, key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_owned())
-            .unwrap_or_default()
-    };
-    let mem_kib: f64 = value(&meminfo, "MemTotal")
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    Ok(Machine {
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cpu_model: value(&cpuinfo, "model name"),
-        memory_gib: mem_kib / 1024.0 / 1024.0,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-        postgres: db::server_info(pool).await?,
-        pgbench,
-    })
-}
-
-async fn write_outputs(plan: &Plan, results: &Results) -> Result<()> {
-    let table = report::table::render(results);
-    println!("{table}");
-    let json = serde_json::to_string_pretty(results)?;
-    let svg = report::svg::render(results);
-    write(&plan.out.join("results.json"), &json).await?;
-    write(&plan.out.join("chart.svg"), &svg).await?;
-    write(&plan.out.join("report.txt"), &table).await?;
-    eprintln!(
-        "maitre-bench: wrote {0}/results.json, {0}/chart.svg, {0}/report.txt",
-        plan.out.display()
-    );
-    if plan.record {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-        tokio::fs::create_dir_all(&dir).await?;
-        write(&dir.join("results.json"), &json).await?;
-        write(&dir.join("chart.svg"), &svg).await?;
-        write(&dir.join("report.txt"), &table).await?;
-        eprintln!("maitre-bench: recorded to {}", dir.display());
-    }
-    Ok(())
-}
-
-async fn write(path: &Path, text: &str) -> Result<()> {
-    tokio::fs::write(path, text)
-        .await
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -121,9 +121,9 @@ impl Launch {
     }
 
     /// Starts memory-service, then booking-service pointed at it, with the
-    /// follow-up delay at zero and 100 ms polling; returns once both are
-    /// SERVING.
-    pub async fn start(&self) -> Result<Stack> {
+    /// follow-up delay at zero and 100 ms polling (and its follow-up workers
+    /// on or off); returns once both are SERVING.
+    pub async fn start(&self, workers: bool) -> Result<Stack> {
         let memory_addr = free_addr()?;
         let mut memory = self
             .spawn(
@@ -149,7 +149,7 @@ impl Launch {
                     ("MEMORY_SERVICE_URL", format!("http://{memory_addr}")),
                     ("FOLLOWUP_DELAY", "0s".into()),
                     ("WORKER_POLL_INTERVAL", "100ms".into()),
-                    ("BOOKING_DISABLE_WORKERS", "false".into()),
+                    ("BOOKING_DISABLE_WORKERS", (!workers).to_string()),
                 ],
             )
             .await?;

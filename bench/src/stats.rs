@@ -78,6 +78,41 @@ pub fn merge_errors(into: &mut Errors, from: Errors) {
     }
 }
 
+/// The raw result of one measured segment, mergeable across rounds.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Latencies of successful operations that started in the window.
+    pub histogram: Histogram<u64>,
+    /// Length of the measured window.
+    pub window: Duration,
+    /// All operations, warm-up included.
+    pub total_ops: u64,
+    pub errors: Errors,
+}
+
+impl Sample {
+    pub fn empty() -> Self {
+        Self {
+            histogram: histogram(),
+            window: Duration::ZERO,
+            total_ops: 0,
+            errors: Errors::new(),
+        }
+    }
+
+    pub fn merge(&mut self, other: Sample) -> anyhow::Result<()> {
+        self.histogram.add(&other.histogram)?;
+        self.window += other.window;
+        self.total_ops += other.total_ops;
+        merge_errors(&mut self.errors, other.errors);
+        Ok(())
+    }
+
+    pub fn measurement(self) -> Measurement {
+        Measurement::new(&self.histogram, self.window, self.total_ops, self.errors)
+    }
+}
+
 /// One measured run: successful operations after the warm-up, over the
 /// measured window, with their latencies; every error of the whole run.
 #[derive(Debug, Clone, Serialize)]

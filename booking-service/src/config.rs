@@ -4,7 +4,7 @@
 //! `MEMORY_SERVICE_TOKEN_FILE`, `MEMORY_SERVICE_CA_FILE`,
 //! `MEMORY_SERVICE_CLIENT_CERT_FILE`, `MEMORY_SERVICE_CLIENT_KEY_FILE`,
 //! `MEMORY_CALL_TIMEOUT`, `BOOKING_DB_MAX_CONNECTIONS`,
-//! `BOOKING_DB_ACQUIRE_TIMEOUT`, `BOOKING_DB_STATEMENT_TIMEOUT`,
+//! `WORKER_DB_MAX_CONNECTIONS`, `BOOKING_DB_ACQUIRE_TIMEOUT`, `BOOKING_DB_STATEMENT_TIMEOUT`,
 //! `BOOKING_SKIP_MIGRATIONS`, `BOOKING_HEALTH_INTERVAL`,
 //! `BOOKING_SHUTDOWN_TIMEOUT`, `BOOKING_MAX_PAGE_SIZE`, `FOLLOWUP_DELAY`,
 //! `FOLLOWUP_HISTORY_LEN`, `FOLLOWUP_PLAN_MAX_ATTEMPTS`,
@@ -133,6 +133,15 @@ pub struct Settings {
         global = true
     )]
     pub db_max_connections: u32,
+
+    /// Connections of the follow-up workers' own pool (each queue also holds one for LISTEN).
+    #[arg(
+        long,
+        env = "WORKER_DB_MAX_CONNECTIONS",
+        default_value_t = 12,
+        global = true
+    )]
+    pub worker_db_max_connections: u32,
 
     /// How long a call waits for a free connection before failing UNAVAILABLE.
     #[arg(long, env = "BOOKING_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
@@ -276,6 +285,24 @@ impl Settings {
             acquire_timeout: self.db_acquire_timeout,
             statement_timeout: self.db_statement_timeout,
             application_name: "booking-service".into(),
+            asynchronous_commit: false,
+        }
+    }
+
+    /// The follow-up workers' own pool. Its commits do not wait for the WAL
+    /// flush: everything the workers write is redone after a crash (jobs run
+    /// at least once; planning inserts ON CONFLICT DO NOTHING; delivery
+    /// replays through memory-service's request_id), and PostgreSQL flushes
+    /// WAL in order, so a lost commit can only be one of the last few hundred
+    /// milliseconds, never one that a later durable commit depends on. It
+    /// saves two fsyncs per booking that would otherwise queue behind the
+    /// bookings themselves. Bookings and cancellations stay durable.
+    pub fn worker_pool(&self) -> PoolSettings {
+        PoolSettings {
+            max_connections: self.worker_db_max_connections,
+            application_name: "booking-service-workers".into(),
+            asynchronous_commit: true,
+            ..self.pool()
         }
     }
 

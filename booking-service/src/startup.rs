@@ -110,6 +110,9 @@ impl Application {
             health_interval: settings.health_interval,
             shutdown_timeout: settings.shutdown_timeout,
         };
+        let worker_pool =
+            maitre::db::connect_lazy(&settings.worker_pool()).context("parsing DATABASE_URL")?;
+        let worker_pool_handle = worker_pool.clone();
         let background = |stopping: tokio::sync::watch::Receiver<bool>| {
             let refresher = booking_metrics.clone().refresh_until(
                 pool.clone(),
@@ -118,7 +121,7 @@ impl Application {
             );
             let workers = (!settings.disable_workers).then(|| {
                 let ctx = JobContext {
-                    pool: pool.clone(),
+                    pool: worker_pool,
                     memory,
                     templates: TemplateCache::default(),
                     policy: settings.policy(),
@@ -133,6 +136,7 @@ impl Application {
                     }
                     None => refresher.await,
                 }
+                worker_pool_handle.close().await;
             }))
         };
         tracing::info!(

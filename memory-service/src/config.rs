@@ -155,6 +155,7 @@ impl Settings {
             acquire_timeout: self.db_acquire_timeout,
             statement_timeout: self.db_statement_timeout,
             application_name: "memory-service".into(),
+            asynchronous_commit: false,
         }
     }
 

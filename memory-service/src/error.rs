@@ -6,10 +6,7 @@
 
 use std::collections::HashMap;
 
-use maitre::{
-    db::{DbFailure, classify},
-    status::{FieldViolations, with_reason},
-};
+use maitre::status::{FieldViolations, database_status, with_reason};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -46,42 +43,7 @@ impl From<Error> for Status {
                 format!("conversation {id} belongs to another user"),
                 HashMap::from([("conversation_id".into(), id.to_string())]),
             ),
-            Error::Database(cause) => database_status(&cause),
-        }
-    }
-}
-
-fn database_status(cause: &sqlx::Error) -> Status {
-    match classify(cause) {
-        DbFailure::Unavailable => {
-            tracing::warn!(error = %cause, "database unavailable");
-            with_reason(
-                Code::Unavailable,
-                DOMAIN,
-                "DATABASE_UNAVAILABLE",
-                "the database is unavailable; retry later",
-                HashMap::new(),
-            )
-        }
-        DbFailure::Timeout => {
-            tracing::warn!(error = %cause, "statement timed out");
-            with_reason(
-                Code::DeadlineExceeded,
-                DOMAIN,
-                "DATABASE_TIMEOUT",
-                "the database did not answer in time",
-                HashMap::new(),
-            )
-        }
-        DbFailure::UniqueViolation(_) | DbFailure::Other => {
-            tracing::error!(error = ?cause, "unexpected database error");
-            with_reason(
-                Code::Internal,
-                DOMAIN,
-                "INTERNAL",
-                "internal error",
-                HashMap::new(),
-            )
+            Error::Database(cause) => database_status(DOMAIN, &cause),
         }
     }
 }

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 
-use crate::stats::{self, Errors, Measurement};
+use crate::stats::{self, Errors, Sample};
 
 /// Where pgbench writes and what it connects to.
 pub struct Pgbench {
@@ -37,6 +37,8 @@ pub struct FloorRun<'a> {
     pub duration: Duration,
     /// `-D run=`: keeps this run's conversations, customers and slots apart.
     pub run: u64,
+    /// Which round of the point (file names only).
+    pub round: usize,
 }
 
 impl Pgbench {
@@ -50,8 +52,8 @@ impl Pgbench {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    pub async fn run(&self, run: &FloorRun<'_>) -> Result<Measurement> {
-        let stem = format!("{}-c{}", run.name, run.clients);
+    pub async fn run(&self, run: &FloorRun<'_>) -> Result<Sample> {
+        let stem = format!("{}-c{}-r{}", run.name, run.clients, run.round);
         let script_path = self.dir.join(format!("{stem}.sql"));
         tokio::fs::write(&script_path, run.script)
             .await
@@ -116,12 +118,12 @@ impl Pgbench {
                 stderr.lines().last().unwrap_or("no output").to_owned(),
             );
         }
-        Ok(Measurement::new(
-            &window.histogram,
-            window.span,
-            window.total,
+        Ok(Sample {
+            histogram: window.histogram,
+            window: window.span,
+            total_ops: window.total,
             errors,
-        ))
+        })
     }
 }
 

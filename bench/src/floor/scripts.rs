@@ -3,9 +3,10 @@
 //! or a SQL expression of the same type, in the same transaction shape:
 //!
 //! - store-message: the one `STORE_MESSAGE` statement, autocommit;
-//! - create-booking: `BEGIN; CREATE; SAVEPOINT; apalis insert; RELEASE; COMMIT`
-//!   (sqlx's `begin()` on a transaction is a SAVEPOINT, as in
-//!   booking-service's `store::jobs::push`);
+//! - create-booking: the `CREATE` statement, which also enqueues the plan
+//!   job, autocommit; or, for a `CREATE` without the job, `BEGIN; CREATE;
+//!   SAVEPOINT; apalis insert; RELEASE; COMMIT` (sqlx's `begin()` on a
+//!   transaction is a SAVEPOINT, as in booking-service's `store::jobs::push`);
 //! - journey: three store-messages, then the create-booking transaction;
 //! - single-write: one durable single-row INSERT, the reference line.
 //!
@@ -134,29 +135,72 @@ fn store_message(m: &Message) -> Result<String> {
 }
 
 /// The CreateBooking transaction for `customer` (and `conversation`, a
-/// uuid expression or `NULL::uuid`) on the client's current slot.
+/// uuid expression or `NULL::uuid`) on the client's current slot, in the
+/// service's shape: when `CREATE` itself inserts the plan job, the one
+/// statement alone (autocommit, as `store::bookings::create` runs it);
+/// otherwise `CREATE` and apalis's `push_tasks` insert in a transaction,
+/// the insert inside a savepoint (`store::jobs::push`).
 fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
+    let create_sql = sql::create_booking()?;
     let booking_id = id7("bk");
-    let create = bind(
-        &sql::create_booking()?,
+    let mut args = vec![
+        booking_id.clone(),
+        customer.to_owned(),
+        format!("{}::text", literal(CUSTOMER_NAME)),
+        conversation.to_owned(),
+        "bench.key_uuid(:run::int8, :slot::int8)".into(),
+        "1::int4".into(),
+        format!("{}::text", literal(CURRENCY)),
+        format!("{DEPOSIT_MINOR}::int8"),
+        format!("{}::text", id7("rq")),
+        "now()".into(),
+        id7("pay"),
+    ];
+    let payload = plan_payload(&booking_id)?;
+    let max_attempts = sql::apalis_max_attempts()?;
+    let counter = format!("\\set n :n + 1\n\\set slot :client_id * 1000 + :n / {SLOT_CAPACITY}\n");
+    if job_in_statement(&create_sql) {
+        args.extend([
+            format!("{}::text", id7("job")),
+            format!("{}::text", literal(FLOOR_QUEUE)),
+            payload,
+            format!("{max_attempts}::int4"),
+            format!("{booking_id}::text || '/1'"),
+        ]);
+        let create = bind(&create_sql, &args).context("binding CREATE")?;
+        return Ok(format!("{counter}{create};\n"));
+    }
+    let create = bind(&create_sql, &args).context("binding CREATE")?;
+    let sink = bind(
+        sql::APALIS_SINK,
         &[
-            booking_id.clone(),
-            customer.to_owned(),
-            format!("{}::text", literal(CUSTOMER_NAME)),
-            conversation.to_owned(),
-            "bench.key_uuid(:run::int8, :slot::int8)".into(),
-            "1::int4".into(),
-            format!("{}::text", literal(CURRENCY)),
-            format!("{DEPOSIT_MINOR}::int8"),
-            format!("{}::text", id7("rq")),
-            "now()".into(),
-            id7("pay"),
+            format!("ARRAY[{}::text]", id7("job")),
+            format!("{}::text", literal(FLOOR_QUEUE)),
+            format!("ARRAY[{payload}]"),
+            format!("ARRAY[{max_attempts}]"),
+            "ARRAY[extract(epoch FROM now())::int8]".into(),
+            "ARRAY[0]".into(),
+            "ARRAY[''::hstore]".into(),
+            format!("ARRAY[{booking_id}::text || '/1']"),
         ],
     )
-    .context("binding CREATE")?;
-    // The job payload as booking-service serialises it, with a trace
-    // context like the one every CreateBooking passes on (built through
-    // serde, so optional fields added later keep this compiling).
+    .context("binding apalis's insert")?;
+    Ok(format!(
+        "{counter}BEGIN;\n{create};\nSAVEPOINT _sqlx_savepoint_1;\n{sink};\n\
+         RELEASE SAVEPOINT _sqlx_savepoint_1;\nCOMMIT;\n"
+    ))
+}
+
+/// Whether booking-service's `CREATE` enqueues the plan job itself.
+pub fn job_in_statement(create_sql: &str) -> bool {
+    create_sql.contains("INSERT INTO apalis.jobs")
+}
+
+/// The plan job's payload as booking-service serialises it (a bytea
+/// expression), with a trace context like the one every CreateBooking
+/// passes on; built through serde, so fields added later keep this
+/// compiling.
+fn plan_payload(booking_id: &str) -> Result<String> {
     let nil = Uuid::nil().to_string();
     let job: PlanFollowUp = serde_json::from_value(serde_json::json!({
         "booking_id": nil,
@@ -167,28 +211,10 @@ fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
     let (before, after) = payload
         .split_once(&nil)
         .context("PlanFollowUp's JSON has no booking_id")?;
-    let sink = bind(
-        sql::APALIS_SINK,
-        &[
-            format!("ARRAY[{}::text]", id7("job")),
-            format!("{}::text", literal(FLOOR_QUEUE)),
-            format!(
-                "ARRAY[convert_to({} || {booking_id}::text || {}, 'UTF8')]",
-                literal(before),
-                literal(after)
-            ),
-            format!("ARRAY[{}]", sql::apalis_max_attempts()?),
-            "ARRAY[extract(epoch FROM now())::int8]".into(),
-            "ARRAY[0]".into(),
-            "ARRAY[''::hstore]".into(),
-            format!("ARRAY[{booking_id}::text || '/1']"),
-        ],
-    )
-    .context("binding apalis's insert")?;
     Ok(format!(
-        "\\set n :n + 1\n\\set slot :client_id * 1000 + :n / {SLOT_CAPACITY}\n\
-         BEGIN;\n{create};\nSAVEPOINT _sqlx_savepoint_1;\n{sink};\n\
-         RELEASE SAVEPOINT _sqlx_savepoint_1;\nCOMMIT;\n"
+        "convert_to({} || {booking_id}::text || {}, 'UTF8')",
+        literal(before),
+        literal(after)
     ))
 }
 
@@ -282,14 +308,18 @@ mod tests {
     #[test]
     fn booking_transaction_has_the_services_shape() {
         let script = create_booking_script().unwrap();
-        let order = [
-            "BEGIN;",
-            "UPDATE booking.slots",
-            "SAVEPOINT _sqlx_savepoint_1;",
-            "INSERT INTO apalis.jobs",
-            "RELEASE SAVEPOINT",
-            "COMMIT;",
-        ];
+        let order: &[&str] = if job_in_statement(&sql::create_booking().unwrap()) {
+            &["UPDATE booking.slots", "INSERT INTO apalis.jobs"]
+        } else {
+            &[
+                "BEGIN;",
+                "UPDATE booking.slots",
+                "SAVEPOINT _sqlx_savepoint_1;",
+                "INSERT INTO apalis.jobs",
+                "RELEASE SAVEPOINT",
+                "COMMIT;",
+            ]
+        };
         let mut at = 0;
         for part in order {
             let found = script[at..]

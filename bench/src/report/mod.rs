@@ -1,6 +1,7 @@
 //! What a bench run found: the JSON model, the targets it is judged
 //! against, and the two renderings (terminal table, SVG chart).
 
+pub mod output;
 pub mod svg;
 pub mod table;
 
@@ -35,6 +36,9 @@ pub struct Machine {
     pub cpu_model: String,
     pub memory_gib: f64,
     pub kernel: String,
+    /// Share of the cores busy during 2 s before the run, with nothing of
+    /// the bench running: other work on the machine.
+    pub background_busy_pct: f64,
     pub postgres: ServerInfo,
     pub pgbench: Option<String>,
 }
@@ -47,6 +51,9 @@ pub struct RunSettings {
     pub follow_up_bookings: usize,
     pub plan_start_samples: usize,
     pub floor: bool,
+    /// Service and floor alternate this many times per client count, each
+    /// time for duration / rounds after a warm-up; the rounds are merged.
+    pub rounds: usize,
     /// How the services were started, beyond their defaults.
     pub service_settings: Vec<String>,
 }
@@ -111,6 +118,16 @@ pub struct PerThousand {
     pub postgres_cpu_s: Option<f64>,
     pub floor_postgres_cpu_s: Option<f64>,
     pub floor_pgbench_cpu_s: Option<f64>,
+    /// Milliseconds per operation the services' and the bench's threads
+    /// spent runnable but waiting for a CPU (a CPU-starved machine).
+    pub run_queue_wait_ms: RunQueue,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RunQueue {
+    pub memory_service: f64,
+    pub booking_service: f64,
+    pub bench: f64,
 }
 
 impl PerThousand {
@@ -135,6 +152,11 @@ impl PerThousand {
             floor_postgres_cpu_s: floor
                 .and_then(|(m, c)| c.postgres_s.map(|s| per(s, m.total_ops))),
             floor_pgbench_cpu_s: floor.map(|(m, c)| per(c.pgbench_s, m.total_ops)),
+            run_queue_wait_ms: RunQueue {
+                memory_service: per(cpu.run_queue_wait_s[0], ops),
+                booking_service: per(cpu.run_queue_wait_s[1], ops),
+                bench: per(cpu.run_queue_wait_s[2], ops),
+            },
         }
     }
 }

@@ -51,6 +51,7 @@ pub fn results() -> Results {
             cpu_model: "Chef&Co <virtual>".into(),
             memory_gib: 24.0,
             kernel: "6.1".into(),
+            background_busy_pct: 3.0,
             postgres: crate::db::ServerInfo {
                 version: "PostgreSQL 15.20 on x86_64".into(),
                 fsync: "on".into(),
@@ -67,6 +68,7 @@ pub fn results() -> Results {
             follow_up_bookings: 200,
             plan_start_samples: 20,
             floor: true,
+            rounds: 1,
             service_settings: vec![],
         },
         scenarios: ["store-message", "create-booking"]

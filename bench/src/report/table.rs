@@ -41,8 +41,13 @@ pub fn render(r: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "warm-up {:.1} s, measured {:.1} s per run; latency in ms; floor = pgbench -M prepared, same SQL, same database",
-        r.settings.warmup_s, r.settings.duration_s
+        "warm-up {:.1} s, measured {:.1} s per point in {} round(s); latency in ms; floor = pgbench -M prepared, same SQL, same database",
+        r.settings.warmup_s, r.settings.duration_s, r.settings.rounds
+    );
+    let _ = writeln!(
+        out,
+        "machine busy before the run (other work): {:.0} %; 'others' below = CPU used by processes outside the bench, the services, pgbench and PostgreSQL",
+        m.background_busy_pct
     );
     for s in &r.scenarios {
         let _ = writeln!(out, "\n== {} (per {}) ==", s.name, s.unit);
@@ -78,14 +83,14 @@ pub fn render(r: &Results) -> String {
         }
         let _ = writeln!(
             out,
-            "{:>7} | CPU s per 1,000 {}s: memory-svc booking-svc bench postgres | floor: postgres pgbench | busy % svc/floor | RSS MiB mem/book | backlog",
+            "{:>7} | CPU s per 1,000 {}s: memory-svc booking-svc bench postgres | floor: postgres pgbench | busy % (others) svc / floor | CPU wait ms/op mem book bench | RSS MiB mem/book | backlog",
             "", s.unit
         );
         for p in &s.points {
             let k = &p.per_1k;
             let _ = writeln!(
                 out,
-                "{:>7} | {:>10.3} {:>11.3} {:>5.3} {:>8} | {:>15} {:>7} | {:>5.0} / {:>5} | {:>6.1} / {:>5.1} | {} ({:.1} s)",
+                "{:>7} | {:>10.3} {:>11.3} {:>5.3} {:>8} | {:>15} {:>7} | {:>3.0} ({:>2.0}) / {:>3} ({:>2}) | {:>5.2} {:>5.2} {:>5.2} | {:>6.1} / {:>5.1} | {} ({:.1} s)",
                 p.clients,
                 k.memory_service_cpu_s,
                 k.booking_service_cpu_s,
@@ -94,7 +99,12 @@ pub fn render(r: &Results) -> String {
                 opt(k.floor_postgres_cpu_s, 3),
                 opt(k.floor_pgbench_cpu_s, 3),
                 p.service_cpu.machine_busy_pct,
+                p.service_cpu.others_pct,
                 opt(p.floor_cpu.map(|c| c.machine_busy_pct), 0),
+                opt(p.floor_cpu.map(|c| c.others_pct), 0),
+                k.run_queue_wait_ms.memory_service,
+                k.run_queue_wait_ms.booking_service,
+                k.run_queue_wait_ms.bench,
                 p.rss.memory_service_peak_mib,
                 p.rss.booking_service_peak_mib,
                 p.backlog_after_run,
@@ -165,11 +175,12 @@ pub fn render(r: &Results) -> String {
         };
         let _ = writeln!(
             out,
-            "CPU s per 1,000 follow-ups: booking-svc {:.3}, memory-svc {:.3}, postgres {}; machine busy {:.0} %",
+            "CPU s per 1,000 follow-ups: booking-svc {:.3}, memory-svc {:.3}, postgres {}; machine busy {:.0} % (others {:.0} %)",
             per_1k(t.cpu.booking_service_s),
             per_1k(t.cpu.memory_service_s),
             opt(t.cpu.postgres_s.map(per_1k), 3),
-            t.cpu.machine_busy_pct
+            t.cpu.machine_busy_pct,
+            t.cpu.others_pct
         );
         print_errors(
             &mut out,
