@@ -79,10 +79,6 @@ impl Application {
             .and_then(|l| l.local_addr().ok())
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Serves and runs the workers until `shutdown`; then NOT_SERVING, drain
     /// calls, let running jobs finish (at most `shutdown_timeout`), close the pool.
     pub async fn run_until_stopped(

@@ -66,10 +66,6 @@ impl Application {
             .and_then(|l| l.local_addr().ok())
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Serves until `shutdown`; then NOT_SERVING, in-flight calls finish (at
     /// most `shutdown_timeout`), the pool closes.
     pub async fn run_until_stopped(

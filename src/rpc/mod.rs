@@ -105,17 +105,6 @@ pub struct Rpc<S> {
     policy: RpcPolicy,
 }
 
-/// The gRPC status code of a response, as far as its headers tell.
-pub fn response_code<B>(response: &http::Response<B>) -> Code {
-    response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(Code::from_i32)
-        .unwrap_or(Code::Ok)
-}
-
 /// The upper-snake name Prometheus labels and logs use.
 fn code_name(code: Code) -> &'static str {
     match code {

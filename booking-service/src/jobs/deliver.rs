@@ -1,12 +1,13 @@
 //! The deliver job: store the follow-up in memory-service, exactly once.
 
-use std::{collections::HashMap, time::Instant};
+use std::collections::HashMap;
 
 use apalis::prelude::{BoxDynError, Data};
 use maitre::api::memory::v1 as memory;
-use tracing::Instrument;
 
-use super::{DELIVER_QUEUE, DeliverFollowUp, JobContext, current_trace, jitter, job_context};
+use super::{
+    DELIVER_QUEUE, DeliverFollowUp, JobContext, current_trace, jitter, job_context, run_job,
+};
 use crate::{
     domain::booking::CONFIRMED,
     store::{self, followups::PENDING},
@@ -19,23 +20,8 @@ pub async fn handle(job: DeliverFollowUp, ctx: Data<JobContext>) -> Result<(), B
         job.attempt,
         job.trace_parent.as_deref(),
     );
-    let span = tracing::info_span!(
-        "deliver_follow_up",
-        follow_up_id = %job.follow_up_id,
-        attempt = job.attempt,
-        trace_id = %call.trace.trace_id,
-    );
-    let started = Instant::now();
-    let result = call
-        .scope(deliver(&job, &ctx))
-        .instrument(span.clone())
-        .await;
-    ctx.metrics
-        .job_run(DELIVER_QUEUE, result.is_ok(), started.elapsed());
-    result.map_err(|error| {
-        span.in_scope(|| tracing::error!(error = ?error, "delivery failed"));
-        error.into()
-    })
+    let make_span = |trace_id: &str| tracing::info_span!("deliver_follow_up", follow_up_id = %job.follow_up_id, attempt = job.attempt, trace_id);
+    run_job(&ctx, DELIVER_QUEUE, call, make_span, deliver(&job, &ctx)).await
 }
 
 async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {

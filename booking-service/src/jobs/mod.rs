@@ -18,7 +18,14 @@ pub mod plan;
 pub mod templates;
 pub mod workers;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use apalis::prelude::BoxDynError;
+use tracing::Instrument;
 
 use maitre::rpc::context::{CallContext, TraceParent};
 use serde::{Deserialize, Serialize};
@@ -80,6 +87,30 @@ pub struct JobContext {
     pub templates: templates::TemplateCache,
     pub policy: FollowUpPolicy,
     pub metrics: Arc<BookingMetrics>,
+}
+
+/// Runs one job: in its call context (the trace it continues, or a new one,
+/// and a request id naming the job) and in the span `make_span` builds from
+/// the trace id; records the run in the metrics and logs an unexpected error.
+async fn run_job<W>(
+    ctx: &JobContext,
+    queue: &'static str,
+    call: CallContext,
+    make_span: impl FnOnce(&str) -> tracing::Span,
+    work: W,
+) -> Result<(), BoxDynError>
+where
+    W: Future<Output = Result<(), sqlx::Error>>,
+{
+    let span = make_span(&call.trace.trace_id);
+    let started = Instant::now();
+    let result = call.scope(work).instrument(span.clone()).await;
+    ctx.metrics
+        .job_run(queue, result.is_ok(), started.elapsed());
+    result.map_err(|error| {
+        span.in_scope(|| tracing::error!(error = ?error, "job failed; apalis retries it at once"));
+        error.into()
+    })
 }
 
 /// The call context a job runs in: the trace it continues (or a new one),

@@ -1,15 +1,13 @@
 //! The plan job: choose the wording from the customer's emotion history and
 //! schedule the delivery.
 
-use std::time::Instant;
-
 use apalis::prelude::{BoxDynError, Data};
 use chrono::Utc;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{
     DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, current_trace, jitter, job_context,
+    run_job,
 };
 use crate::{
     domain::{
@@ -30,20 +28,8 @@ pub async fn handle(job: PlanFollowUp, ctx: Data<JobContext>) -> Result<(), BoxD
         job.attempt,
         job.trace_parent.as_deref(),
     );
-    let span = tracing::info_span!(
-        "plan_follow_up",
-        booking_id = %job.booking_id,
-        attempt = job.attempt,
-        trace_id = %call.trace.trace_id,
-    );
-    let started = Instant::now();
-    let result = call.scope(plan(&job, &ctx)).instrument(span.clone()).await;
-    ctx.metrics
-        .job_run(PLAN_QUEUE, result.is_ok(), started.elapsed());
-    result.map_err(|error| {
-        span.in_scope(|| tracing::error!(error = ?error, "planning failed"));
-        error.into()
-    })
+    let make_span = |trace_id: &str| tracing::info_span!("plan_follow_up", booking_id = %job.booking_id, attempt = job.attempt, trace_id);
+    run_job(&ctx, PLAN_QUEUE, call, make_span, plan(&job, &ctx)).await
 }
 
 async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
@@ -59,10 +45,6 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     }
     if booking.state != CONFIRMED {
         tracing::info!("booking cancelled before planning; no follow-up");
-        return Ok(());
-    }
-    if store::followups::exists_for(&ctx.pool, booking.id, POST_EVENT_TRIGGER).await? {
-        tracing::debug!("already planned by an earlier run");
         return Ok(());
     }
 
@@ -135,7 +117,7 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
             attempt: 1,
             trace_parent: current_trace(),
         };
-        store::jobs::push_deliver(&mut tx, &deliver, follow_up.scheduled_at).await?;
+        store::jobs::push_first_deliver(&mut tx, &deliver, follow_up.scheduled_at).await?;
         tx.commit().await?;
         tracing::info!(
             follow_up_id = %follow_up.id,

@@ -67,22 +67,6 @@ pub async fn insert(
     Ok(inserted.is_some())
 }
 
-/// True when a live follow-up exists for the booking and trigger.
-pub async fn exists_for(
-    pool: &PgPool,
-    booking_id: Uuid,
-    trigger: &str,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM booking.scheduled_followups \
-         WHERE booking_id = $1 AND trigger = $2 AND state <> 3)",
-    )
-    .bind(booking_id)
-    .bind(trigger)
-    .fetch_one(pool)
-    .await
-}
-
 /// A follow-up locked for delivery, with its booking's state.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeliveryRow {

@@ -86,6 +86,24 @@ pub async fn push_plan(
 }
 
 /// Enqueues delivery attempt `job.attempt` of a follow-up, due at `at`.
+/// Enqueues the first delivery of a follow-up inserted by the same
+/// transaction: its key cannot exist yet, so no savepoint (two round trips
+/// fewer on every follow-up).
+pub async fn push_first_deliver(
+    tx: &mut PgConnection,
+    job: &DeliverFollowUp,
+    at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let key = format!("{}/{}", job.follow_up_id, job.attempt);
+    let task = task(job, key, Some(SystemTime::from(at)))?;
+    apalis_postgres::queries::push_tasks(&mut *tx, DELIVER_QUEUE, vec![task])
+        .await
+        .map_err(|error| match error {
+            apalis_postgres::Error::Database(e) => e,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })
+}
+
 pub async fn push_deliver(
     tx: &mut PgConnection,
     job: &DeliverFollowUp,
