@@ -198,3 +198,32 @@ pub fn reason(status: &tonic::Status) -> String {
         .map(|i| i.reason)
         .unwrap_or_default()
 }
+
+/// A gRPC client over a bare HTTP/2 connection, without tonic's `Channel`:
+/// the `Channel` starts a timer of its own for any `grpc-timeout` header and
+/// answers CANCELLED when it fires, which races the server's
+/// DEADLINE_EXCEEDED. Here the server's answer is the only one.
+pub type TimerlessClient = MemoryServiceClient<
+    tower::util::BoxCloneService<
+        http::Request<tonic::body::Body>,
+        http::Response<hyper::body::Incoming>,
+        hyper::Error,
+    >,
+>;
+
+pub async fn timerless_client(addr: SocketAddr) -> TimerlessClient {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let service = tower::service_fn(move |request: http::Request<tonic::body::Body>| {
+        let mut sender = sender.clone();
+        async move { sender.send_request(request).await }
+    });
+    let origin = format!("http://{addr}").parse().expect("origin");
+    MemoryServiceClient::with_origin(tower::util::BoxCloneService::new(service), origin)
+}
