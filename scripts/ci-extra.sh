@@ -137,11 +137,11 @@ start_stack() {
     echo "memory-service  gRPC 127.0.0.1:$memory_port  admin 127.0.0.1:$memory_admin"
     echo "booking-service gRPC 127.0.0.1:$booking_port  admin 127.0.0.1:$booking_admin"
     echo "database        $url"
-    # No auth, no TLS: whatever the environment says.
-    local -a clean_env=(env -u AUTH_TOKENS -u AUTH_TOKENS_FILE -u TLS_CERT_FILE -u TLS_KEY_FILE
+    # No auth (loopback only), no TLS: whatever the environment says.
+    local -a clean_env=(env -u AUTH_TOKENS -u AUTH_TOKENS_FILE -u AUTH_GRANTS -u TLS_CERT_FILE -u TLS_KEY_FILE
         -u TLS_CLIENT_CA_FILE -u MEMORY_SERVICE_TOKEN_FILE -u MEMORY_SERVICE_CA_FILE
         -u MEMORY_SERVICE_CLIENT_CERT_FILE -u MEMORY_SERVICE_CLIENT_KEY_FILE
-        DATABASE_URL="$url" RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
+        AUTH_MODE=none DATABASE_URL="$url" RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
 
     "${clean_env[@]}" MEMORY_GRPC_ADDR="127.0.0.1:$memory_port" MEMORY_ADMIN_ADDR="127.0.0.1:$memory_admin" \
         "$target_dir/release/memory-service" serve >"$log_dir/memory-service.log" 2>&1 &

@@ -22,6 +22,7 @@
 #   MEMORY_ADMIN_ADDR  memory-service admin address  (127.0.0.1:9101)
 #   BOOKING_GRPC_ADDR  booking-service gRPC address  (127.0.0.1:50052)
 #   BOOKING_ADMIN_ADDR booking-service admin address (127.0.0.1:9102)
+#   AUTH_MODE          none (loopback, no credentials) or required (README, Security)
 #   MAITRE_PG_DIR, MAITRE_PG_PORT  see scripts/ensure-postgres.sh
 set -euo pipefail
 
@@ -172,6 +173,10 @@ export DATABASE_URL="$db_url"
 export MEMORY_GRPC_ADDR="$memory_grpc" MEMORY_ADMIN_ADDR="$memory_admin"
 export BOOKING_GRPC_ADDR="$booking_grpc" BOOKING_ADMIN_ADDR="$booking_admin"
 export MEMORY_SERVICE_URL="${MEMORY_SERVICE_URL:-http://$(dial_addr "$memory_grpc")}"
+# A local stack on loopback needs no credentials; the services refuse to run
+# open on any other address unless told so (and then warn). Set AUTH_MODE=required
+# with AUTH_TOKENS_FILE to try authentication locally (README, Security).
+export AUTH_MODE="${AUTH_MODE:-none}"
 
 log "memory-service migrate"
 "$memory_bin" migrate 2>&1 | tee "$log_dir/memory-service-migrate.log" >&2 \

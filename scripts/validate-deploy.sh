@@ -39,6 +39,24 @@
 #                the shared src/), every metric the dashboard queries is
 #                registered in the Rust code. Missing ones are warnings
 #                (the code may be mid-change); --strict makes them failures.
+# 10. budget     the PostgreSQL connection budget of base and overlays/example,
+#                computed from the renders of step 5 (or, without kustomize,
+#                scripts/deploy_checks.py's own merge of resources and
+#                patches): per pod MEMORY_DB_MAX_CONNECTIONS + 1, or
+#                BOOKING_DB_MAX_CONNECTIONS + WORKER_DB_MAX_CONNECTIONS + 1
+#                (readiness), from the ConfigMaps or the Rust defaults; x HPA
+#                maxReplicas, + maxSurge pods during a rollout. Every figure
+#                in the "Connection budget" comments and README.md's table
+#                must match it.
+# 11. auth       no ConfigMap (nor container env) sets AUTH_MODE=none; every
+#                serving pod has credentials and an AUTH_GRANTS whose methods
+#                exist in proto/; *_FILE variables point at mounted files;
+#                example token Secrets are `name:token` placeholders that the
+#                services refuse, every name granted, booking-service's
+#                token the one memory-service lists for it, and every
+#                memory-service method booking-service calls granted to it;
+#                compose's AUTH_MODE=none only with loopback-published ports.
+# Steps 10 and 11 live in scripts/deploy_checks.py (--self-test runs first).
 #
 # Prints a summary; exits non-zero when a check failed.
 set -euo pipefail
@@ -670,25 +688,30 @@ elif command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2
     kustomize_cmd=(kubectl kustomize)
 fi
 
+# mtls is a component the example overlay leaves commented out: it is
+# rendered through a throwaway kustomization (kustomize accepts relative
+# paths only).
+mt="$tmp/mtls-on"
+mkdir -p "$mt"
+rel="$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$root/deploy/k8s/overlays/example" "$mt")"
+printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\ncomponents:\n  - %s/mtls\n' "$rel" "$rel" >"$mt/kustomization.yaml"
+render_dir() {
+    case "$1" in
+        base) echo deploy/k8s/base ;;
+        example) echo deploy/k8s/overlays/example ;;
+        example+mtls) echo "$mt" ;;
+    esac
+}
+
 c_kustomize() {
     if ((${#kustomize_cmd[@]} == 0)); then
         echo "neither kustomize nor kubectl is installed: rendering skipped (steps 3 and 4 covered the raw files)"
         return 77
     fi
     echo "renderer: ${kustomize_cmd[*]} ($(kubectl version --client 2>/dev/null | grep -i kustomize || kustomize version 2>/dev/null || true))"
-    # mtls is a component the example overlay leaves commented out: render it
-    # through a throwaway kustomization (kustomize accepts relative paths only).
-    local mt="$tmp/mtls-on" rel
-    mkdir -p "$mt"
-    rel="$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$root/deploy/k8s/overlays/example" "$mt")"
-    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\ncomponents:\n  - %s/mtls\n' "$rel" "$rel" >"$mt/kustomization.yaml"
     local rc=0 name dir out
     for name in base example example+mtls; do
-        case "$name" in
-            base) dir=deploy/k8s/base ;;
-            example) dir=deploy/k8s/overlays/example ;;
-            example+mtls) dir="$mt" ;;
-        esac
+        dir="$(render_dir "$name")"
         out="$tmp/rendered-$name.yaml"
         if ! "${kustomize_cmd[@]}" "$dir" >"$out"; then
             echo "render $name: failed"
@@ -760,6 +783,24 @@ c_truth() {
     helper truth "$strict"
 }
 
+# Steps 10 and 11: kustomize's renders when step 5 made them, else the
+# directories (deploy_checks.py then merges resources and patches itself).
+c_deploy_checks() {
+    local args=() name label dir
+    for name in base example example+mtls; do
+        dir="$(render_dir "$name")"
+        label="$dir"
+        [[ "$name" == example+mtls ]] && label=deploy/k8s/overlays/example+mtls
+        if [[ -s "$tmp/rendered-$name.yaml" ]]; then
+            args+=(--render "$label=$tmp/rendered-$name.yaml")
+        else
+            args+=(--render "$label=$dir")
+        fi
+    done
+    python3 scripts/deploy_checks.py --self-test || return 1
+    python3 scripts/deploy_checks.py "$1" "${args[@]}"
+}
+
 check "yamllint (deploy/**/*.yaml)" c_yamllint
 check "Kubernetes resource files (schemas $kube_versions)" c_k8s_files
 check "Kubernetes cross-references (base)" c_k8s_refs
@@ -769,6 +810,8 @@ check "Grafana dashboard (JSON + PromQL)" c_dashboard
 check "Dockerfile (hadolint + COPY/workspace checks)" c_dockerfile
 check "docker build --check" c_docker_check
 check "manifests vs Rust code (env vars, metrics)" c_truth
+check "PostgreSQL connection budget (comments, README)" c_deploy_checks budget
+check "authentication and grants (AUTH_MODE, tokens, AUTH_GRANTS)" c_deploy_checks auth
 
 # ------------------------------------------------------------------ summary
 failed=0

@@ -109,14 +109,6 @@ pub fn classify(error: &sqlx::Error) -> DbFailure {
     }
 }
 
-/// True when the database answered a trivial query within `timeout`.
-pub async fn is_reachable(pool: &PgPool, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await,
-        Ok(Ok(_))
-    )
-}
-
 /// The current time at PostgreSQL's precision (microseconds), so that a
 /// response built from values in hand equals what a later read returns.
 pub fn now() -> chrono::DateTime<chrono::Utc> {

@@ -5,10 +5,14 @@
 //! not, and NOT_SERVING for good once shutdown begins. [`LIVENESS`] reports
 //! SERVING as long as the process runs, so a kubelet restarts a wedged
 //! process but not one that merely waits for its database.
+//!
+//! The check runs on a connection of its own, outside the serving pool: a
+//! pool saturated by load is not an unreachable database, and readiness must
+//! not take every replica out of the Service at once when traffic peaks.
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::watch;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -60,9 +64,15 @@ impl Health {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut ready: Option<bool> = None;
+        let options = pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .application_name(&format!("{}-readiness", self.service_name));
+        let mut connection: Option<PgConnection> = None;
+        let timeout = interval.max(Duration::from_secs(1));
         loop {
-            let now_ready =
-                crate::db::is_reachable(&pool, interval.max(Duration::from_secs(1))).await;
+            let now_ready = check(&mut connection, &options, timeout).await;
             if ready != Some(now_ready) {
                 if now_ready {
                     tracing::info!(service = %self.service_name, "database reachable: SERVING");
@@ -79,4 +89,28 @@ impl Health {
         }
         self.set_ready(false).await;
     }
+}
+
+/// `SELECT 1` on the readiness connection, (re)connecting when there is
+/// none; a failed check drops the connection so the next one starts afresh.
+async fn check(
+    connection: &mut Option<PgConnection>,
+    options: &sqlx::postgres::PgConnectOptions,
+    timeout: Duration,
+) -> bool {
+    let answered = tokio::time::timeout(timeout, async {
+        if connection.is_none() {
+            *connection = Some(PgConnection::connect_with(options).await?);
+        }
+        match connection.as_mut() {
+            Some(conn) => sqlx::query("SELECT 1").execute(conn).await.map(|_| ()),
+            None => Ok(()),
+        }
+    })
+    .await;
+    let ok = matches!(answered, Ok(Ok(())));
+    if !ok {
+        *connection = None;
+    }
+    ok
 }

@@ -14,6 +14,8 @@
 //!   database, plus a liveness name that never does.
 //! - [`fields`]: parsers for request fields both services validate alike.
 //! - [`pagination`]: opaque, query-bound keyset page tokens.
+//! - [`listener`]: accepting connections within limits (count, handshake
+//!   deadline, keepalive, hard end after the maximum age).
 //! - [`server`]: assembling and running a service's gRPC + admin servers.
 //! - [`shutdown`]: the SIGTERM/SIGINT future.
 //! - [`testkit`]: helpers for the integration tests (fresh databases, a
@@ -25,6 +27,7 @@ pub mod api;
 pub mod db;
 pub mod fields;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod pagination;
 pub mod rpc;

@@ -31,6 +31,15 @@ pub struct RpcLabels {
     pub code: String,
 }
 
+/// A refused call: who asked for what.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    /// The caller's name when it is in the grants, else `unknown` (so that
+    /// certificate names cannot grow the label set without bound).
+    pub caller: String,
+    pub method: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     state: &'static str,
@@ -42,6 +51,10 @@ pub struct RpcMetrics {
     pub requests: Family<RpcLabels, Counter>,
     pub duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
     pub in_flight: Gauge,
+    /// Calls refused PERMISSION_DENIED, by caller and method.
+    pub denied: Family<DeniedLabels, Counter>,
+    /// Health/Watch streams open now.
+    pub health_watchers: Gauge,
 }
 
 /// A service's registry and the metrics both services share.
@@ -49,6 +62,7 @@ pub struct RpcMetrics {
 pub struct Metrics {
     registry: Registry,
     pub rpc: RpcMetrics,
+    pub connections: crate::listener::ConnectionMetrics,
     pool_connections: Family<PoolLabels, Gauge>,
     pool_max: Gauge,
 }
@@ -64,6 +78,8 @@ impl Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             in_flight: Gauge::default(),
+            denied: Family::default(),
+            health_watchers: Gauge::default(),
         };
         registry.register(
             "rpc_requests",
@@ -80,6 +96,27 @@ impl Metrics {
             "RPCs being handled now",
             rpc.in_flight.clone(),
         );
+        registry.register(
+            "rpc_denied",
+            "Calls refused PERMISSION_DENIED, by caller and method",
+            rpc.denied.clone(),
+        );
+        registry.register(
+            "health_watchers",
+            "Health/Watch streams open now",
+            rpc.health_watchers.clone(),
+        );
+        let connections = crate::listener::ConnectionMetrics::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_closed_by_server",
+            "Connections the server closed, by reason (over_limit, handshake_timeout, max_age)",
+            connections.closed.clone(),
+        );
         let pool_connections = Family::<PoolLabels, Gauge>::default();
         let pool_max = Gauge::default();
         registry.register(
@@ -95,6 +132,7 @@ impl Metrics {
         Self {
             registry,
             rpc,
+            connections,
             pool_connections,
             pool_max,
         }

@@ -95,8 +95,10 @@ impl Launch {
             .env("DATABASE_URL", &self.database_url)
             .env("RUST_LOG", "warn")
             // The bench's clients present no credentials and speak plain HTTP/2.
+            .env("AUTH_MODE", "none")
             .env_remove("AUTH_TOKENS")
             .env_remove("AUTH_TOKENS_FILE")
+            .env_remove("AUTH_GRANTS")
             .env_remove("TLS_CERT_FILE")
             .env_remove("TLS_KEY_FILE")
             .env_remove("TLS_CLIENT_CA_FILE")

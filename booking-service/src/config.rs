@@ -275,6 +275,8 @@ impl Settings {
         let mut settings = Cli::parse_from(["booking-service"]).settings;
         settings.database_url = database_url.to_owned();
         settings.memory_service_url = memory_service_url.to_owned();
+        // Tests bind loopback and opt into authentication where they test it.
+        settings.server.auth_mode = maitre::server::AuthMode::None;
         settings
     }
 
@@ -320,17 +322,57 @@ impl Settings {
         }
     }
 
-    /// How to reach memory-service, with the credentials read from their files.
+    /// How to reach memory-service, with the credentials read from their
+    /// files. Refuses set-ups that would leak or silently drop a credential:
+    /// TLS material with a plaintext `http://` URL (the token would travel
+    /// in clear), a client certificate without the CA to check the server
+    /// by, an empty or placeholder token.
     pub fn memory_client(&self) -> anyhow::Result<MemoryClientSettings> {
         let read = |path: &PathBuf, what: &str| {
             std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
         };
+        let plaintext = self
+            .memory_service_url
+            .to_ascii_lowercase()
+            .starts_with("http://");
+        let client_certificate = self.memory_service_client_cert_file.is_some();
+        if plaintext && (self.memory_service_ca_file.is_some() || client_certificate) {
+            anyhow::bail!(
+                "MEMORY_SERVICE_URL {:?} is plaintext http:// but TLS is configured \
+                 (MEMORY_SERVICE_CA_FILE or a client certificate): use https://",
+                self.memory_service_url
+            );
+        }
+        if client_certificate && self.memory_service_ca_file.is_none() {
+            anyhow::bail!(
+                "MEMORY_SERVICE_CLIENT_CERT_FILE needs MEMORY_SERVICE_CA_FILE (the CA that \
+                 memory-service's certificate chains to): without it the certificate would be ignored"
+            );
+        }
+        if !plaintext && self.memory_service_ca_file.is_none() {
+            anyhow::bail!(
+                "MEMORY_SERVICE_URL {:?} asks for TLS: set MEMORY_SERVICE_CA_FILE to the CA \
+                 that memory-service's certificate chains to",
+                self.memory_service_url
+            );
+        }
         let token = match &self.memory_service_token_file {
-            Some(path) => Some(
-                String::from_utf8_lossy(&read(path, "MEMORY_SERVICE_TOKEN_FILE")?)
+            Some(path) => {
+                let token = String::from_utf8_lossy(&read(path, "MEMORY_SERVICE_TOKEN_FILE")?)
                     .trim()
-                    .to_owned(),
-            ),
+                    .to_owned();
+                if token.is_empty() {
+                    anyhow::bail!("MEMORY_SERVICE_TOKEN_FILE {} is empty", path.display());
+                }
+                if maitre::rpc::auth::is_placeholder(&token) {
+                    anyhow::bail!(
+                        "MEMORY_SERVICE_TOKEN_FILE {} holds a placeholder (e.g. CHANGE-ME): \
+                         put booking-service's real token there",
+                        path.display()
+                    );
+                }
+                Some(token)
+            }
             None => None,
         };
         let tls = match &self.memory_service_ca_file {
@@ -350,6 +392,12 @@ impl Settings {
                 Some(tls)
             }
         };
+        if token.is_some() && plaintext && !url_is_loopback(&self.memory_service_url) {
+            tracing::warn!(
+                url = %self.memory_service_url,
+                "the memory-service token travels in clear over http://; use https:// with MEMORY_SERVICE_CA_FILE"
+            );
+        }
         Ok(MemoryClientSettings {
             url: self.memory_service_url.clone(),
             timeout: self.memory_call_timeout,
@@ -370,4 +418,16 @@ impl Settings {
             plan_max_attempts: self.followup_plan_max_attempts.max(1),
         }
     }
+}
+
+/// True when `url`'s host is a loopback address or `localhost`.
+fn url_is_loopback(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

@@ -27,6 +27,14 @@ use crate::{
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "maitre.booking.v1.BookingService";
 
+/// Who may call what when AUTH_GRANTS is not set (README, Security):
+/// assistants book and read bookings; creating slots is for `admin`.
+pub const DEFAULT_GRANTS: &str = "assistant=ListAvailability,CreateBooking,GetBooking,\
+ListBookings,CancelBooking,ListFollowUps;admin=*";
+
+/// Largest request message accepted (every booking request is small).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 /// A booking-service bound to its ports, ready to serve.
 pub struct Application {
     /// Bound before serving so tests can ask for port 0 and learn it.
@@ -42,8 +50,7 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Fail on bad auth/TLS configuration before binding anything.
-        settings.server.tokens()?;
-        settings.server.tls()?;
+        settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
         let memory = MemoryClient::new(&settings.memory_client()?)?;
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
@@ -95,7 +102,7 @@ impl Application {
             settings,
         } = self;
         let api = BookingServiceServer::new(BookingApi::new(pool.clone(), settings.max_page_size))
-            .max_decoding_message_size(64 * 1024);
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
         let spec = ServeSpec {
             service_name: SERVICE_NAME,
             listener,
@@ -103,6 +110,8 @@ impl Application {
             pool: pool.clone(),
             metrics,
             args: settings.server.clone(),
+            default_grants: DEFAULT_GRANTS,
+            max_request_bytes: MAX_REQUEST_BYTES + 1024,
             health_interval: settings.health_interval,
             shutdown_timeout: settings.shutdown_timeout,
         };

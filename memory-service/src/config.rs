@@ -145,6 +145,8 @@ impl Settings {
     pub fn for_database(database_url: &str) -> Self {
         let mut settings = Cli::parse_from(["memory-service"]).settings;
         settings.database_url = database_url.to_owned();
+        // Tests bind loopback and opt into authentication where they test it.
+        settings.server.auth_mode = maitre::server::AuthMode::None;
         settings
     }
 

@@ -18,6 +18,13 @@ use crate::{config::Settings, grpc::MemoryApi, store};
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "maitre.memory.v1.MemoryService";
 
+/// Who may call what when AUTH_GRANTS is not set (README, Security):
+/// assistants use conversations, booking-service reads emotion history and
+/// delivers follow-ups, and only `admin` may erase a user's data.
+pub const DEFAULT_GRANTS: &str = "assistant=StoreMessage,GetConversation,ListMessages,\
+GetEmotionHistory,ListConversations,CloseConversation;\
+booking-service=GetEmotionHistory,StoreMessage;admin=*";
+
 /// A memory-service bound to its ports, ready to serve.
 pub struct Application {
     /// Bound before serving so that tests can ask for port 0 and learn it.
@@ -33,8 +40,7 @@ impl Application {
     /// and applies migrations unless `skip_migrations`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Fail on bad auth/TLS configuration before binding anything.
-        settings.server.tokens()?;
-        settings.server.tls()?;
+        settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
             .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
@@ -88,6 +94,9 @@ impl Application {
             pool,
             metrics,
             args: settings.server.clone(),
+            default_grants: DEFAULT_GRANTS,
+            // Framing and a little slack over the decoder's own limit.
+            max_request_bytes: settings.max_request_bytes() + 1024,
             health_interval: settings.health_interval,
             shutdown_timeout: settings.shutdown_timeout,
         };

@@ -3,18 +3,25 @@
 //!
 //! 1. identity: request id (`x-request-id`, echoed back) and W3C trace
 //!    context (`traceparent`), in a span and a task-local for the call;
-//! 2. authentication (bearer tokens), unless the server is open;
-//! 3. load shedding: past the global concurrency limit a call fails at once
+//! 2. authentication and authorization: the caller's name from its bearer
+//!    token or client certificate, and the grants for the method
+//!    (UNAUTHENTICATED / PERMISSION_DENIED), unless AUTH_MODE is `none`;
+//! 3. the request message is read in full, within `REQUEST_READ_TIMEOUT`
+//!    and a size cap, *before* any permit is taken: a stream that sends
+//!    HEADERS and then nothing holds no slot (every method of ours takes
+//!    one request message; reflection, a bidirectional stream, is exempt);
+//! 4. load shedding: past the global concurrency limit a call fails at once
 //!    with RESOURCE_EXHAUSTED instead of queueing without bound;
-//! 4. the deadline: the client's `grpc-timeout`, or the server default,
-//!    answered with DEADLINE_EXCEEDED;
-//! 5. metrics and one log line with method, code and duration.
+//! 5. the deadline: the client's `grpc-timeout` capped at `MAX_RPC_TIMEOUT`,
+//!    or the server default, answered with DEADLINE_EXCEEDED;
+//! 6. metrics and one log line with method, caller, code and duration.
 //!
-//! Health checks skip 2-4: the kubelet must always get an answer. Reflection
-//! skips 4 (it is a long-lived stream). Request content is never logged.
-//! Codes are read from response headers: tonic sends errors "trailers-only"
-//! (code in the headers); a response without `grpc-status` there is a
-//! successful answer whose OK follows in the trailers.
+//! Health checks skip 2, 4 and 5 (the kubelet must always get an answer);
+//! Health/Watch streams are bounded by their own limit instead. Reflection
+//! skips 3 and 5 (it is a long-lived stream). Request content is never
+//! logged. Codes are read from response headers: tonic sends errors
+//! "trailers-only" (code in the headers); a response without `grpc-status`
+//! there is a successful answer whose OK follows in the trailers.
 
 pub mod auth;
 pub mod context;
@@ -30,16 +37,31 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::Semaphore;
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, body::Body};
 use tower::{Layer, Service};
 use tracing::{Instrument, field::Empty};
 
-pub use self::{auth::TokenSet, context::CallContext};
-use crate::metrics::{Metrics, RpcLabels};
+pub use self::{
+    auth::{Grants, TokenSet},
+    context::CallContext,
+};
+use crate::metrics::{DeniedLabels, Metrics, RpcLabels};
 
 /// How much earlier than tonic's own grpc-timeout timer ours fires.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(3);
+
+/// Who may call what. `None` in [`RpcPolicy::access`] is AUTH_MODE=none.
+#[derive(Debug, Default)]
+pub struct Access {
+    /// Bearer tokens, each naming its caller.
+    pub tokens: TokenSet,
+    /// Whether client certificates (checked by TLS against the client CA)
+    /// name callers too.
+    pub client_certificates: bool,
+    pub grants: Grants,
+}
 
 /// What the layer enforces and where it reports.
 #[derive(Clone)]
@@ -49,28 +71,46 @@ pub struct RpcPolicy {
     pub known_methods: Arc<HashSet<String>>,
     /// Permits for calls in progress, shared by all connections.
     pub limiter: Arc<Semaphore>,
+    /// Permits for open Health/Watch streams.
+    pub health_watchers: Arc<Semaphore>,
     /// Deadline of calls that bring none.
     pub default_deadline: Duration,
-    /// Accepted bearer tokens; `None` leaves the server open.
-    pub tokens: Option<Arc<TokenSet>>,
+    /// The longest deadline a client may ask for.
+    pub max_deadline: Duration,
+    /// How long a client has to send its request message.
+    pub request_read_timeout: Duration,
+    /// Largest request body read (the decoder's own limit is lower).
+    pub max_request_bytes: usize,
+    /// `None` leaves the server open (AUTH_MODE=none).
+    pub access: Option<Arc<Access>>,
+}
+
+/// The limits of [`RpcPolicy`], from the server's flags.
+#[derive(Debug, Clone)]
+pub struct RpcLimits {
+    pub max_concurrent: usize,
+    pub max_health_watchers: usize,
+    pub default_deadline: Duration,
+    pub max_deadline: Duration,
+    pub request_read_timeout: Duration,
+    pub max_request_bytes: usize,
 }
 
 impl RpcPolicy {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        max_concurrent: usize,
-        default_deadline: Duration,
-        tokens: Option<TokenSet>,
-    ) -> Self {
+    pub fn new(metrics: Arc<Metrics>, limits: RpcLimits, access: Option<Access>) -> Self {
         Self {
             metrics,
             known_methods: Arc::new(methods::known_methods(&[
                 crate::api::FILE_DESCRIPTOR_SET,
                 tonic_health::pb::FILE_DESCRIPTOR_SET,
             ])),
-            limiter: Arc::new(Semaphore::new(max_concurrent.max(1))),
-            default_deadline,
-            tokens: tokens.filter(|t| !t.is_empty()).map(Arc::new),
+            limiter: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+            health_watchers: Arc::new(Semaphore::new(limits.max_health_watchers.max(1))),
+            default_deadline: limits.default_deadline.min(limits.max_deadline),
+            max_deadline: limits.max_deadline,
+            request_read_timeout: limits.request_read_timeout,
+            max_request_bytes: limits.max_request_bytes,
+            access: access.map(Arc::new),
         }
     }
 }
@@ -142,9 +182,48 @@ fn refusal<B: Default>(code: Code, reason: &str, message: &str) -> http::Respons
     crate::status::with_reason(code, "maitre", reason, message, HashMap::new()).into_http()
 }
 
-impl<S, ReqBody> Service<http::Request<ReqBody>> for Rpc<S>
+/// The caller's name, or the refusal to send instead.
+fn authenticate(
+    access: &Access,
+    request: &http::Request<impl Sized>,
+) -> Result<String, (Code, &'static str, &'static str)> {
+    if let Some(authorization) = request.headers().get("authorization") {
+        return authorization
+            .to_str()
+            .ok()
+            .and_then(|value| access.tokens.identify(value))
+            .map(str::to_owned)
+            .ok_or((
+                Code::Unauthenticated,
+                "UNAUTHENTICATED",
+                "invalid bearer token",
+            ));
+    }
+    if access.client_certificates {
+        let certificate = request
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        return certificate
+            .as_deref()
+            .and_then(auth::certificate_identity)
+            .ok_or((
+                Code::Unauthenticated,
+                "UNAUTHENTICATED",
+                "the client certificate names no caller (no DNS SubjectAltName or Common Name)",
+            ));
+    }
+    Err((
+        Code::Unauthenticated,
+        "UNAUTHENTICATED",
+        "missing bearer token (authorization: Bearer <token>)",
+    ))
+}
+
+impl<S> Service<http::Request<Body>> for Rpc<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<Body>>,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: std::fmt::Display + Send + 'static,
 {
@@ -156,7 +235,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let started = Instant::now();
         let path = request.uri().path().trim_start_matches('/');
         let method = if self.policy.known_methods.contains(path) {
@@ -165,81 +244,126 @@ where
             "unknown".to_owned()
         };
         let health = method.starts_with("grpc.health.v1.Health/");
-        let streaming = health || method.starts_with("grpc.reflection.");
+        let health_watch = method == "grpc.health.v1.Health/Watch";
+        let reflection = method.starts_with("grpc.reflection.");
         let context = CallContext::from_headers(request.headers());
         let span = tracing::info_span!(
             "rpc",
             method = %method,
             request_id = %context.request_id,
             trace_id = %context.trace.trace_id,
+            caller = Empty,
             code = Empty,
             duration_ms = Empty,
         );
         let outcome = Outcome {
             metrics: self.policy.metrics.clone(),
-            method,
+            method: method.clone(),
             request_id: context.request_id.clone(),
             started,
             span: span.clone(),
         };
-        let policy = &self.policy;
-
-        // Refusals are answered here, before any work or database access.
-        let authorization = request
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if !health
-            && policy
-                .tokens
-                .as_ref()
-                .is_some_and(|tokens| !tokens.accepts(authorization))
-        {
-            let response = refusal(
-                Code::Unauthenticated,
-                "UNAUTHENTICATED",
-                "missing or invalid bearer token",
-            );
-            return Box::pin(std::future::ready(Ok(outcome.finish(response))));
-        }
-        let permit = if health {
-            None
-        } else {
-            match policy.limiter.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    let response = refusal(
-                        Code::ResourceExhausted,
-                        "OVERLOADED",
-                        "server overloaded; retry with backoff",
-                    );
-                    return Box::pin(std::future::ready(Ok(outcome.finish(response))));
-                }
-            }
+        let policy = self.policy.clone();
+        let refuse = |outcome: Outcome, code, reason, message: &str| -> Self::Future {
+            let response = refusal(code, reason, message);
+            Box::pin(std::future::ready(Ok(outcome.finish(response))))
         };
 
-        // tonic's own timer for a client's grpc-timeout answers CANCELLED;
-        // ours fires a hair earlier so the caller gets DEADLINE_EXCEEDED.
+        // Refusals are answered here, before any work or database access.
+        if !health && let Some(access) = &policy.access {
+            let caller = match authenticate(access, &request) {
+                Ok(caller) => caller,
+                Err((code, reason, message)) => return refuse(outcome, code, reason, message),
+            };
+            span.record("caller", caller.as_str());
+            // Reflection describes the API, not data: any caller may use it.
+            // Paths this server does not serve fall through to UNIMPLEMENTED.
+            let granted =
+                reflection || method == "unknown" || access.grants.allows(&caller, &method);
+            if !granted {
+                let labels = DeniedLabels {
+                    caller: if access.grants.knows(&caller) {
+                        caller.clone()
+                    } else {
+                        "unknown".into()
+                    },
+                    method: method.clone(),
+                };
+                policy.metrics.rpc.denied.get_or_create(&labels).inc();
+                let message =
+                    format!("caller {caller:?} is not granted {method} (see AUTH_GRANTS)");
+                return refuse(
+                    outcome,
+                    Code::PermissionDenied,
+                    "METHOD_NOT_GRANTED",
+                    &message,
+                );
+            }
+        }
+
+        // The client's deadline, capped; tonic's own timer for it answers
+        // CANCELLED, so ours fires a hair earlier to say DEADLINE_EXCEEDED.
         let deadline = request
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(deadline::parse)
             .map(|d| {
-                d.saturating_sub(DEADLINE_MARGIN)
+                d.min(policy.max_deadline)
+                    .saturating_sub(DEADLINE_MARGIN)
                     .max(Duration::from_millis(1))
             })
             .unwrap_or(policy.default_deadline);
-        let future = span.in_scope(|| self.inner.call(request));
-        policy.metrics.rpc.in_flight.inc();
-        let in_flight = InFlight(policy.metrics.rpc.in_flight.clone());
+        let mut inner = self.inner.clone();
+        // Tower's contract: call the instance that was polled ready.
+        std::mem::swap(&mut inner, &mut self.inner);
         Box::pin(
             async move {
-                let call = context.scope(future);
-                let result = if streaming {
+                let request = if reflection {
+                    request
+                } else {
+                    match read_request(request, &policy, deadline, started).await {
+                        Ok(request) => request,
+                        Err((code, reason, message)) => {
+                            return Ok(outcome.finish(refusal(code, reason, message)));
+                        }
+                    }
+                };
+                let permit = if health_watch {
+                    match policy.health_watchers.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            let response = refusal(
+                                Code::ResourceExhausted,
+                                "TOO_MANY_WATCHERS",
+                                "too many Health/Watch streams open; poll Health/Check instead",
+                            );
+                            return Ok(outcome.finish(response));
+                        }
+                    }
+                } else if health {
+                    None
+                } else {
+                    match policy.limiter.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            let response = refusal(
+                                Code::ResourceExhausted,
+                                "OVERLOADED",
+                                "server overloaded; retry with backoff",
+                            );
+                            return Ok(outcome.finish(response));
+                        }
+                    }
+                };
+                let call = context.scope(inner.call(request));
+                policy.metrics.rpc.in_flight.inc();
+                let in_flight = InFlight(policy.metrics.rpc.in_flight.clone());
+                let result = if reflection || health_watch {
                     call.await
                 } else {
-                    match tokio::time::timeout(deadline, call).await {
+                    let remaining = deadline.saturating_sub(started.elapsed());
+                    match tokio::time::timeout(remaining, call).await {
                         Ok(result) => result,
                         Err(_) => Ok(refusal(
                             Code::DeadlineExceeded,
@@ -248,12 +372,105 @@ where
                         )),
                     }
                 };
-                drop(permit);
                 drop(in_flight);
-                Ok(outcome.finish(result?))
+                let response = result?;
+                // A Watch stream holds its permit for as long as it is open.
+                let response = if health_watch {
+                    let gauge = policy.metrics.rpc.health_watchers.clone();
+                    gauge.inc();
+                    response.map(|inner| {
+                        Body::new(Holding {
+                            inner,
+                            _permit: permit,
+                            gauge,
+                        })
+                    })
+                } else {
+                    drop(permit);
+                    response
+                };
+                Ok(outcome.finish(response))
             }
             .instrument(span),
         )
+    }
+}
+
+/// The request with its body read in full, or why it could not be.
+async fn read_request(
+    request: http::Request<Body>,
+    policy: &RpcPolicy,
+    deadline: Duration,
+    started: Instant,
+) -> Result<http::Request<Body>, (Code, &'static str, &'static str)> {
+    let (parts, body) = request.into_parts();
+    let limited = http_body_util::Limited::new(body, policy.max_request_bytes);
+    let wait = policy
+        .request_read_timeout
+        .min(deadline)
+        .saturating_sub(started.elapsed());
+    match tokio::time::timeout(wait, limited.collect()).await {
+        Ok(Ok(collected)) => {
+            let trailers = collected.trailers().cloned();
+            let mut body = http_body_util::Full::new(collected.to_bytes())
+                .map_err(|never| match never {})
+                .boxed_unsync();
+            if let Some(trailers) = trailers {
+                body = body
+                    .with_trailers(std::future::ready(Some(Ok(trailers))))
+                    .boxed_unsync();
+            }
+            Ok(http::Request::from_parts(parts, Body::new(body)))
+        }
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err((
+            Code::ResourceExhausted,
+            "REQUEST_TOO_LARGE",
+            "request message too large for this server",
+        )),
+        Ok(Err(_)) => Err((
+            Code::Cancelled,
+            "REQUEST_ABORTED",
+            "the client stopped sending its request",
+        )),
+        Err(_) => Err((
+            Code::DeadlineExceeded,
+            "REQUEST_READ_TIMEOUT",
+            "request message not received in time (REQUEST_READ_TIMEOUT)",
+        )),
+    }
+}
+
+/// A response body that holds a permit (and counts itself in a gauge)
+/// until the stream ends or the client goes away.
+struct Holding {
+    inner: Body,
+    _permit: Option<OwnedSemaphorePermit>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

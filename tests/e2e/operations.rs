@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use maitre::server::AuthMode;
 use maitre::{
     api::booking::v1::FollowUpState,
     testkit::{http_get, sample, wait_for},
@@ -115,7 +116,11 @@ async fn booking_metrics_show_rpcs_queues_jobs_and_follow_ups() {
     stack.shutdown().await;
 }
 
+/// booking-service's token at memory-service: it may read emotion history
+/// and deliver, nothing more.
 const MEMORY_TOKEN: &str = "booking-to-memory-token-0001";
+/// The test's own client of memory-service (it reads messages back).
+const MEMORY_ADMIN_TOKEN: &str = "admin-of-memory-token-000001";
 const BOOKING_TOKEN: &str = "assistant-to-booking-token-01";
 
 #[tokio::test]
@@ -124,12 +129,18 @@ async fn both_hops_authenticate_and_the_follow_up_still_arrives() {
         std::env::temp_dir().join(format!("maitre-token-{}", uuid::Uuid::now_v7().simple()));
     std::fs::write(&token_file, format!("{MEMORY_TOKEN}\n")).expect("token file");
     let stack = spawn_stack_with_memory(
-        |memory| memory.server.auth_tokens = Some(MEMORY_TOKEN.into()),
+        |memory| {
+            memory.server.auth_mode = AuthMode::Required;
+            memory.server.auth_tokens = Some(format!(
+                "booking-service:{MEMORY_TOKEN},admin:{MEMORY_ADMIN_TOKEN}"
+            ));
+        },
         |booking| {
-            booking.server.auth_tokens = Some(BOOKING_TOKEN.into());
+            booking.server.auth_mode = AuthMode::Required;
+            booking.server.auth_tokens = Some(format!("admin:{BOOKING_TOKEN}"));
             booking.memory_service_token_file = Some(token_file.clone());
         },
-        Some(MEMORY_TOKEN),
+        Some(MEMORY_ADMIN_TOKEN),
         Some(BOOKING_TOKEN),
     )
     .await;

@@ -113,6 +113,8 @@ fn command(service: Service) -> Command {
     command
         .env("RUST_LOG", if test_log() { "info" } else { "warn" })
         .env("LOG_FORMAT", "text")
+        // Loopback only; drills that test authentication set their own.
+        .env("AUTH_MODE", "none")
         .stdin(Stdio::null());
     command
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access;
 mod conversations;
 mod fuzz;
 mod health_and_reflection;

@@ -11,7 +11,9 @@ use maitre::{
 use tonic::{Code, Request, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::support::{TestApp, reason, spawn_app, spawn_app_with, timerless_client};
+use maitre::server::AuthMode;
+
+use crate::support::{TestApp, make_pki, reason, spawn_app, spawn_app_with, timerless_client};
 
 /// Holds a conversation's row lock in an open transaction, so every
 /// StoreMessage on that conversation waits: a slow database, on demand.
@@ -259,7 +261,10 @@ fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
 #[tokio::test]
 async fn with_tokens_configured_only_the_right_token_gets_in() {
     let app = spawn_app_with(|s| {
-        s.server.auth_tokens = Some(format!("{TOKEN},another-valid-token-00002"))
+        s.server.auth_mode = AuthMode::Required;
+        s.server.auth_tokens = Some(format!(
+            "assistant:{TOKEN},booking-service:another-valid-token-00002"
+        ))
     })
     .await;
     let mut client = app.client.clone();
@@ -316,49 +321,11 @@ async fn reflection_can_be_switched_off() {
     assert_eq!(status.code(), Code::Unimplemented);
 }
 
-/// A CA, a server certificate for localhost/127.0.0.1 and a client
-/// certificate, written to a temporary directory.
-struct Pki {
-    dir: std::path::PathBuf,
-    ca_pem: String,
-    client_cert_pem: String,
-    client_key_pem: String,
-}
-
-fn make_pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-    let issuer = Issuer::new(ca_params, &ca_key);
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(names)
-            .expect("params")
-            .signed_by(&key, &issuer)
-            .expect("sign");
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
-    let (client_cert_pem, client_key_pem) = leaf(vec!["booking-service".into()]);
-    let dir = std::env::temp_dir().join(format!("maitre-pki-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).expect("pki dir");
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
-    std::fs::write(dir.join("server.pem"), server_cert).expect("write");
-    std::fs::write(dir.join("server.key"), server_key).expect("write");
-    Pki {
-        dir,
-        ca_pem: ca_cert.pem(),
-        client_cert_pem,
-        client_key_pem,
-    }
-}
-
 #[tokio::test]
 async fn mtls_admits_clients_with_a_certificate_and_refuses_others() {
-    let pki = make_pki();
+    let pki = make_pki(&["booking-service"]);
     let app = spawn_app_with(|s| {
+        s.server.auth_mode = AuthMode::Required;
         s.server.tls_cert_file = Some(pki.dir.join("server.pem"));
         s.server.tls_key_file = Some(pki.dir.join("server.key"));
         s.server.tls_client_ca_file = Some(pki.dir.join("ca.pem"));
@@ -378,13 +345,11 @@ async fn mtls_admits_clients_with_a_certificate_and_refuses_others() {
             .expect("tls")
     };
 
-    let channel = endpoint(Some(Identity::from_pem(
-        &pki.client_cert_pem,
-        &pki.client_key_pem,
-    )))
-    .connect()
-    .await
-    .expect("handshake with a client certificate");
+    let (client_cert_pem, client_key_pem) = &pki.clients[0];
+    let channel = endpoint(Some(Identity::from_pem(client_cert_pem, client_key_pem)))
+        .connect()
+        .await
+        .expect("handshake with a client certificate");
     MemoryServiceClient::new(channel)
         .store_message(TestApp::message("", "tls", "over mTLS", None))
         .await

@@ -227,3 +227,44 @@ pub async fn timerless_client(addr: SocketAddr) -> TimerlessClient {
     let origin = format!("http://{addr}").parse().expect("origin");
     MemoryServiceClient::with_origin(tower::util::BoxCloneService::new(service), origin)
 }
+
+/// A CA, a server certificate for localhost/127.0.0.1 and client
+/// certificates (one per name, as DNS SAN), written to a temporary directory.
+pub struct Pki {
+    pub dir: std::path::PathBuf,
+    pub ca_pem: String,
+    /// (certificate, key) PEM of one client certificate per name asked for.
+    pub clients: Vec<(String, String)>,
+}
+
+pub fn make_pki(client_names: &[&str]) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(names)
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let clients = client_names
+        .iter()
+        .map(|name| leaf(vec![(*name).to_owned()]))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("maitre-pki-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("pki dir");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write");
+    std::fs::write(dir.join("server.pem"), server_cert).expect("write");
+    std::fs::write(dir.join("server.key"), server_key).expect("write");
+    Pki {
+        dir,
+        ca_pem: ca_cert.pem(),
+        clients,
+    }
+}
