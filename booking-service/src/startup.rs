@@ -95,7 +95,8 @@ impl Application {
             settings,
         } = self;
         let api = BookingServiceServer::new(BookingApi::new(pool.clone(), settings.max_page_size))
-            .max_decoding_message_size(64 * 1024);
+            .max_decoding_message_size(64 * 1024)
+            .max_encoding_message_size(4 * 1024 * 1024 - 64 * 1024); // under clients' 4 MiB default
         let spec = ServeSpec {
             service_name: SERVICE_NAME,
             listener,
