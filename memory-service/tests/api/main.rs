@@ -6,6 +6,7 @@ mod support;
 mod conversations;
 mod fuzz;
 mod health_and_reflection;
+mod limits;
 mod operations;
 mod reads;
 mod store_message;
