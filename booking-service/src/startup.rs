@@ -35,6 +35,9 @@ ListBookings,CancelBooking,ListFollowUps;admin=*";
 /// Largest request message accepted (every booking request is small).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// Largest response encoded: under the 4 MiB most clients accept by default.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
 /// A booking-service bound to its ports, ready to serve.
 pub struct Application {
     /// Bound before serving so tests can ask for port 0 and learn it.
@@ -102,7 +105,8 @@ impl Application {
             settings,
         } = self;
         let api = BookingServiceServer::new(BookingApi::new(pool.clone(), settings.max_page_size))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let spec = ServeSpec {
             service_name: SERVICE_NAME,
             listener,

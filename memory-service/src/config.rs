@@ -6,7 +6,12 @@
 //! `MEMORY_SKIP_MIGRATIONS`, `MEMORY_HEALTH_INTERVAL`, `MEMORY_SHUTDOWN_TIMEOUT`,
 //! `LOG_FORMAT`, `RUST_LOG`, `MEMORY_MAX_CONTENT_BYTES`,
 //! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MEMORY_MAX_PAGE_SIZE`,
+//! `MEMORY_MAX_PAGE_BYTES`, `MEMORY_MAX_DISTINCT_LABELS`,
 //! and those of [`maitre::server::ServerArgs`] (auth, TLS, limits, reflection).
+//!
+//! [`Settings::check_limits`] refuses, at start-up, limits under which an
+//! answer could outgrow [`MAX_RESPONSE_BYTES`]: such a call would fail only
+//! after its work was done.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -17,7 +22,14 @@ use maitre::{
     telemetry::LogFormat,
 };
 
-use crate::domain::Limits;
+use anyhow::ensure;
+
+use crate::{domain::Limits, startup::MAX_RESPONSE_BYTES};
+
+/// What a response wrapping one item adds to the item's own encoding, at
+/// most: field tags and lengths, ids and a timestamp the request did not
+/// carry, a page token (under 100 bytes).
+const ENVELOPE_BYTES: usize = 1024;
 
 /// maitre memory-service: stores every chat message with its emotion score
 /// and keeps per-conversation emotion statistics and history, over gRPC.
@@ -136,6 +148,22 @@ pub struct Settings {
     )]
     pub max_page_size: u32,
 
+    /// Largest encoded ListMessages / ListConversations page, in bytes: a page
+    /// holds fewer than page_size items when the next would pass this (never
+    /// fewer than one). At most 4128768, the largest response the server sends.
+    #[arg(long, env = "MEMORY_MAX_PAGE_BYTES", default_value_t = 1024 * 1024, global = true)]
+    pub max_page_bytes: usize,
+
+    /// Most distinct emotion labels counted per conversation; scores with a
+    /// further label are counted under the label "~other".
+    #[arg(
+        long,
+        env = "MEMORY_MAX_DISTINCT_LABELS",
+        default_value_t = 32,
+        global = true
+    )]
+    pub max_distinct_labels: u32,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -167,8 +195,47 @@ impl Settings {
             max_metadata_bytes: self.max_metadata_bytes,
             max_label_chars: self.max_label_chars,
             max_page_size: self.max_page_size,
+            max_page_bytes: self.max_page_bytes,
+            max_distinct_labels: self.max_distinct_labels,
             ..Limits::default()
         }
+    }
+
+    /// Refuses limits under which some answer could exceed
+    /// [`MAX_RESPONSE_BYTES`]. The server would still do the work (a
+    /// StoreMessage would store a message it then fails to echo) and only the
+    /// encoding would fail, so this is checked once, before serving.
+    pub fn check_limits(&self) -> anyhow::Result<()> {
+        let limits = self.limits();
+        ensure!(
+            (1..=MAX_RESPONSE_BYTES).contains(&limits.max_page_bytes),
+            "MEMORY_MAX_PAGE_BYTES (--max-page-bytes) is {}: it must be between 1 and \
+             {MAX_RESPONSE_BYTES}, the largest response the server encodes",
+            limits.max_page_bytes
+        );
+        ensure!(
+            limits.max_distinct_labels >= 1,
+            "MEMORY_MAX_DISTINCT_LABELS (--max-distinct-labels) must be at least 1"
+        );
+        ensure!(
+            self.max_request_bytes() + ENVELOPE_BYTES <= MAX_RESPONSE_BYTES,
+            "MEMORY_MAX_CONTENT_BYTES and MEMORY_MAX_METADATA_BYTES admit messages of up to \
+             {} bytes, too large to echo or list under the {MAX_RESPONSE_BYTES}-byte response limit",
+            self.max_request_bytes()
+        );
+        ensure!(
+            limits.largest_conversation_bytes() + ENVELOPE_BYTES <= MAX_RESPONSE_BYTES,
+            "MEMORY_MAX_DISTINCT_LABELS and MEMORY_MAX_LABEL_CHARS admit conversations of up to \
+             {} bytes, over the {MAX_RESPONSE_BYTES}-byte response limit",
+            limits.largest_conversation_bytes()
+        );
+        ensure!(
+            limits.largest_history_bytes() + ENVELOPE_BYTES <= MAX_RESPONSE_BYTES,
+            "MEMORY_MAX_LABEL_CHARS admits emotion histories of up to {} bytes, over the \
+             {MAX_RESPONSE_BYTES}-byte response limit",
+            limits.largest_history_bytes()
+        );
+        Ok(())
     }
 
     /// Largest gRPC request the decoder accepts: the content limit plus room

@@ -25,6 +25,14 @@ pub const DEFAULT_GRANTS: &str = "assistant=StoreMessage,GetConversation,ListMes
 GetEmotionHistory,ListConversations,CloseConversation;\
 booking-service=GetEmotionHistory,StoreMessage;admin=*";
 
+/// Largest response the server encodes. Most gRPC clients refuse to receive
+/// more than 4 MiB by default, so a larger answer would fail at the client
+/// after the server had built it; 64 KiB stay free for framing and trailers.
+/// Limits that could produce a larger answer are refused at start-up
+/// (`Settings::check_limits`), and listings are cut well below it
+/// (`MEMORY_MAX_PAGE_BYTES`).
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+
 /// A memory-service bound to its ports, ready to serve.
 pub struct Application {
     /// Bound before serving so that tests can ask for port 0 and learn it.
@@ -39,7 +47,8 @@ impl Application {
     /// Binds the ports, builds the pool (lazily: the database may be down)
     /// and applies migrations unless `skip_migrations`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        // Fail on bad auth/TLS configuration before binding anything.
+        // Fail on bad limits, auth or TLS configuration before binding anything.
+        settings.check_limits()?;
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
@@ -86,7 +95,8 @@ impl Application {
             settings,
         } = self;
         let api = MemoryServiceServer::new(MemoryApi::new(pool.clone(), settings.limits()))
-            .max_decoding_message_size(settings.max_request_bytes());
+            .max_decoding_message_size(settings.max_request_bytes())
+            .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let spec = ServeSpec {
             service_name: SERVICE_NAME,
             listener,

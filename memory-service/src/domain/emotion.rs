@@ -9,6 +9,12 @@ pub const TREND_WINDOW: usize = 10;
 /// that counts as improving or declining rather than stable.
 pub const TREND_THRESHOLD: f64 = 0.15;
 
+/// The `label_counts` key that counts scores whose label arrived after the
+/// conversation already held `max_distinct_labels` labels. `~` is outside the
+/// label alphabet (a-z, 0-9, `_`, `-`), so no caller's label can collide with
+/// it, whatever its case or surrounding spaces.
+pub const OVERFLOW_LABEL: &str = "~other";
+
 /// The emotion detected in one message, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Emotion {

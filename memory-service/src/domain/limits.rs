@@ -1,7 +1,7 @@
-//! Size limits on what callers may send. All configurable (see `config.rs`);
-//! the defaults suit chat messages.
+//! Size limits on what callers may send and on what the service answers and
+//! keeps. All configurable (see `config.rs`); the defaults suit chat messages.
 
-/// Bounds enforced on every request.
+/// Bounds enforced on every request, response and conversation.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest `content`, in bytes (UTF-8).
@@ -20,6 +20,12 @@ pub struct Limits {
     pub max_page_size: u32,
     /// Most points GetEmotionHistory returns.
     pub max_history_limit: u32,
+    /// Largest encoded listing page (messages or conversations plus the
+    /// page token), in bytes; a page always holds at least one item.
+    pub max_page_bytes: usize,
+    /// Most distinct emotion labels counted per conversation; scores with
+    /// further labels are counted under [`OVERFLOW_LABEL`](super::emotion::OVERFLOW_LABEL).
+    pub max_distinct_labels: u32,
 }
 
 impl Default for Limits {
@@ -33,6 +39,25 @@ impl Default for Limits {
             max_tool_items: 64,
             max_page_size: 500,
             max_history_limit: 200,
+            max_page_bytes: 1024 * 1024,
+            max_distinct_labels: 32,
         }
+    }
+}
+
+impl Limits {
+    /// An upper bound on one encoded `Conversation`: 2 KiB for ids, channel,
+    /// counters and timestamps (under 1 KiB even with user id and channel at
+    /// 4 bytes a character), plus one `label_counts` entry (tags, lengths, a
+    /// 10-byte count) per distinct label and the overflow bucket.
+    pub fn largest_conversation_bytes(&self) -> usize {
+        let entry = self.max_label_chars + 19;
+        2 * 1024 + (self.max_distinct_labels as usize + 1) * entry
+    }
+
+    /// An upper bound on one encoded GetEmotionHistory answer: per point,
+    /// the label plus about 90 bytes of id, sequence, score and timestamp.
+    pub fn largest_history_bytes(&self) -> usize {
+        self.max_history_limit as usize * (self.max_label_chars + 128)
     }
 }

@@ -1,6 +1,7 @@
 //! The gRPC surface: thin handlers that parse, call the store, convert back.
 
 pub mod convert;
+pub mod paging;
 
 use maitre::{
     api::memory::v1::{self as pb, memory_service_server::MemoryService},
@@ -44,9 +45,15 @@ impl MemoryService for MemoryApi {
     ) -> Reply<pb::StoreMessageResponse> {
         let message = NewMessage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
         let message_id = Uuid::now_v7();
-        let outcome = store::messages::store(&self.pool, message_id, &message, maitre::db::now())
-            .await
-            .map_err(Error::from)?;
+        let outcome = store::messages::store(
+            &self.pool,
+            message_id,
+            &message,
+            maitre::db::now(),
+            self.limits.max_distinct_labels,
+        )
+        .await
+        .map_err(Error::from)?;
         let response = match outcome {
             StoreOutcome::Stored {
                 message_id,
@@ -98,30 +105,31 @@ impl MemoryService for MemoryApi {
         request: Request<pb::ListMessagesRequest>,
     ) -> Reply<pb::ListMessagesResponse> {
         let page = MessagePage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
-        let mut rows = store::messages::list(&self.pool, &page)
-            .await
-            .map_err(Error::from)?;
+        let token_query = MessagePage::token_query(page.conversation_id, page.order);
+        let filled = paging::fill(
+            store::messages::list(&self.pool, &page),
+            page.page_size,
+            self.limits.max_page_bytes,
+            paging::token_reserve(&pagination::encode(&token_query, &i64::MAX)),
+            |row| {
+                let message = convert::message(row);
+                let sequence = message.sequence;
+                (message, sequence)
+            },
+        )
+        .await
+        .map_err(Error::from)?;
         // A conversation always holds at least one message, so an empty first
         // page means there is no such conversation.
-        if rows.is_empty() && page.after.is_none() {
+        if filled.items.is_empty() && page.after.is_none() {
             return Err(Error::ConversationNotFound(page.conversation_id).into());
         }
-        let next_page_token = if rows.len() > page.page_size as usize {
-            rows.truncate(page.page_size as usize);
-            rows.last()
-                .map(|last| {
-                    pagination::encode(
-                        &MessagePage::token_query(page.conversation_id, page.order),
-                        &last.seq,
-                    )
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
         Ok(Response::new(pb::ListMessagesResponse {
-            messages: rows.into_iter().map(convert::message).collect(),
-            next_page_token,
+            messages: filled.items,
+            next_page_token: filled
+                .next
+                .map(|sequence| pagination::encode(&token_query, &sequence))
+                .unwrap_or_default(),
         }))
     }
 
@@ -153,29 +161,33 @@ impl MemoryService for MemoryApi {
     ) -> Reply<pb::ListConversationsResponse> {
         let page =
             ConversationPage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
-        let mut rows = store::conversations::list_for_user(&self.pool, &page)
-            .await
-            .map_err(Error::from)?;
-        let next_page_token = if rows.len() > page.page_size as usize {
-            rows.truncate(page.page_size as usize);
-            rows.last()
-                .map(|last| {
-                    let cursor = ConversationCursor {
-                        in_closed: last.closed_at.is_some(),
-                        last_id: last.id,
-                    };
-                    pagination::encode(
-                        &ConversationPage::token_query(&page.user_id, page.active_only),
-                        &cursor,
-                    )
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let token_query = ConversationPage::token_query(&page.user_id, page.active_only);
+        // The longest cursor: `false` is one character longer than `true`.
+        let longest = ConversationCursor {
+            in_closed: false,
+            last_id: Uuid::max(),
         };
+        let filled = paging::fill(
+            store::conversations::list_for_user(&self.pool, &page),
+            page.page_size,
+            self.limits.max_page_bytes,
+            paging::token_reserve(&pagination::encode(&token_query, &longest)),
+            |row| {
+                let cursor = ConversationCursor {
+                    in_closed: row.closed_at.is_some(),
+                    last_id: row.id,
+                };
+                (convert::conversation(row), cursor)
+            },
+        )
+        .await
+        .map_err(Error::from)?;
         Ok(Response::new(pb::ListConversationsResponse {
-            conversations: rows.into_iter().map(convert::conversation).collect(),
-            next_page_token,
+            conversations: filled.items,
+            next_page_token: filled
+                .next
+                .map(|cursor| pagination::encode(&token_query, &cursor))
+                .unwrap_or_default(),
         }))
     }
 

@@ -1,6 +1,7 @@
 //! Reading, closing and erasing conversations.
 
 use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -61,12 +62,13 @@ pub async fn exists(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
     .await
 }
 
-/// A page of a user's conversations (see [`LIST_FOR_USER`]). Returns one row more than the page size when another page follows.
-#[tracing::instrument(skip_all, fields(user_id = %page.user_id))]
-pub async fn list_for_user(
-    pool: &PgPool,
+/// A page of a user's conversations (see [`LIST_FOR_USER`]), plus one extra
+/// row when another page follows, as a stream that the caller stops reading
+/// once the page's byte budget is spent (see [`super::messages::list`]).
+pub fn list_for_user<'a>(
+    pool: &'a PgPool,
     page: &ConversationPage,
-) -> Result<Vec<ConversationRow>, sqlx::Error> {
+) -> BoxStream<'a, Result<ConversationRow, sqlx::Error>> {
     // The largest UUID: "start from the newest" without an `IS NULL` branch
     // that would keep the planner from using the index.
     let newest = Uuid::max();
@@ -75,14 +77,13 @@ pub async fn list_for_user(
         .map(|c| (c.in_closed, c.last_id))
         .unwrap_or((false, newest));
     sqlx::query_as::<_, ConversationRow>(LIST_FOR_USER)
-        .bind(&page.user_id)
+        .bind(page.user_id.clone())
         .bind(in_closed)
         .bind(last_id)
         .bind(page.active_only)
         .bind(i64::from(page.page_size) + 1)
         .bind(newest)
-        .fetch_all(pool)
-        .await
+        .fetch(pool)
 }
 
 /// Closes a conversation (idempotent: closing twice keeps the first time).

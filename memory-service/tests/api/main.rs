@@ -7,6 +7,7 @@ mod access;
 mod conversations;
 mod fuzz;
 mod health_and_reflection;
+mod limits;
 mod operations;
 mod reads;
 mod store_message;
