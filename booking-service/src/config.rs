@@ -125,7 +125,7 @@ pub struct Settings {
     #[arg(long, env = "MEMORY_CALL_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
     pub memory_call_timeout: Duration,
 
-    /// Most database connections the pool opens (workers hold one each for LISTEN).
+    /// Most database connections the API pool opens (the follow-up workers have their own pool, WORKER_DB_MAX_CONNECTIONS).
     #[arg(
         long,
         env = "BOOKING_DB_MAX_CONNECTIONS",
@@ -430,4 +430,71 @@ fn url_is_loopback(url: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str) -> Settings {
+        Settings::for_database("postgres://localhost/x", url)
+    }
+
+    fn refusal(settings: &Settings) -> String {
+        match settings.memory_client() {
+            Ok(_) => panic!("accepted a set-up that leaks or drops a credential"),
+            Err(error) => format!("{error:#}"),
+        }
+    }
+
+    fn temp_file(content: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("maitre-cfg-{}", uuid::Uuid::now_v7()));
+        std::fs::write(&path, content).expect("write");
+        path
+    }
+
+    #[test]
+    fn tls_material_with_a_plaintext_url_is_refused() {
+        let mut with_ca = settings("http://memory:50051");
+        with_ca.memory_service_ca_file = Some(temp_file("ca"));
+        assert!(refusal(&with_ca).contains("use https://"));
+
+        let mut with_cert = settings("http://memory:50051");
+        with_cert.memory_service_client_cert_file = Some(temp_file("cert"));
+        with_cert.memory_service_client_key_file = Some(temp_file("key"));
+        assert!(refusal(&with_cert).contains("use https://"));
+    }
+
+    #[test]
+    fn a_client_certificate_without_a_ca_is_refused() {
+        let mut s = settings("https://memory:50051");
+        s.memory_service_client_cert_file = Some(temp_file("cert"));
+        s.memory_service_client_key_file = Some(temp_file("key"));
+        assert!(refusal(&s).contains("needs MEMORY_SERVICE_CA_FILE"));
+    }
+
+    #[test]
+    fn https_without_a_ca_is_refused() {
+        assert!(refusal(&settings("https://memory:50051")).contains("MEMORY_SERVICE_CA_FILE"));
+    }
+
+    #[test]
+    fn empty_and_placeholder_tokens_are_refused() {
+        let mut s = settings("http://127.0.0.1:50051");
+        s.memory_service_token_file = Some(temp_file("\n"));
+        assert!(refusal(&s).contains("is empty"));
+        s.memory_service_token_file = Some(temp_file("CHANGE-ME-booking-token-0001\n"));
+        assert!(refusal(&s).contains("placeholder"));
+        s.memory_service_token_file = Some(temp_file("a-real-looking-token-000001\n"));
+        let client = s.memory_client().expect("a real token over loopback");
+        assert_eq!(client.token.as_deref(), Some("a-real-looking-token-000001"));
+    }
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        assert!(url_is_loopback("http://127.0.0.1:50051"));
+        assert!(url_is_loopback("http://localhost:50051"));
+        assert!(url_is_loopback("http://[::1]:50051"));
+        assert!(!url_is_loopback("http://memory-service:50051"));
+    }
 }

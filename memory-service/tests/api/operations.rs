@@ -366,3 +366,81 @@ async fn mtls_admits_clients_with_a_certificate_and_refuses_others() {
     assert_eq!(app.count("SELECT count(*) FROM memory.messages").await, 1);
     let _ = std::fs::remove_dir_all(&pki.dir);
 }
+
+#[tokio::test]
+async fn a_client_cannot_ask_for_a_deadline_longer_than_the_servers_maximum() {
+    let app = spawn_app_with(|s| s.server.max_rpc_timeout = Duration::from_secs(1)).await;
+    let conversation = uuid::Uuid::now_v7().to_string();
+    app.store(TestApp::message(&conversation, "cap", "first", None))
+        .await
+        .expect("stored");
+    let lock = block_conversation(&app, &conversation).await;
+    let mut request = Request::new(TestApp::message(&conversation, "cap", "late", None));
+    // The largest value the header can carry: about 11,400 years.
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "99999999H".parse().expect("header"));
+    let started = Instant::now();
+    let status = timerless_client(app.addr)
+        .await
+        .store_message(request)
+        .await
+        .expect_err("capped deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    lock.rollback().await.expect("release");
+}
+
+#[tokio::test]
+async fn a_saturated_pool_does_not_turn_readiness_off() {
+    // Two pooled connections, both held by calls waiting on a row lock: the
+    // pool is exhausted, the database is fine, and readiness must say so.
+    let app = spawn_app_with(|s| {
+        s.db_max_connections = 2;
+        s.db_acquire_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let conversation = uuid::Uuid::now_v7().to_string();
+    app.store(TestApp::message(&conversation, "pool", "first", None))
+        .await
+        .expect("stored");
+    let lock = block_conversation(&app, &conversation).await;
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let mut client = app.client.clone();
+            let request = TestApp::message(&conversation, "pool", &format!("held {i}"), None);
+            tokio::spawn(async move { client.store_message(request).await })
+        })
+        .collect();
+    // The pool is exhausted: another call cannot get a connection.
+    let starved =
+        maitre::testkit::wait_for("an exhausted pool", Duration::from_secs(10), || async {
+            let mut client = app.client.clone();
+            let request = TestApp::message("", "pool-other", "starved", None);
+            client
+                .store_message(request)
+                .await
+                .err()
+                .filter(|s| s.code() == Code::Unavailable)
+        })
+        .await;
+    assert_eq!(starved.code(), Code::Unavailable);
+    // Readiness is re-checked every 200 ms here: watch it for 2 s.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(
+            app.health("").await.expect("health"),
+            ServingStatus::Serving as i32,
+            "a busy pool is not a dead database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lock.rollback().await.expect("release");
+    for call in held {
+        call.await.expect("join").expect("held calls complete");
+    }
+}
