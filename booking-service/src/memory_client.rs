@@ -210,6 +210,7 @@ mod tests {
             request_id: "plan-42".into(),
             trace: TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
                 .unwrap(),
+            caller: None,
         };
         let request = call.scope(async { client.request(()) }).await;
         let metadata = request.metadata();

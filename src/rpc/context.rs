@@ -1,7 +1,9 @@
-//! Who a call is: its request id (from `x-request-id`, or generated) and its
-//! W3C trace context (from `traceparent`, or a new trace). Both ride along
-//! in a task-local for the length of the call, so log lines carry them and
-//! outgoing calls (booking → memory) pass them on.
+//! Who a call is: its request id (from `x-request-id`, or generated), its
+//! W3C trace context (from `traceparent`, or a new trace) and, once the RPC
+//! layer has authenticated it, the caller's name. They ride along in a
+//! task-local for the length of the call, so log lines carry them, outgoing
+//! calls (booking → memory) pass the first two on, and handlers can scope
+//! what a caller may see or claim (e.g. idempotency keys) by its name.
 
 use uuid::Uuid;
 
@@ -16,6 +18,9 @@ const MAX_REQUEST_ID: usize = 128;
 pub struct CallContext {
     pub request_id: String,
     pub trace: TraceParent,
+    /// The authenticated caller (`AUTH_GRANTS` name); `None` when the
+    /// server runs with AUTH_MODE=none or outside a call.
+    pub caller: Option<String>,
 }
 
 impl CallContext {
@@ -37,7 +42,16 @@ impl CallContext {
             .and_then(TraceParent::parse)
             .map(|parent| parent.child())
             .unwrap_or_else(TraceParent::new_root);
-        Self { request_id, trace }
+        Self {
+            request_id,
+            trace,
+            caller: None,
+        }
+    }
+
+    /// The current call's authenticated caller name, if any.
+    pub fn current_caller() -> Option<String> {
+        CURRENT.try_with(|c| c.caller.clone()).ok().flatten()
     }
 
     /// The context of the running call or job, if any.

@@ -246,7 +246,7 @@ where
         let health = method.starts_with("grpc.health.v1.Health/");
         let health_watch = method == "grpc.health.v1.Health/Watch";
         let reflection = method.starts_with("grpc.reflection.");
-        let context = CallContext::from_headers(request.headers());
+        let mut context = CallContext::from_headers(request.headers());
         let span = tracing::info_span!(
             "rpc",
             method = %method,
@@ -276,6 +276,7 @@ where
                 Err((code, reason, message)) => return refuse(outcome, code, reason, message),
             };
             span.record("caller", caller.as_str());
+            context.caller = Some(caller.clone());
             // Reflection describes the API, not data: any caller may use it.
             // Paths this server does not serve fall through to UNIMPLEMENTED.
             let granted =

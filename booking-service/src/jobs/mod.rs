@@ -123,6 +123,7 @@ fn job_context(kind: &str, id: Uuid, attempt: u32, trace_parent: Option<&str>) -
     CallContext {
         request_id: format!("{kind}-{id}-{attempt}"),
         trace,
+        caller: None,
     }
 }
 
