@@ -146,7 +146,7 @@ for m in StoreMessage GetConversation ListMessages GetEmotionHistory ListConvers
     contains "MemoryService describes $m" "rpc $m ("
 done
 ok "$booking_addr" describe "$booking_svc"
-for m in CreateSlot ListAvailability CreateBooking GetBooking ListBookings CancelBooking ListFollowUps; do
+for m in CreateSlot ListAvailability CreateBooking GetBooking ListBookings CancelBooking ListFollowUps EraseCustomer; do
     contains "BookingService describes $m" "rpc $m ("
 done
 ok "$memory_addr" describe maitre.memory.v1.StoreMessageRequest

@@ -1,10 +1,12 @@
 //! booking-service's one error type, and its one mapping to gRPC status.
 //! Internal causes are logged with their chain, never shown to the caller.
+//! No message or metadata carries a customer id: statuses end up in logs.
 
 use std::collections::HashMap;
 
 use maitre::status::{FieldViolations, database_status, with_reason};
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 use uuid::Uuid;
 
 /// The `ErrorInfo.domain` of every error this service returns.
@@ -26,6 +28,22 @@ pub enum Error {
     SlotStarted(Uuid),
     #[error("booking {0} not found")]
     BookingNotFound(Uuid),
+    #[error(
+        "request_id was already used for a different request; use a new request_id for a new request"
+    )]
+    RequestIdReused,
+    #[error("conversation {0} belongs to another customer")]
+    ConversationOfAnotherCustomer(Uuid),
+    #[error(
+        "booking-service erased its part, but memory-service could not be reached to erase \
+         the conversations: call EraseCustomer again to finish"
+    )]
+    MemoryUnavailable,
+    #[error(
+        "booking-service erased its part, but memory-service refused to erase the \
+         conversations ({code:?}: {message}): call EraseCustomer again once that is fixed"
+    )]
+    MemoryRefused { code: Code, message: String },
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }
@@ -71,7 +89,110 @@ impl From<Error> for Status {
                 message,
                 HashMap::from([("booking_id".into(), id.to_string())]),
             ),
+            Error::RequestIdReused => {
+                let mut violation =
+                    FieldViolation::new("request_id", "was already used for a different request");
+                violation.reason = "REQUEST_ID_REUSED".into();
+                let mut details = ErrorDetails::with_bad_request(vec![violation]);
+                details.set_error_info("REQUEST_ID_REUSED", DOMAIN, HashMap::new());
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            Error::ConversationOfAnotherCustomer(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "CONVERSATION_BELONGS_TO_ANOTHER_CUSTOMER",
+                message,
+                HashMap::from([("conversation_id".into(), id.to_string())]),
+            ),
+            Error::MemoryUnavailable => with_reason(
+                Code::Unavailable,
+                DOMAIN,
+                "MEMORY_SERVICE_UNAVAILABLE",
+                message,
+                HashMap::from([("booking_part".into(), "done".into())]),
+            ),
+            Error::MemoryRefused { code, .. } => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "MEMORY_SERVICE_REFUSED",
+                message,
+                HashMap::from([
+                    ("booking_part".into(), "done".into()),
+                    ("memory_code".into(), format!("{code:?}")),
+                ]),
+            ),
             Error::Database(cause) => database_status(DOMAIN, &cause),
         }
+    }
+}
+
+impl From<crate::memory_client::MemoryError> for Error {
+    /// A failed memory-service part of EraseCustomer.
+    fn from(error: crate::memory_client::MemoryError) -> Self {
+        use crate::memory_client::MemoryError;
+        if error.is_transient() {
+            return Error::MemoryUnavailable;
+        }
+        match error {
+            MemoryError::NotFound => Error::MemoryRefused {
+                code: Code::NotFound,
+                message: "not found".into(),
+            },
+            MemoryError::Failed { code, message } => Error::MemoryRefused { code, message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    #[test]
+    fn a_reused_request_id_is_invalid_argument_naming_the_field() {
+        let status = Status::from(Error::RequestIdReused);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("REQUEST_ID_REUSED", DOMAIN)
+        );
+        let bad = status.get_details_bad_request().expect("bad request");
+        assert_eq!(bad.field_violations.len(), 1);
+        assert_eq!(bad.field_violations[0].field, "request_id");
+        assert_eq!(bad.field_violations[0].reason, "REQUEST_ID_REUSED");
+    }
+
+    #[test]
+    fn memory_failures_say_the_booking_part_is_done_and_whether_to_retry() {
+        let unreachable = Status::from(Error::from(crate::memory_client::MemoryError::Failed {
+            code: Code::Unavailable,
+            message: "connection refused".into(),
+        }));
+        assert_eq!(unreachable.code(), Code::Unavailable);
+        assert!(unreachable.message().contains("call EraseCustomer again"));
+        let info = unreachable.get_details_error_info().expect("error info");
+        assert_eq!(info.reason, "MEMORY_SERVICE_UNAVAILABLE");
+        assert_eq!(
+            info.metadata.get("booking_part").map(String::as_str),
+            Some("done")
+        );
+
+        let timed_out = Status::from(Error::from(crate::memory_client::MemoryError::Failed {
+            code: Code::DeadlineExceeded,
+            message: String::new(),
+        }));
+        assert_eq!(timed_out.code(), Code::Unavailable);
+
+        let denied = Status::from(Error::from(crate::memory_client::MemoryError::Failed {
+            code: Code::PermissionDenied,
+            message: "DeleteUserData is not granted".into(),
+        }));
+        assert_eq!(denied.code(), Code::FailedPrecondition);
+        assert_eq!(
+            denied.get_details_error_info().expect("info").reason,
+            "MEMORY_SERVICE_REFUSED"
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! booking-service's client of memory-service: emotion history for planning,
-//! StoreMessage for delivery. Every call has its own deadline and carries
+//! StoreMessage for delivery, DeleteUserData for EraseCustomer. Every call has its own deadline and carries
 //! the caller's trace (`traceparent`), request id and, when configured, a
 //! bearer token; the channel may use TLS with a client certificate. A call
 //! that fails UNAVAILABLE (connection refused, server draining) is retried
@@ -47,6 +47,22 @@ impl MemoryError {
             self,
             MemoryError::Failed {
                 code: Code::InvalidArgument | Code::FailedPrecondition,
+                ..
+            }
+        )
+    }
+
+    /// Failures that say nothing about the request, only that memory-service
+    /// could not answer now: a later retry may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            MemoryError::Failed {
+                code: Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::Cancelled,
                 ..
             }
         )
@@ -182,6 +198,36 @@ impl MemoryClient {
                         message: format!("memory-service returned a bad message id {id:?}"),
                     });
                 }
+                Err(status) if status.code() == Code::Unavailable && attempt < 2 => {
+                    tokio::time::sleep(RETRY_PAUSE).await
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+    }
+}
+
+impl MemoryClient {
+    /// Erases everything memory-service stores for `user_id`. Idempotent on
+    /// memory-service's side, so the one retry of an UNAVAILABLE call is
+    /// safe even if the first call did reach it.
+    pub async fn delete_user_data(
+        &self,
+        user_id: &str,
+    ) -> Result<pb::DeleteUserDataResponse, MemoryError> {
+        let message = pb::DeleteUserDataRequest {
+            user_id: user_id.to_owned(),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .client
+                .clone()
+                .delete_user_data(self.request(message.clone()))
+                .await
+            {
+                Ok(response) => return Ok(response.into_inner()),
                 Err(status) if status.code() == Code::Unavailable && attempt < 2 => {
                     tokio::time::sleep(RETRY_PAUSE).await
                 }

@@ -28,7 +28,8 @@ use crate::{
 pub const SERVICE_NAME: &str = "maitre.booking.v1.BookingService";
 
 /// Who may call what when AUTH_GRANTS is not set (README, Security):
-/// assistants book and read bookings; creating slots is for `admin`.
+/// assistants book and read bookings; creating slots and erasing customers
+/// (EraseCustomer) is for `admin`.
 pub const DEFAULT_GRANTS: &str = "assistant=ListAvailability,CreateBooking,GetBooking,\
 ListBookings,CancelBooking,ListFollowUps;admin=*";
 
@@ -104,9 +105,13 @@ impl Application {
             booking_metrics,
             settings,
         } = self;
-        let api = BookingServiceServer::new(BookingApi::new(pool.clone(), settings.max_page_size))
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        let api = BookingServiceServer::new(BookingApi::new(
+            pool.clone(),
+            settings.max_page_size,
+            memory.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let spec = ServeSpec {
             service_name: SERVICE_NAME,
             listener,

@@ -65,6 +65,7 @@ struct Snapshot {
     follow_ups: i64,
     follow_ups_not_pending: i64,
     jobs: i64,
+    conversation_owners: i64,
     conversations: i64,
     closed_conversations: i64,
     messages: i64,
@@ -82,6 +83,7 @@ async fn snapshot(stack: &Stack) -> Snapshot {
            (SELECT count(*) FROM booking.scheduled_followups WHERE state <> 1) \
               AS follow_ups_not_pending, \
            (SELECT count(*) FROM apalis.jobs) AS jobs, \
+           (SELECT count(*) FROM booking.conversation_owners) AS conversation_owners, \
            (SELECT count(*) FROM memory.conversations) AS conversations, \
            (SELECT count(*) FROM memory.conversations WHERE closed_at IS NOT NULL) \
               AS closed_conversations, \
@@ -490,6 +492,7 @@ fn booking_cases(stack: &Stack, f: &Fixture) -> Vec<Case> {
         capacity: 4,
         label: "table".into(),
         request_id: String::new(),
+        time_zone: String::new(),
     };
     let now = chrono::Utc::now().timestamp();
     variants! { cases, b, create_slot, "CreateSlot", slot;
@@ -510,6 +513,11 @@ fn booking_cases(stack: &Stack, f: &Fixture) -> Vec<Case> {
         "label of 10 KB", "label", |r| r.label = huge();
         "request id of 129 characters", "request_id", |r| r.request_id = "r".repeat(129);
         "request id with NUL", "request_id", |r| r.request_id = "r\0".into();
+        "unknown time zone", "time_zone", |r| r.time_zone = "Mars/Olympus_Mons".into();
+        "time zone in lower case", "time_zone", |r| r.time_zone = "europe/paris".into();
+        "time zone as an offset", "time_zone", |r| r.time_zone = "+01:00".into();
+        "time zone of 10 KB", "time_zone", |r| r.time_zone = huge();
+        "time zone with NUL", "time_zone", |r| r.time_zone = "UTC\0".into();
     }
     let availability = booking::ListAvailabilityRequest {
         start_time: Some(f.window.0),
@@ -557,6 +565,8 @@ fn booking_cases(stack: &Stack, f: &Fixture) -> Vec<Case> {
         "currency with a non-ASCII letter", "deposit.currency_code",
             |r| r.deposit = money("ÉUR", 100);
         "request id with a newline", "request_id", |r| r.request_id = "r\n1".into();
+        "customer id that is an erased customer's pseudonym", "customer_id",
+            |r| r.customer_id = format!("erased:{}", "0".repeat(64));
     }
     let get = booking::GetBookingRequest {
         booking_id: f.booking_x.clone(),
@@ -593,6 +603,18 @@ fn booking_cases(stack: &Stack, f: &Fixture) -> Vec<Case> {
         "reason with NUL", "reason", |r| r.reason = "ill\0".into();
         "empty id", "booking_id", |r| r.booking_id = String::new();
         "id of 10 KB", "booking_id", |r| r.booking_id = huge();
+    }
+    // Refused, and ada's data stays.
+    let erase = booking::EraseCustomerRequest {
+        customer_id: "ada".into(),
+    };
+    variants! { cases, b, erase_customer, "EraseCustomer", erase;
+        "empty customer id", "customer_id", |r| r.customer_id = String::new();
+        "blank customer id", "customer_id", |r| r.customer_id = "   ".into();
+        "customer id of 10 KB", "customer_id", |r| r.customer_id = huge();
+        "customer id of 129 characters", "customer_id", |r| r.customer_id = "a".repeat(129);
+        "customer id with NUL", "customer_id", |r| r.customer_id = "ada\0".into();
+        "a pseudonym", "customer_id", |r| r.customer_id = format!("erased:{}", "0".repeat(64));
     }
     let follow_ups = booking::ListFollowUpsRequest {
         parent: Some(BookingId(f.booking_x.clone())),
@@ -701,6 +723,7 @@ async fn every_booking_rpc_refuses_bad_input_names_the_field_and_writes_nothing(
             capacity: 1,
             label: "l".repeat(1 << 20),
             request_id: String::new(),
+            time_zone: String::new(),
         })
         .await
         .expect_err("a label of 1 MB");
@@ -747,6 +770,7 @@ async fn nanos_of_a_second_or_more_are_refused_even_at_59_seconds() {
             capacity: 2,
             label: String::new(),
             request_id: String::new(),
+            time_zone: String::new(),
         })
         .await;
     let availability = stack

@@ -24,6 +24,7 @@ async fn slots_are_created_once_per_request_id_and_listed_by_free_seats() {
             capacity: 4,
             label: format!("table {i}"),
             request_id: format!("slot-{i}"),
+            time_zone: String::new(),
         };
         let first = client
             .create_slot(request.clone())
@@ -352,6 +353,7 @@ async fn every_booking_rule_names_its_field_and_writes_nothing() {
         capacity,
         label: String::new(),
         request_id: String::new(),
+        time_zone: String::new(),
     };
     let hour = chrono::Duration::hours(1);
     let slot_cases: Vec<(booking::CreateSlotRequest, &str)> = vec![

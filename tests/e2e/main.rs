@@ -4,9 +4,12 @@
 mod stack;
 
 mod bad_input;
+mod booking_rules;
 mod bookings;
+mod erasure;
 mod follow_ups;
 mod garbage;
+mod idempotency;
 mod operations;
 mod overbooking;
 mod resilience;

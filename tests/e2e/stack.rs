@@ -154,6 +154,14 @@ pub async fn spawn_stack_with_memory(
 }
 
 impl Stack {
+    /// A booking-service client that presents `token`.
+    pub fn booking_with_token(&self, token: &str) -> BookingServiceClient<Authed> {
+        BookingServiceClient::with_interceptor(
+            self.booking_channel.clone(),
+            self::token(Some(token)),
+        )
+    }
+
     /// A booking-service client that presents no token.
     pub fn booking_without_token(&self) -> BookingServiceClient<Channel> {
         BookingServiceClient::new(self.booking_channel.clone())
@@ -196,6 +204,7 @@ impl Stack {
                 capacity,
                 label: "Chef's table".into(),
                 request_id: String::new(),
+                time_zone: String::new(),
             })
             .await
             .expect("slot created")

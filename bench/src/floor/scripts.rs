@@ -166,6 +166,8 @@ fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
             payload,
             format!("{max_attempts}::int4"),
             format!("{booking_id}::text || '/1'"),
+            // The request's fingerprint: 32 bytes, like the service's SHA-256.
+            format!("sha256(convert_to({}::text, 'UTF8'))", id7("rq")),
         ]);
         let create = bind(&create_sql, &args).context("binding CREATE")?;
         return Ok(format!("{counter}{create};\n"));

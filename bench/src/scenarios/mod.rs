@@ -177,6 +177,7 @@ pub async fn create_slot_at(
             capacity,
             label: "Chef's table".into(),
             request_id: String::new(),
+            time_zone: String::new(),
         })
         .await?
         .into_inner()

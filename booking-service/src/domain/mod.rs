@@ -2,6 +2,8 @@
 
 pub mod backoff;
 pub mod booking;
+pub mod erasure;
+pub mod idempotency;
 pub mod slot;
 pub mod template;
 

@@ -4,7 +4,8 @@
 //! this module only applies it: the matching template with the lowest
 //! priority number wins.
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
+use chrono_tz::Tz;
 
 /// One row of `booking.followup_templates`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -58,24 +59,60 @@ pub struct RenderContext<'a> {
     pub customer_name: &'a str,
     pub party_size: i32,
     pub slot_label: &'a str,
-    pub event_start: DateTime<Utc>,
+    /// The event's start in the slot's own time zone: `{event_date}` is the
+    /// calendar date where the event happens, not in UTC.
+    pub event_start: DateTime<Tz>,
 }
 
-/// Fills `{customer_name}`, `{party_size}`, `{slot_label}`, `{event_date}`.
-/// Unknown placeholders stay as written, so a typo shows instead of vanishing.
+/// The placeholders a template may use.
+const PLACEHOLDERS: [&str; 4] = [
+    "{customer_name}",
+    "{party_size}",
+    "{slot_label}",
+    "{event_date}",
+];
+
+/// Fills `{customer_name}`, `{party_size}`, `{slot_label}`, `{event_date}`
+/// in one pass over the template: a substituted value is never scanned
+/// again, so a customer named `{event_date}` is greeted by that name, not by
+/// a date. Unknown placeholders stay as written, so a typo shows instead of
+/// vanishing.
 pub fn render(body: &str, ctx: &RenderContext<'_>) -> String {
-    let label = if ctx.slot_label.is_empty() {
-        "our place"
-    } else {
-        ctx.slot_label
-    };
-    body.replace("{customer_name}", ctx.customer_name)
-        .replace("{party_size}", &ctx.party_size.to_string())
-        .replace("{slot_label}", label)
-        .replace(
-            "{event_date}",
-            &ctx.event_start.format("%A %-d %B %Y").to_string(),
-        )
+    let mut out = String::with_capacity(body.len() + ctx.customer_name.len() + 64);
+    let mut rest = body;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let at = &rest[open..];
+        match PLACEHOLDERS.iter().find(|p| at.starts_with(**p)) {
+            Some(placeholder) => {
+                push_value(&mut out, placeholder, ctx);
+                rest = &at[placeholder.len()..];
+            }
+            None => {
+                out.push('{');
+                rest = &at[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn push_value(out: &mut String, placeholder: &str, ctx: &RenderContext<'_>) {
+    use std::fmt::Write;
+    match placeholder {
+        "{customer_name}" => out.push_str(ctx.customer_name),
+        "{party_size}" => {
+            let _ = write!(out, "{}", ctx.party_size);
+        }
+        "{slot_label}" if ctx.slot_label.is_empty() => out.push_str("our place"),
+        "{slot_label}" => out.push_str(ctx.slot_label),
+        "{event_date}" => {
+            let _ = write!(out, "{}", ctx.event_start.format("%A %-d %B %Y"));
+        }
+        // PLACEHOLDERS holds only the names above.
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -132,22 +169,103 @@ mod tests {
         assert_eq!(key(&[0.35]), "review_request");
     }
 
-    #[test]
-    fn render_fills_every_placeholder() {
-        let ctx = RenderContext {
-            customer_name: "Ada",
+    fn at(rfc3339: &str, zone: Tz) -> DateTime<Tz> {
+        DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .with_timezone(&zone)
+    }
+
+    fn ctx(customer_name: &str) -> RenderContext<'_> {
+        RenderContext {
+            customer_name,
             party_size: 3,
             slot_label: "Chef's table",
-            event_start: DateTime::parse_from_rfc3339("2026-12-04T19:30:00Z")
-                .unwrap()
-                .with_timezone(&Utc),
-        };
+            event_start: at("2026-12-04T19:30:00Z", Tz::UTC),
+        }
+    }
+
+    #[test]
+    fn render_fills_every_placeholder() {
         assert_eq!(
             render(
                 "{customer_name},{party_size},{slot_label},{event_date},{other}",
-                &ctx
+                &ctx("Ada")
             ),
             "Ada,3,Chef's table,Friday 4 December 2026,{other}"
         );
+    }
+
+    #[test]
+    fn the_event_date_is_read_in_the_slots_time_zone() {
+        // 01:00 UTC on Friday is 20:00 on Thursday in New York.
+        let dinner = RenderContext {
+            event_start: at("2026-12-04T01:00:00Z", Tz::America__New_York),
+            ..ctx("Ada")
+        };
+        assert_eq!(render("{event_date}", &dinner), "Thursday 3 December 2026");
+        let in_utc = RenderContext {
+            event_start: at("2026-12-04T01:00:00Z", Tz::UTC),
+            ..ctx("Ada")
+        };
+        assert_eq!(render("{event_date}", &in_utc), "Friday 4 December 2026");
+        // And east of UTC the date moves forward: 23:30 UTC is 08:30 next day in Tokyo.
+        let tokyo = RenderContext {
+            event_start: at("2026-12-03T23:30:00Z", Tz::Asia__Tokyo),
+            ..ctx("Ada")
+        };
+        assert_eq!(render("{event_date}", &tokyo), "Friday 4 December 2026");
+    }
+
+    #[test]
+    fn substituted_values_are_never_expanded_again() {
+        let body = "Hi {customer_name}, {slot_label} on {event_date}.";
+        for hostile in [
+            "{slot_label}",
+            "{event_date}",
+            "{customer_name}",
+            "{party_size}",
+            "{{customer_name}}",
+            "{event_date}{slot_label}{party_size}",
+        ] {
+            assert_eq!(
+                render(body, &ctx(hostile)),
+                format!("Hi {hostile}, Chef's table on Friday 4 December 2026."),
+                "{hostile}"
+            );
+        }
+        let braces = "{}".repeat(100);
+        assert_eq!(braces.chars().count(), 200);
+        assert_eq!(
+            render("{customer_name}!", &ctx(&braces)),
+            format!("{braces}!")
+        );
+        let opening = "{".repeat(200);
+        assert_eq!(
+            render("{customer_name}{event_date}", &ctx(&opening)),
+            format!("{opening}Friday 4 December 2026")
+        );
+    }
+
+    #[test]
+    fn a_label_cannot_expand_either() {
+        let labelled = RenderContext {
+            slot_label: "{customer_name} {event_date}",
+            ..ctx("Ada")
+        };
+        assert_eq!(
+            render("{slot_label} for {customer_name}", &labelled),
+            "{customer_name} {event_date} for Ada"
+        );
+    }
+
+    #[test]
+    fn braces_around_and_between_placeholders_stay() {
+        assert_eq!(
+            render("{{customer_name}} {party_size}} {{ {", &ctx("Ada")),
+            "{Ada} 3} {{ {"
+        );
+        assert_eq!(render("", &ctx("Ada")), "");
+        assert_eq!(render("{customer_name", &ctx("Ada")), "{customer_name");
+        assert_eq!(render("é{customer_name}ü", &ctx("Zoë")), "éZoëü");
     }
 }

@@ -14,6 +14,7 @@ pub fn slot(row: SlotRow) -> pb::Slot {
         available_seats: row.capacity - row.booked,
         label: row.label,
         create_time: Some(to_timestamp(row.created_at)),
+        time_zone: row.time_zone,
     }
 }
 
@@ -37,7 +38,7 @@ pub fn booking(row: BookingRow) -> pb::Booking {
                 amount_minor: row.amount_minor,
             }),
         }),
-        slot_start_time: Some(to_timestamp(row.slot_starts_at)),
+        slot_start_time: Some(to_timestamp(row.slot_starts_at.to_utc())),
         slot_end_time: Some(to_timestamp(row.slot_ends_at)),
         create_time: Some(to_timestamp(row.created_at)),
         cancel_time: row.cancelled_at.map(to_timestamp),

@@ -14,10 +14,16 @@ use uuid::Uuid;
 use crate::{
     domain::{
         booking::{self, BookingPage, FollowUpPage, NewBooking},
+        erasure,
         slot::{AvailabilityQuery, NewSlot, SlotCursor},
     },
     error::Error,
-    store::{self, bookings::CreateOutcome},
+    memory_client::MemoryClient,
+    store::{
+        self,
+        bookings::{CancelOutcome, CreateOutcome},
+        slots,
+    },
 };
 
 /// Implements `maitre.booking.v1.BookingService`.
@@ -26,13 +32,16 @@ pub struct BookingApi {
     pool: PgPool,
     /// Largest page any listing returns.
     max_page_size: u32,
+    /// memory-service, for EraseCustomer's second part.
+    memory: MemoryClient,
 }
 
 impl BookingApi {
-    pub fn new(pool: PgPool, max_page_size: u32) -> Self {
+    pub fn new(pool: PgPool, max_page_size: u32, memory: MemoryClient) -> Self {
         Self {
             pool,
             max_page_size,
+            memory,
         }
     }
 }
@@ -57,11 +66,19 @@ impl BookingService for BookingApi {
     ) -> Reply<pb::CreateSlotResponse> {
         let now = maitre::db::now();
         let slot = NewSlot::parse(request.into_inner(), now).map_err(Error::from)?;
-        let row = store::slots::create(&self.pool, Uuid::now_v7(), &slot, now)
+        // Keys are the caller's own: another caller's same key is another slot.
+        let caller = CallContext::current_caller().unwrap_or_default();
+        let outcome = slots::create(&self.pool, Uuid::now_v7(), &slot, &caller, now)
             .await
             .map_err(Error::from)?;
+        let (row, replayed) = match outcome {
+            slots::CreateOutcome::Created(row) => (row, false),
+            slots::CreateOutcome::Replayed(row) => (row, true),
+            slots::CreateOutcome::RequestIdReused => return Err(Error::RequestIdReused.into()),
+        };
         Ok(Response::new(pb::CreateSlotResponse {
             slot: Some(convert::slot(row)),
+            replayed,
         }))
     }
 
@@ -112,6 +129,12 @@ impl BookingService for BookingApi {
                 (row, false)
             }
             CreateOutcome::Replayed(row) => (row, true),
+            CreateOutcome::RequestIdReused => return Err(Error::RequestIdReused.into()),
+            CreateOutcome::ConversationOfAnotherCustomer => {
+                // A booking with an owned conversation always names it.
+                let conversation = booking.conversation_id.unwrap_or_default();
+                return Err(Error::ConversationOfAnotherCustomer(conversation).into());
+            }
             CreateOutcome::SlotNotFound => return Err(Error::SlotNotFound(booking.slot_id).into()),
             CreateOutcome::SlotStarted => return Err(Error::SlotStarted(booking.slot_id).into()),
             CreateOutcome::SlotFull { available } => {
@@ -167,10 +190,18 @@ impl BookingService for BookingApi {
     ) -> Reply<pb::CancelBookingResponse> {
         let (id, reason) = booking::parse_cancel(request.into_inner()).map_err(Error::from)?;
         let follow_ups_cancelled =
-            store::bookings::cancel(&self.pool, id, &reason, maitre::db::now())
+            match store::bookings::cancel(&self.pool, id, &reason, maitre::db::now())
                 .await
                 .map_err(Error::from)?
-                .ok_or(Error::BookingNotFound(id))?;
+            {
+                CancelOutcome::NotFound => return Err(Error::BookingNotFound(id).into()),
+                CancelOutcome::SlotStarted { slot_id } => {
+                    return Err(Error::SlotStarted(slot_id).into());
+                }
+                CancelOutcome::Cancelled {
+                    follow_ups_cancelled,
+                } => follow_ups_cancelled,
+            };
         let row = store::bookings::get(&self.pool, id)
             .await
             .map_err(Error::from)?
@@ -195,6 +226,48 @@ impl BookingService for BookingApi {
         Ok(Response::new(pb::ListFollowUpsResponse {
             follow_ups: rows.into_iter().map(convert::follow_up).collect(),
             next_page_token,
+        }))
+    }
+
+    /// booking-service's part in one transaction, then memory-service's.
+    /// Both parts are idempotent, so a retry after memory-service was away
+    /// finishes the job. The customer id is never logged.
+    async fn erase_customer(
+        &self,
+        request: Request<pb::EraseCustomerRequest>,
+    ) -> Reply<pb::EraseCustomerResponse> {
+        let customer_id = erasure::parse(request.into_inner()).map_err(Error::from)?;
+        let erased = store::erasure::erase(&self.pool, &customer_id, maitre::db::now())
+            .await
+            .map_err(Error::from)?;
+        tracing::info!(
+            bookings = erased.bookings,
+            follow_ups_cancelled = erased.follow_ups_cancelled,
+            follow_ups_cleared = erased.follow_ups_cleared,
+            "customer erased from booking-service"
+        );
+        let memory = match self.memory.delete_user_data(&customer_id).await {
+            Ok(memory) => memory,
+            Err(error) => {
+                tracing::warn!(%error, "erasure: memory-service part failed; the caller retries");
+                return Err(Error::from(error).into());
+            }
+        };
+        tracing::info!(
+            conversations_deleted = memory.conversations_deleted,
+            messages_deleted = memory.messages_deleted,
+            messages_remaining = memory.messages_remaining,
+            complete = memory.complete,
+            "customer erased from memory-service"
+        );
+        Ok(Response::new(pb::EraseCustomerResponse {
+            bookings_pseudonymised: erased.bookings,
+            follow_ups_cancelled: erased.follow_ups_cancelled,
+            follow_ups_cleared: erased.follow_ups_cleared,
+            conversations_deleted: memory.conversations_deleted,
+            messages_deleted: memory.messages_deleted,
+            messages_remaining: memory.messages_remaining,
+            complete: memory.complete,
         }))
     }
 }

@@ -5,15 +5,24 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{jobs, rows::BookingRow};
-use crate::domain::booking::{BookingPage, CONFIRMED, NewBooking, PAYMENT_PENDING};
+use crate::domain::{
+    booking::{BookingPage, CONFIRMED, NewBooking, PAYMENT_PENDING},
+    idempotency::same_request,
+    slot::stored_time_zone,
+};
 use crate::jobs::{PLAN_QUEUE, PlanFollowUp};
 
 /// What CreateBooking did.
 #[derive(Debug, Clone)]
 pub enum CreateOutcome {
     Created(BookingRow),
-    /// `request_id` was seen before: the first booking, nothing written.
+    /// `request_id` was seen before with the same request: the first
+    /// booking, nothing written.
     Replayed(BookingRow),
+    /// `request_id` was seen before with another request: nothing written.
+    RequestIdReused,
+    /// The conversation belongs to another customer: nothing written.
+    ConversationOfAnotherCustomer,
     SlotNotFound,
     /// Not enough free seats; how many there are.
     SlotFull {
@@ -28,26 +37,46 @@ pub enum CreateOutcome {
 /// job. The seats are taken by a conditional UPDATE, so two concurrent
 /// bookings can never both take the last seat: the second waits for the
 /// first's row lock, re-checks `booked + n <= capacity` against the new
-/// value, and finds no row. The plan job row is the one
+/// value, and finds no row.
+///
+/// The idempotency key is checked first (`replay`): a key seen before writes
+/// nothing, and the statement says whether the stored fingerprint matches.
+/// The conversation's owner is checked next (`owner`): a conversation owned
+/// by another customer takes no seat; an unowned one is claimed by the new
+/// booking (`claim`). Two first bookings of one conversation at the same
+/// instant cannot see each other's claim: the loser's claim conflicts, does
+/// nothing, and the foreign key from bookings to owners fails its statement
+/// whole (see `create`). The plan job row is the one
 /// `apalis_postgres::queries::push_tasks` writes (its `sink.sql`: same
 /// columns, status, ULID id, JSON payload), inserted here so that the booking
 /// and its job commit together without four more round trips; the test
 /// `the_plan_job_row_matches_what_apalis_writes` keeps the two in step.
 const CREATE: &str = "
 WITH replay AS (
-    SELECT 1 FROM booking.bookings WHERE customer_id = $2 AND request_id = $9
+    SELECT request_fingerprint FROM booking.bookings WHERE customer_id = $2 AND request_id = $9
+),
+owner AS (
+    SELECT customer_id FROM booking.conversation_owners WHERE conversation_id = $4
 ),
 seats AS (
     UPDATE booking.slots SET booked = booked + $6
     WHERE id = $5 AND booked + $6 <= capacity AND starts_at > $10
       AND NOT EXISTS (SELECT 1 FROM replay)
-    RETURNING id, starts_at, ends_at, label
+      AND NOT EXISTS (SELECT 1 FROM owner WHERE owner.customer_id <> $2)
+    RETURNING id, starts_at, ends_at, label, time_zone
 ),
 new_booking AS (
     INSERT INTO booking.bookings
-        (id, slot_id, customer_id, customer_name, conversation_id, party_size, state, request_id, created_at)
-    SELECT $1, seats.id, $2, $3, $4, $6, 1, $9, $10 FROM seats
+        (id, slot_id, customer_id, customer_name, conversation_id, party_size, state, request_id,
+         created_at, request_fingerprint)
+    SELECT $1, seats.id, $2, $3, $4, $6, 1, $9, $10, $17 FROM seats
     RETURNING id
+),
+claim AS (
+    INSERT INTO booking.conversation_owners (conversation_id, customer_id, created_at)
+    SELECT $4, $2, $10 FROM new_booking
+    WHERE $4::uuid IS NOT NULL AND NOT EXISTS (SELECT 1 FROM owner)
+    ON CONFLICT (conversation_id) DO NOTHING
 ),
 payment AS (
     INSERT INTO booking.payments (id, booking_id, state, currency, amount_minor, created_at, updated_at)
@@ -60,35 +89,72 @@ plan_job AS (
     SELECT $12, $13, $14, 'Pending', 0, $15, now(), 0, ''::hstore, $16 FROM new_booking
     RETURNING id
 )
-SELECT seats.starts_at, seats.ends_at, seats.label, false AS replayed
+SELECT seats.starts_at, seats.ends_at, seats.label, seats.time_zone, 'created' AS outcome
 FROM seats, new_booking, payment, plan_job
 UNION ALL
-SELECT NULL, NULL, NULL, true FROM replay
+SELECT NULL, NULL, NULL, NULL,
+       CASE WHEN replay.request_fingerprint IS NULL OR replay.request_fingerprint = $17
+            THEN 'replayed' ELSE 'reused' END
+FROM replay
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, 'foreign_conversation'
+FROM owner WHERE owner.customer_id <> $2 AND NOT EXISTS (SELECT 1 FROM replay)
 ";
+
+/// The constraint that fails a booking whose conversation another
+/// customer's concurrent booking claimed first.
+const CONVERSATION_OWNER_FKEY: &str = "bookings_conversation_owner_fkey";
 
 /// Why no seats were taken: unknown slot, full, or already started.
 const SLOT_STATE: &str = "SELECT capacity - booked, starts_at FROM booking.slots WHERE id = $1";
 
-macro_rules! booking_select {
+/// The columns of a [`BookingRow`], and where they come from.
+macro_rules! booking_columns {
     () => {
-        "SELECT b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.party_size, \
-                b.state, b.request_id, b.created_at, b.cancelled_at, \
-                s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label, \
-                p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor \
-         FROM booking.bookings b \
+        "b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.party_size, \
+         b.state, b.request_id, b.created_at, b.cancelled_at, \
+         s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label, \
+         s.time_zone AS slot_time_zone, \
+         p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor"
+    };
+}
+macro_rules! booking_from {
+    () => {
+        " FROM booking.bookings b \
          JOIN booking.slots s ON s.id = b.slot_id \
          JOIN booking.payments p ON p.booking_id = b.id "
     };
 }
 
-const GET: &str = concat!(booking_select!(), "WHERE b.id = $1");
+const GET: &str = concat!(
+    "SELECT ",
+    booking_columns!(),
+    booking_from!(),
+    "WHERE b.id = $1"
+);
+/// The customer's booking for a key, and the fingerprint it was made with.
 const BY_REQUEST_ID: &str = concat!(
-    booking_select!(),
+    "SELECT ",
+    booking_columns!(),
+    ", b.request_fingerprint",
+    booking_from!(),
     "WHERE b.customer_id = $1 AND b.request_id = $2"
 );
 const LIST_FOR_CUSTOMER: &str = concat!(
-    booking_select!(),
+    "SELECT ",
+    booking_columns!(),
+    booking_from!(),
     "WHERE b.customer_id = $1 AND b.id < $2 ORDER BY b.id DESC LIMIT $3"
+);
+
+/// What the CreateBooking statement answers: the slot's values when it
+/// booked, else only why not.
+type CreateRow = (
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+    String,
 );
 
 /// Books seats and enqueues the follow-up planning job in one statement:
@@ -107,45 +173,53 @@ pub async fn create(
         attempt: 1,
         trace_parent,
     })?;
-    let result = sqlx::query_as::<
-        _,
-        (
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-            Option<String>,
-            bool,
-        ),
-    >(CREATE)
-    .bind(booking_id)
-    .bind(&booking.customer_id)
-    .bind(&booking.customer_name)
-    .bind(booking.conversation_id)
-    .bind(booking.slot_id)
-    .bind(booking.party_size)
-    .bind(&booking.deposit_currency)
-    .bind(booking.deposit_minor)
-    .bind(&booking.request_id)
-    .bind(now)
-    .bind(payment_id)
-    .bind(&plan.id)
-    .bind(PLAN_QUEUE)
-    .bind(&plan.payload)
-    .bind(plan.max_attempts)
-    .bind(&plan.idempotency_key)
-    .fetch_optional(pool)
-    .await;
-    let row = match result {
-        Ok(row) => row,
-        // Two concurrent first calls with one request_id: the loser's
-        // statement failed whole (no seat taken); answer with the winner's.
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some("bookings_request_id_key") => {
-            return replay(pool, booking).await;
+    // A second run only after the conversation-owner race (see CREATE): the
+    // first run wrote nothing, and the second sees the winner's claim.
+    let mut lost_owner_race = false;
+    let row = loop {
+        let result = sqlx::query_as::<_, CreateRow>(CREATE)
+            .bind(booking_id)
+            .bind(&booking.customer_id)
+            .bind(&booking.customer_name)
+            .bind(booking.conversation_id)
+            .bind(booking.slot_id)
+            .bind(booking.party_size)
+            .bind(&booking.deposit_currency)
+            .bind(booking.deposit_minor)
+            .bind(&booking.request_id)
+            .bind(now)
+            .bind(payment_id)
+            .bind(&plan.id)
+            .bind(PLAN_QUEUE)
+            .bind(&plan.payload)
+            .bind(plan.max_attempts)
+            .bind(&plan.idempotency_key)
+            .bind(&booking.fingerprint)
+            .fetch_optional(pool)
+            .await;
+        match result {
+            Ok(row) => break row,
+            // Two concurrent first calls with one request_id: the loser's
+            // statement failed whole (no seat taken); answer with the winner's.
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some("bookings_request_id_key") => {
+                return replay(pool, booking).await;
+            }
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some(CONVERSATION_OWNER_FKEY) => {
+                if lost_owner_race {
+                    return Ok(CreateOutcome::ConversationOfAnotherCustomer);
+                }
+                lost_owner_race = true;
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
     };
     match row {
-        Some((_, _, _, true)) => replay(pool, booking).await,
-        Some((Some(slot_starts_at), Some(slot_ends_at), Some(slot_label), false)) => {
+        Some((_, _, _, _, outcome)) if outcome == "replayed" => replay(pool, booking).await,
+        Some((_, _, _, _, outcome)) if outcome == "reused" => Ok(CreateOutcome::RequestIdReused),
+        Some((_, _, _, _, outcome)) if outcome == "foreign_conversation" => {
+            Ok(CreateOutcome::ConversationOfAnotherCustomer)
+        }
+        Some((Some(slot_starts_at), Some(slot_ends_at), Some(slot_label), Some(zone), _)) => {
             // Answered from the values in hand: no read after the write.
             Ok(CreateOutcome::Created(BookingRow {
                 id: booking_id,
@@ -158,7 +232,7 @@ pub async fn create(
                 request_id: booking.request_id.clone(),
                 created_at: now,
                 cancelled_at: None,
-                slot_starts_at,
+                slot_starts_at: slot_starts_at.with_timezone(&stored_time_zone(&zone)),
                 slot_ends_at,
                 slot_label,
                 payment_id,
@@ -181,13 +255,28 @@ pub async fn create(
     }
 }
 
+#[derive(sqlx::FromRow)]
+struct KeyedBooking {
+    #[sqlx(flatten)]
+    booking: BookingRow,
+    request_fingerprint: Option<Vec<u8>>,
+}
+
+/// The answer to a key seen before: the first booking if the request is
+/// the same, else a refusal.
 async fn replay(pool: &PgPool, booking: &NewBooking) -> Result<CreateOutcome, sqlx::Error> {
-    let row = sqlx::query_as::<_, BookingRow>(BY_REQUEST_ID)
+    let earlier = sqlx::query_as::<_, KeyedBooking>(BY_REQUEST_ID)
         .bind(&booking.customer_id)
         .bind(&booking.request_id)
         .fetch_one(pool)
         .await?;
-    Ok(CreateOutcome::Replayed(row))
+    Ok(
+        if same_request(earlier.request_fingerprint.as_deref(), &booking.fingerprint) {
+            CreateOutcome::Replayed(earlier.booking)
+        } else {
+            CreateOutcome::RequestIdReused
+        },
+    )
 }
 
 #[tracing::instrument(skip(pool))]
@@ -199,7 +288,7 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<BookingRow>, sqlx::Er
 }
 
 /// A page of a customer's bookings, newest first, plus one extra row.
-#[tracing::instrument(skip_all, fields(customer_id = %page.customer_id))]
+#[tracing::instrument(skip_all)]
 pub async fn list_for_customer(
     pool: &PgPool,
     page: &BookingPage,
@@ -213,14 +302,23 @@ pub async fn list_for_customer(
 }
 
 /// Cancel: the booking, its seats, its payment and its pending follow-ups,
-/// all or nothing. Only a CONFIRMED booking changes, so a second cancel
-/// releases nothing. Returns the number of follow-ups cancelled, or `None`
-/// for an unknown booking.
+/// all or nothing. Only a CONFIRMED booking whose slot has not started
+/// changes, so a second cancel releases nothing, and a cancel after the
+/// event began changes nothing at all (the seats were used, the deposit is
+/// owed, the follow-up is due). Answers whether the booking exists, its
+/// slot, whether it was refused for having started, and how many follow-ups
+/// were cancelled.
 const CANCEL: &str = "
-WITH cancelled AS (
-    UPDATE booking.bookings SET state = 2, cancelled_at = $2, cancel_reason = NULLIF($3, '')
-    WHERE id = $1 AND state = 1
-    RETURNING id, slot_id, party_size
+WITH target AS (
+    SELECT b.id, b.slot_id, b.state = 1 AND s.starts_at <= $2 AS started
+    FROM booking.bookings b JOIN booking.slots s ON s.id = b.slot_id
+    WHERE b.id = $1
+),
+cancelled AS (
+    UPDATE booking.bookings b SET state = 2, cancelled_at = $2, cancel_reason = NULLIF($3, '')
+    FROM target t
+    WHERE b.id = t.id AND b.state = 1 AND NOT t.started
+    RETURNING b.id, b.slot_id, b.party_size
 ),
 seats AS (
     UPDATE booking.slots s SET booked = s.booked - c.party_size
@@ -237,10 +335,23 @@ followups AS (
     FROM cancelled c WHERE f.booking_id = c.id AND f.state = 1
     RETURNING f.id
 )
-SELECT EXISTS (SELECT 1 FROM booking.bookings WHERE id = $1),
-       (SELECT count(*) FROM followups)::int,
-       (SELECT count(*) FROM seats)::int
+SELECT t.slot_id, t.started, (SELECT count(*) FROM followups)::int
+FROM target t
 ";
+
+/// What CancelBooking did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    NotFound,
+    /// The booking is confirmed and its slot has started: nothing changed.
+    SlotStarted {
+        slot_id: Uuid,
+    },
+    /// Cancelled now (with this many follow-ups) or before (0 follow-ups).
+    Cancelled {
+        follow_ups_cancelled: i32,
+    },
+}
 
 #[tracing::instrument(skip(pool, reason))]
 pub async fn cancel(
@@ -248,12 +359,18 @@ pub async fn cancel(
     id: Uuid,
     reason: &str,
     now: DateTime<Utc>,
-) -> Result<Option<i32>, sqlx::Error> {
-    let (exists, followups_cancelled, _) = sqlx::query_as::<_, (bool, i32, i32)>(CANCEL)
+) -> Result<CancelOutcome, sqlx::Error> {
+    let row = sqlx::query_as::<_, (Uuid, bool, i32)>(CANCEL)
         .bind(id)
         .bind(now)
         .bind(reason)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await?;
-    Ok(exists.then_some(followups_cancelled))
+    Ok(match row {
+        None => CancelOutcome::NotFound,
+        Some((slot_id, true, _)) => CancelOutcome::SlotStarted { slot_id },
+        Some((_, false, follow_ups_cancelled)) => CancelOutcome::Cancelled {
+            follow_ups_cancelled,
+        },
+    })
 }

@@ -1,6 +1,7 @@
 //! All SQL of booking-service: one function per statement (or transaction).
 
 pub mod bookings;
+pub mod erasure;
 pub mod followups;
 pub mod jobs;
 pub mod rows;

@@ -1,7 +1,11 @@
 //! Rows as read from the `booking` schema.
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use sqlx::{Row, postgres::PgRow};
 use uuid::Uuid;
+
+use crate::domain::slot::stored_time_zone;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SlotRow {
@@ -12,10 +16,12 @@ pub struct SlotRow {
     pub booked: i32,
     pub label: String,
     pub created_at: DateTime<Utc>,
+    /// IANA name of the slot's time zone.
+    pub time_zone: String,
 }
 
 /// A booking joined with its slot's times and its payment.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct BookingRow {
     pub id: Uuid,
     pub slot_id: Uuid,
@@ -27,13 +33,43 @@ pub struct BookingRow {
     pub request_id: String,
     pub created_at: DateTime<Utc>,
     pub cancelled_at: Option<DateTime<Utc>>,
-    pub slot_starts_at: DateTime<Utc>,
+    /// The event's start in the slot's own time zone (the instant is the
+    /// same; its calendar date is the one where the event happens).
+    pub slot_starts_at: DateTime<Tz>,
     pub slot_ends_at: DateTime<Utc>,
     pub slot_label: String,
     pub payment_id: Uuid,
     pub payment_state: i16,
     pub currency: String,
     pub amount_minor: i64,
+}
+
+/// By hand, to read `slot_starts_at` in the zone of `slot_time_zone`.
+impl<'r> sqlx::FromRow<'r, PgRow> for BookingRow {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        let zone = stored_time_zone(row.try_get::<&str, _>("slot_time_zone")?);
+        Ok(Self {
+            id: row.try_get("id")?,
+            slot_id: row.try_get("slot_id")?,
+            customer_id: row.try_get("customer_id")?,
+            customer_name: row.try_get("customer_name")?,
+            conversation_id: row.try_get("conversation_id")?,
+            party_size: row.try_get("party_size")?,
+            state: row.try_get("state")?,
+            request_id: row.try_get("request_id")?,
+            created_at: row.try_get("created_at")?,
+            cancelled_at: row.try_get("cancelled_at")?,
+            slot_starts_at: row
+                .try_get::<DateTime<Utc>, _>("slot_starts_at")?
+                .with_timezone(&zone),
+            slot_ends_at: row.try_get("slot_ends_at")?,
+            slot_label: row.try_get("slot_label")?,
+            payment_id: row.try_get("payment_id")?,
+            payment_state: row.try_get("payment_state")?,
+            currency: row.try_get("currency")?,
+            amount_minor: row.try_get("amount_minor")?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

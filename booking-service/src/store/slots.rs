@@ -5,33 +5,74 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::rows::SlotRow;
-use crate::domain::slot::{AvailabilityQuery, NewSlot};
+use crate::domain::{
+    idempotency::same_request,
+    slot::{AvailabilityQuery, NewSlot},
+};
 
-const CREATE: &str = "INSERT INTO booking.slots \
-    (id, starts_at, ends_at, capacity, label, request_id, created_at) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7) \
-    ON CONFLICT (request_id) WHERE request_id IS NOT NULL DO NOTHING \
-    RETURNING id, starts_at, ends_at, capacity, booked, label, created_at";
+/// The columns of a [`SlotRow`].
+macro_rules! slot_columns {
+    () => {
+        "id, starts_at, ends_at, capacity, booked, label, created_at, time_zone"
+    };
+}
 
-const BY_REQUEST_ID: &str = "SELECT id, starts_at, ends_at, capacity, booked, label, created_at \
-    FROM booking.slots WHERE request_id = $1";
+/// Inserts the slot unless this caller already used the key (the partial
+/// unique index on (caller, request_id) decides, not a lookup).
+const CREATE: &str = concat!(
+    "INSERT INTO booking.slots \
+     (id, starts_at, ends_at, capacity, label, request_id, created_at, time_zone, caller, request_fingerprint) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+     ON CONFLICT (caller, request_id) WHERE request_id IS NOT NULL DO NOTHING \
+     RETURNING ",
+    slot_columns!()
+);
+
+/// The caller's earlier slot for a key, and the fingerprint it was made with.
+const BY_REQUEST_ID: &str = concat!(
+    "SELECT ",
+    slot_columns!(),
+    ", request_fingerprint FROM booking.slots WHERE caller = $1 AND request_id = $2"
+);
 
 /// Slots starting in [from, until) with at least `min_seats` free, in start
 /// order, after the cursor; one extra row tells whether a page follows.
-const AVAILABILITY: &str = "SELECT id, starts_at, ends_at, capacity, booked, label, created_at \
-    FROM booking.slots \
-    WHERE starts_at >= $1 AND starts_at < $2 AND capacity - booked >= $3 \
-      AND (starts_at, id) > ($4, $5) \
-    ORDER BY starts_at, id LIMIT $6";
+const AVAILABILITY: &str = concat!(
+    "SELECT ",
+    slot_columns!(),
+    " FROM booking.slots \
+     WHERE starts_at >= $1 AND starts_at < $2 AND capacity - booked >= $3 \
+       AND (starts_at, id) > ($4, $5) \
+     ORDER BY starts_at, id LIMIT $6"
+);
 
-/// Creates a slot; a repeated `request_id` returns the first one.
+/// What CreateSlot did.
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    Created(SlotRow),
+    /// The caller's `request_id` was seen before with the same request:
+    /// the first slot, nothing written.
+    Replayed(SlotRow),
+    /// The caller's `request_id` was seen before with another request.
+    RequestIdReused,
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyedSlot {
+    #[sqlx(flatten)]
+    slot: SlotRow,
+    request_fingerprint: Option<Vec<u8>>,
+}
+
+/// Creates a slot; `caller` scopes the key (`""` when unauthenticated).
 #[tracing::instrument(skip_all)]
 pub async fn create(
     pool: &PgPool,
     id: Uuid,
     slot: &NewSlot,
+    caller: &str,
     now: DateTime<Utc>,
-) -> Result<SlotRow, sqlx::Error> {
+) -> Result<CreateOutcome, sqlx::Error> {
     let created = sqlx::query_as::<_, SlotRow>(CREATE)
         .bind(id)
         .bind(slot.starts_at)
@@ -40,17 +81,27 @@ pub async fn create(
         .bind(&slot.label)
         .bind(slot.request_id.as_deref())
         .bind(now)
+        .bind(slot.time_zone.name())
+        .bind(caller)
+        .bind(slot.request_id.as_ref().map(|_| &slot.fingerprint))
         .fetch_optional(pool)
         .await?;
-    match created {
-        Some(row) => Ok(row),
-        None => {
-            sqlx::query_as::<_, SlotRow>(BY_REQUEST_ID)
-                .bind(slot.request_id.as_deref())
-                .fetch_one(pool)
-                .await
-        }
+    if let Some(row) = created {
+        return Ok(CreateOutcome::Created(row));
     }
+    // Only a conflicting key inserts nothing, and keys are never deleted.
+    let earlier = sqlx::query_as::<_, KeyedSlot>(BY_REQUEST_ID)
+        .bind(caller)
+        .bind(slot.request_id.as_deref())
+        .fetch_one(pool)
+        .await?;
+    Ok(
+        if same_request(earlier.request_fingerprint.as_deref(), &slot.fingerprint) {
+            CreateOutcome::Replayed(earlier.slot)
+        } else {
+            CreateOutcome::RequestIdReused
+        },
+    )
 }
 
 #[tracing::instrument(skip_all)]

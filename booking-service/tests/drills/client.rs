@@ -268,6 +268,7 @@ impl Client {
                 capacity: plan.capacity,
                 label: format!("Drill slot {i}"),
                 request_id: Uuid::now_v7().to_string(),
+                time_zone: String::new(),
             };
             let answer = self
                 .retrying("CreateSlot", || {

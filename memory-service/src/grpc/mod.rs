@@ -219,6 +219,9 @@ impl MemoryService for MemoryApi {
         Ok(Response::new(pb::DeleteUserDataResponse {
             conversations_deleted,
             messages_deleted,
+            // One statement deleted everything: nothing left for later.
+            complete: true,
+            messages_remaining: 0,
         }))
     }
 }

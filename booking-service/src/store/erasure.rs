@@ -1,0 +1,146 @@
+//! Erasing a customer from booking-service (EraseCustomer's first part):
+//! one transaction that cancels their pending follow-ups, clears the text
+//! of all of them, and pseudonymises their bookings.
+//!
+//! Ordering against the follow-up pipeline, which runs concurrently:
+//! - the customer's bookings are locked first (FOR UPDATE). A plan job that
+//!   is inserting a follow-up holds its booking FOR SHARE (the trigger of
+//!   migration `customer_erasure`), so either it commits before the erasure
+//!   reads the follow-ups (and its row is cleared here), or it waits for the
+//!   erasure and its row is born cancelled and empty;
+//! - a delivery in flight holds its follow-up's row lock through the
+//!   memory-service call: the erasure waits for it, finds the follow-up
+//!   SENT, and clears its text; memory-service's DeleteUserData, called
+//!   after this commits, then removes the delivered message.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::erasure::{ERASED_REASON, pseudonym};
+
+/// The database's pseudonym salt (one row, made by the migration).
+const SALT: &str = "SELECT salt FROM booking.erasure_salt";
+
+/// The customer's bookings, locked in id order (two erasures of one
+/// customer queue up instead of deadlocking); through
+/// `bookings_customer_idx`.
+const LOCK_BOOKINGS: &str = "SELECT id, conversation_id FROM booking.bookings \
+    WHERE customer_id = $1 ORDER BY id FOR UPDATE";
+
+/// Everything else, in one statement over the locked bookings ($1):
+/// - follow-ups (through `scheduled_followups_booking_idx`): pending ones
+///   CANCELLED with the reason, every one's text and conversation cleared and
+///   customer id pseudonymised; `old` is each row's state when locked, for
+///   the counts;
+/// - bookings: name, cancellation reason, conversation and request id (a
+///   caller-chosen key that may name the customer; replaced by the booking's
+///   own id, unique, so the (customer, request id) key cannot collide)
+///   cleared, the customer id pseudonymised, the erasure time recorded.
+///   Slot, party size, state, payment, amounts and timestamps stay;
+/// - the customer's conversation ownerships (through the primary key).
+const ERASE: &str = "
+WITH old AS (
+    SELECT f.id, f.state FROM booking.scheduled_followups f
+    WHERE f.booking_id = ANY($1)
+    FOR UPDATE
+),
+followups AS (
+    UPDATE booking.scheduled_followups f
+    SET state = CASE WHEN old.state = 1 THEN 3 ELSE f.state END,
+        last_error = CASE WHEN old.state = 1 THEN $4 ELSE f.last_error END,
+        customer_id = $2, conversation_id = NULL, rendered_text = '', updated_at = $3
+    FROM old WHERE f.id = old.id
+    RETURNING old.state AS was
+),
+bookings AS (
+    UPDATE booking.bookings b
+    SET customer_id = $2, customer_name = '', cancel_reason = NULL, conversation_id = NULL,
+        request_id = b.id::text, request_fingerprint = NULL, erased_at = $3
+    WHERE b.id = ANY($1)
+    RETURNING b.id
+),
+owners AS (
+    DELETE FROM booking.conversation_owners o
+    WHERE o.conversation_id = ANY($6) AND o.customer_id = $5
+    RETURNING o.conversation_id
+)
+SELECT (SELECT count(*) FROM bookings),
+       (SELECT count(*) FROM followups WHERE was = 1),
+       (SELECT count(*) FROM followups)
+";
+
+/// The constraint a booking of the customer committed between the lock and
+/// the ownership delete trips (its conversation's owner row is still
+/// referenced): the erasure then runs again and takes that booking too.
+const CONVERSATION_OWNER_FKEY: &str = "bookings_conversation_owner_fkey";
+
+/// Runs of the transaction before giving up on racing bookings.
+const ATTEMPTS: u32 = 3;
+
+/// What the booking-service part of an erasure changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Erased {
+    pub bookings: i64,
+    pub follow_ups_cancelled: i64,
+    pub follow_ups_cleared: i64,
+}
+
+/// Erases `customer_id` from booking-service, in one transaction. A second
+/// call finds nothing (the bookings no longer carry the id) and answers
+/// zeros. Never logs the id.
+#[tracing::instrument(skip_all)]
+pub async fn erase(
+    pool: &PgPool,
+    customer_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Erased, sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match erase_once(pool, customer_id, now).await {
+            Err(sqlx::Error::Database(e))
+                if e.constraint() == Some(CONVERSATION_OWNER_FKEY) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn erase_once(
+    pool: &PgPool,
+    customer_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Erased, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let locked = sqlx::query_as::<_, (Uuid, Option<Uuid>)>(LOCK_BOOKINGS)
+        .bind(customer_id)
+        .fetch_all(&mut *tx)
+        .await?;
+    if locked.is_empty() {
+        return Ok(Erased::default());
+    }
+    let salt = sqlx::query_scalar::<_, Vec<u8>>(SALT)
+        .fetch_one(&mut *tx)
+        .await?;
+    let pseudonym = pseudonym(&salt, customer_id);
+    let (bookings, conversations): (Vec<Uuid>, Vec<Option<Uuid>>) = locked.into_iter().unzip();
+    let conversations: Vec<Uuid> = conversations.into_iter().flatten().collect();
+    let (bookings, follow_ups_cancelled, follow_ups_cleared) =
+        sqlx::query_as::<_, (i64, i64, i64)>(ERASE)
+            .bind(&bookings)
+            .bind(&pseudonym)
+            .bind(now)
+            .bind(ERASED_REASON)
+            .bind(customer_id)
+            .bind(&conversations)
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(Erased {
+        bookings,
+        follow_ups_cancelled,
+        follow_ups_cleared,
+    })
+}
