@@ -65,7 +65,7 @@ async fn cancel(
 async fn cancelling_after_the_slot_started_is_refused_and_changes_nothing() {
     let stack = spawn_stack_with(no_delivery).await;
     let slot = stack
-        .slot(Duration::from_millis(800), Duration::from_secs(3600), 6)
+        .slot(Duration::from_secs(2), Duration::from_secs(3600), 6)
         .await;
     let booked = stack
         .book(Stack::booking_request(&slot, "lena", "", 2))

@@ -192,9 +192,9 @@ async fn an_erased_customer_gets_no_follow_up_and_leaves_only_pseudonymised_acco
         .conversation(&customer, &[(-0.6, "anger"), (-0.7, "frustration")])
         .await;
 
-    // A booking whose slot ends in ~1.5 s: its follow-up is due ~1 s later.
+    // A booking whose slot ends in ~2.5 s: its follow-up is due ~1 s later.
     let slot = stack
-        .slot(Duration::from_secs(1), Duration::from_millis(500), 10)
+        .slot(Duration::from_secs(2), Duration::from_millis(500), 10)
         .await;
     let mut request = Stack::booking_request(&slot, &customer, &conversation, 3);
     request.customer_name = name.into();
@@ -487,7 +487,7 @@ async fn a_plan_job_queued_when_its_customer_is_erased_delivers_nothing() {
     let name = "Walt Queued";
     let conversation = stack.conversation(&customer, &[(0.6, "joy")]).await;
     let slot = stack
-        .slot(Duration::from_secs(1), Duration::from_millis(200), 4)
+        .slot(Duration::from_secs(2), Duration::from_millis(200), 4)
         .await;
     let mut request = Stack::booking_request(&slot, &customer, &conversation, 1);
     request.customer_name = name.into();
