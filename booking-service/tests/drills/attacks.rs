@@ -8,10 +8,9 @@
 //! (every ordinary call served, every attacking stream or socket answered
 //! or closed, metrics, peak RSS under the deploy limit), waits for
 //! conditions with deadlines, and prints one `DRILL attacks/<name>:` line.
-//!
-//! `slow_bodies_stay_within_the_memory_limit` is ignored: it exposes a
-//! weakness not fixed yet (request bodies being read have no global memory
-//! bound); run it with `--run-ignored only`.
+//! `slow_bodies_stay_within_the_memory_limit` found that request bodies
+//! being read had no global memory bound (peak RSS ~355 MiB, over the
+//! 256 MiB deploy limit); `MAX_PENDING_REQUEST_BYTES` now bounds them.
 
 use std::{
     net::SocketAddr,
@@ -213,13 +212,13 @@ const SLOW_BYTES: usize = 136 * 1024 - 16;
 /// Like the stalled streams, but each of 2,400 streams (24 connections x
 /// MAX_CONCURRENT_STREAMS) sends 136 KiB of its message and then nothing.
 /// The RPC layer buffers a request body until it is complete, before any
-/// permit, for up to REQUEST_READ_TIMEOUT, so nothing but MAX_CONNECTIONS x
-/// MAX_CONCURRENT_STREAMS x the request limit (1024 x 100 x 137 KiB, about
-/// 13 GiB for memory-service) bounds the bytes held: 24 connections are
-/// enough to pass the 256 MiB deploy limit.
+/// permit, for up to REQUEST_READ_TIMEOUT; without a shared budget only
+/// MAX_CONNECTIONS x MAX_CONCURRENT_STREAMS x the request limit (about
+/// 13 GiB for memory-service) would bound the bytes held, and 24
+/// connections passed the 256 MiB deploy limit. MAX_PENDING_REQUEST_BYTES
+/// (64 MiB) now bounds them: streams past it are answered
+/// RESOURCE_EXHAUSTED `REQUEST_BUFFERS_FULL` at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "exposes a weakness not fixed yet: request bodies being read have no global memory \
-            bound (peak RSS ~355 MiB here, over the 256 MiB deploy limit); un-ignore once they do"]
 async fn slow_bodies_stay_within_the_memory_limit() {
     let drill_started = Instant::now();
     let target = Target::memory("attacks_slow_bodies", &[("REQUEST_READ_TIMEOUT", "5s")]).await;
@@ -279,10 +278,17 @@ async fn slow_bodies_stay_within_the_memory_limit() {
         tally.summary(),
         secs(drill_started.elapsed()),
     );
+    // While the attack holds the whole request-buffer budget, other calls
+    // are shed (RESOURCE_EXHAUSTED, retryable) instead of the process
+    // growing until it is killed; nothing else may go wrong.
+    let unexpected: Vec<_> = tally
+        .failures
+        .iter()
+        .filter(|f| !f.contains("REQUEST_BUFFERS_FULL"))
+        .collect();
     assert!(
-        tally.failures.is_empty(),
-        "ordinary calls failed: {:#?}",
-        tally.failures
+        unexpected.is_empty(),
+        "ordinary calls failed otherwise than shed: {unexpected:#?}"
     );
     after.expect("an ordinary call after the attack");
     target.assert_peak_rss_under_limit();
