@@ -56,6 +56,17 @@ impl MemoryApi {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// Wakes the purger when dropped while still holding it.
+struct WakeOnDrop<'a>(Option<&'a Purger>);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(purger) = self.0 {
+            purger.wake();
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl MemoryService for MemoryApi {
     async fn store_message(
@@ -152,8 +163,15 @@ impl MemoryService for MemoryApi {
         .await
         .map_err(Error::from)?;
         // A conversation always holds at least one message, so an empty first
-        // page means there is no such conversation.
-        if filled.items.is_empty() && page.after.is_none() {
+        // page means there is no such conversation. A later page is empty
+        // only when messages went since the previous one: the conversation
+        // was erased (or never existed, with a forged token).
+        if filled.items.is_empty()
+            && (page.after.is_none()
+                || !store::conversations::exists(&self.pool, page.conversation_id)
+                    .await
+                    .map_err(Error::from)?)
+        {
             return Err(Error::ConversationNotFound(page.conversation_id).into());
         }
         Ok(Response::new(pb::ListMessagesResponse {
@@ -246,11 +264,15 @@ impl MemoryService for MemoryApi {
         let user_id = queries::user_id(&request.into_inner().user_id).map_err(Error::from)?;
         let deadline = CallContext::current_deadline()
             .unwrap_or_else(|| Instant::now() + ERASE_WITHOUT_DEADLINE);
+        // Should this call end before the purge does (out of time, an error,
+        // or dropped at its deadline by the RPC layer), the background purger
+        // is woken to finish at once rather than at its next interval.
+        let mut unfinished = WakeOnDrop(Some(&self.purger));
         let done = erasure::erase_user(&self.pool, &user_id, deadline, &self.purge)
             .await
             .map_err(Error::from)?;
-        if !done.complete() {
-            self.purger.wake();
+        if done.complete() {
+            unfinished.0 = None;
         }
         // Counts only: a user id is personal data and stays out of the logs
         // (the call's span carries its request id).

@@ -103,6 +103,17 @@ async fn erased_conversations_stay_erased_and_a_returning_user_starts_anew() {
         .await
         .expect("stored");
 
+    // A reader in the middle of paging when the erasure comes.
+    let first_page = app
+        .list_messages(pb::ListMessagesRequest {
+            conversation_id: old.clone(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("first page");
+    assert!(!first_page.next_page_token.is_empty());
+
     let erased = delete_user_data(&app, "rae", None).await.expect("erased");
     assert_eq!(
         (
@@ -115,6 +126,16 @@ async fn erased_conversations_stay_erased_and_a_returning_user_starts_anew() {
         (1, 2, true, 0, 0)
     );
     assert_invisible(&app, &old, "rae").await;
+    let status = app
+        .list_messages(pb::ListMessagesRequest {
+            conversation_id: old.clone(),
+            page_size: 1,
+            page_token: first_page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect_err("the next page of an erased conversation");
+    assert_eq!(status.code(), Code::NotFound);
 
     // A follow-up still queued with the old conversation id, a retry of the
     // keyed message, and anyone else's write: refused, nothing re-created.
