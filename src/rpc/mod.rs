@@ -370,7 +370,7 @@ where
                         }
                     }
                 };
-                let call = context.scope(inner.call(request));
+                let call = context.scope_with_deadline(started + deadline, inner.call(request));
                 policy.metrics.rpc.in_flight.inc();
                 let in_flight = InFlight(policy.metrics.rpc.in_flight.clone());
                 let result = if reflection || health_watch {
