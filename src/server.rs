@@ -5,7 +5,7 @@
 //!
 //! Environment variables read here (shared by both services): `REFLECTION`,
 //! `MAX_CONCURRENT_RPCS`, `RPC_TIMEOUT`, `MAX_RPC_TIMEOUT`,
-//! `REQUEST_READ_TIMEOUT`, `AUTH_MODE`, `AUTH_TOKENS`, `AUTH_TOKENS_FILE`,
+//! `REQUEST_READ_TIMEOUT`, `MAX_PENDING_REQUEST_BYTES`, `AUTH_MODE`, `AUTH_TOKENS`, `AUTH_TOKENS_FILE`,
 //! `AUTH_GRANTS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_CLIENT_CA_FILE`,
 //! `MAX_CONNECTIONS`, `MAX_CONCURRENT_STREAMS`, `HANDSHAKE_TIMEOUT`,
 //! `HTTP2_KEEPALIVE_INTERVAL`, `HTTP2_KEEPALIVE_TIMEOUT`, `TCP_KEEPALIVE`,
@@ -124,6 +124,10 @@ pub struct ServerArgs {
     /// Most client connections open at once; more are closed on accept.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, global = true)]
     pub max_connections: usize,
+
+    /// Bytes of request messages being received at once, all calls together; past this, calls fail RESOURCE_EXHAUSTED (bounds memory against slow senders).
+    #[arg(long, env = "MAX_PENDING_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024, global = true)]
+    pub max_pending_request_bytes: usize,
 
     /// Most concurrent HTTP/2 streams (calls) per connection.
     #[arg(
@@ -414,6 +418,7 @@ where
         max_deadline: args.max_rpc_timeout,
         request_read_timeout: args.request_read_timeout,
         max_request_bytes,
+        max_pending_request_bytes: args.max_pending_request_bytes,
     };
     let connection_metrics = metrics.connections.clone();
     let policy = RpcPolicy::new(metrics, limits, access);

@@ -41,6 +41,12 @@ impl FieldViolations {
 
     /// INVALID_ARGUMENT with a `BadRequest` listing every violation.
     pub fn into_status(self, domain: &str) -> Status {
+        self.into_status_with_reason(domain, "INVALID_ARGUMENT")
+    }
+
+    /// As [`Self::into_status`], with an `ErrorInfo` reason more precise than
+    /// `INVALID_ARGUMENT` (e.g. `REQUEST_ID_REUSED`).
+    pub fn into_status_with_reason(self, domain: &str, reason: &str) -> Status {
         let summary = self
             .0
             .iter()
@@ -48,7 +54,7 @@ impl FieldViolations {
             .collect::<Vec<_>>()
             .join("; ");
         let mut details = ErrorDetails::with_bad_request(self.0);
-        details.set_error_info("INVALID_ARGUMENT", domain, HashMap::new());
+        details.set_error_info(reason, domain, HashMap::new());
         Status::with_error_details(
             Code::InvalidArgument,
             format!("invalid request: {summary}"),

@@ -7,7 +7,7 @@
 //! `LOG_FORMAT`, `RUST_LOG`, `MEMORY_MAX_CONTENT_BYTES`,
 //! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MEMORY_MAX_PAGE_SIZE`,
 //! `MEMORY_MAX_PAGE_BYTES`, `MEMORY_MAX_DISTINCT_LABELS`,
-//! and those of [`maitre::server::ServerArgs`] (auth, TLS, limits, reflection).
+//! `MEMORY_PURGE_BATCH_SIZE`, `MEMORY_PURGE_INTERVAL`, and those of [`maitre::server::ServerArgs`] (auth, TLS, limits, reflection).
 //!
 //! [`Settings::check_limits`] refuses, at start-up, limits under which an
 //! answer could outgrow [`MAX_RESPONSE_BYTES`]: such a call would fail only
@@ -24,7 +24,7 @@ use maitre::{
 
 use anyhow::ensure;
 
-use crate::{domain::Limits, startup::MAX_RESPONSE_BYTES};
+use crate::{domain::Limits, erasure::PurgeSettings, startup::MAX_RESPONSE_BYTES};
 
 /// What a response wrapping one item adds to the item's own encoding, at
 /// most: field tags and lengths, ids and a timestamp the request did not
@@ -164,6 +164,22 @@ pub struct Settings {
     )]
     pub max_distinct_labels: u32,
 
+    /// Most messages one statement of an erasure's purge deletes: each batch
+    /// is its own short transaction, far below the statement timeout.
+    #[arg(
+        long,
+        env = "MEMORY_PURGE_BATCH_SIZE",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(i64).range(1..=1_000_000),
+        global = true
+    )]
+    pub purge_batch_size: i64,
+
+    /// How often the background purger looks for erasures left unfinished
+    /// (a DeleteUserData that ran out of time wakes it at once).
+    #[arg(long, env = "MEMORY_PURGE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub purge_interval: Duration,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -186,6 +202,13 @@ impl Settings {
             statement_timeout: self.db_statement_timeout,
             application_name: "memory-service".into(),
             asynchronous_commit: false,
+        }
+    }
+
+    pub fn purge(&self) -> PurgeSettings {
+        PurgeSettings {
+            batch_size: self.purge_batch_size,
+            interval: self.purge_interval,
         }
     }
 

@@ -21,6 +21,12 @@ pub enum Error {
     ConversationNotFound(Uuid),
     #[error("conversation {0} belongs to another user")]
     ConversationOfAnotherUser(Uuid),
+    /// A StoreMessage `request_id` already stored with another request.
+    #[error("request_id reused with another request")]
+    RequestIdReused,
+    /// StoreMessage into a conversation that DeleteUserData erased.
+    #[error("conversation {0} was erased")]
+    ConversationErased(Uuid),
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }
@@ -41,6 +47,23 @@ impl From<Error> for Status {
                 DOMAIN,
                 "CONVERSATION_USER_MISMATCH",
                 format!("conversation {id} belongs to another user"),
+                HashMap::from([("conversation_id".into(), id.to_string())]),
+            ),
+            Error::RequestIdReused => {
+                let mut violations = FieldViolations::new();
+                violations.add(
+                    "request_id",
+                    "REQUEST_ID_REUSED",
+                    "already used for another request by this caller for this user; \
+                     a retry must repeat the request unchanged, a new request needs a new id",
+                );
+                violations.into_status_with_reason(DOMAIN, "REQUEST_ID_REUSED")
+            }
+            Error::ConversationErased(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "CONVERSATION_ERASED",
+                format!("conversation {id} was erased and takes no more messages"),
                 HashMap::from([("conversation_id".into(), id.to_string())]),
             ),
             Error::Database(cause) => database_status(DOMAIN, &cause),

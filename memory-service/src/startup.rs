@@ -1,6 +1,7 @@
 //! Building and running memory-service: pool, migrations, then the shared
 //! server assembly (`maitre::server`): health, reflection, the RPC layer,
-//! TLS, the admin port, graceful shutdown.
+//! TLS, the admin port, graceful shutdown, and the background purger that
+//! finishes erasures ([`crate::erasure::Purger`]).
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -13,17 +14,18 @@ use maitre::{
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::{config::Settings, grpc::MemoryApi, store};
+use crate::{config::Settings, erasure::Purger, grpc::MemoryApi, store};
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "maitre.memory.v1.MemoryService";
 
 /// Who may call what when AUTH_GRANTS is not set (README, Security):
-/// assistants use conversations, booking-service reads emotion history and
-/// delivers follow-ups, and only `admin` may erase a user's data.
+/// assistants use conversations; booking-service reads emotion history,
+/// delivers follow-ups and erases a customer's data (its own erasure RPC
+/// calls DeleteUserData); `admin` may do everything.
 pub const DEFAULT_GRANTS: &str = "assistant=StoreMessage,GetConversation,ListMessages,\
 GetEmotionHistory,ListConversations,CloseConversation;\
-booking-service=GetEmotionHistory,StoreMessage;admin=*";
+booking-service=GetEmotionHistory,StoreMessage,DeleteUserData;admin=*";
 
 /// Largest response the server encodes. Most gRPC clients refuse to receive
 /// more than 4 MiB by default, so a larger answer would fail at the client
@@ -94,7 +96,16 @@ impl Application {
             metrics,
             settings,
         } = self;
-        let api = MemoryServiceServer::new(MemoryApi::new(pool.clone(), settings.limits()))
+        // Finishes erasures that DeleteUserData left unfinished, on every
+        // replica; stops with the server (between two batches).
+        let purger = Purger::new(pool.clone(), settings.purge());
+        let api = MemoryApi::new(
+            pool.clone(),
+            settings.limits(),
+            purger.clone(),
+            settings.purge(),
+        );
+        let api = MemoryServiceServer::new(api)
             .max_decoding_message_size(settings.max_request_bytes())
             .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let spec = ServeSpec {
@@ -110,7 +121,10 @@ impl Application {
             health_interval: settings.health_interval,
             shutdown_timeout: settings.shutdown_timeout,
         };
-        serve(spec, api, shutdown, |_| None).await
+        serve(spec, api, shutdown, move |stopping| {
+            Some(tokio::spawn(purger.run(stopping)))
+        })
+        .await
     }
 }
 

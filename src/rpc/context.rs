@@ -9,6 +9,10 @@ use uuid::Uuid;
 
 tokio::task_local! {
     static CURRENT: CallContext;
+    /// When the running call's deadline passes (the client's `grpc-timeout`,
+    /// capped, or the server default): apart from [`CallContext`] so that
+    /// the contexts jobs build for themselves need not invent one.
+    static DEADLINE: std::time::Instant;
 }
 
 /// Longest accepted `x-request-id`.
@@ -52,6 +56,21 @@ impl CallContext {
     /// The current call's authenticated caller name, if any.
     pub fn current_caller() -> Option<String> {
         CURRENT.try_with(|c| c.caller.clone()).ok().flatten()
+    }
+
+    /// When the current call's deadline passes, for handlers that stop long
+    /// work in time to answer (DeleteUserData); `None` outside a call.
+    pub fn current_deadline() -> Option<std::time::Instant> {
+        DEADLINE.try_with(|d| *d).ok()
+    }
+
+    /// Runs `future` with this context and `deadline` as the current ones.
+    pub async fn scope_with_deadline<F: std::future::Future>(
+        self,
+        deadline: std::time::Instant,
+        future: F,
+    ) -> F::Output {
+        CURRENT.scope(self, DEADLINE.scope(deadline, future)).await
     }
 
     /// The context of the running call or job, if any.

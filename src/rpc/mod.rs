@@ -6,10 +6,13 @@
 //! 2. authentication and authorization: the caller's name from its bearer
 //!    token or client certificate, and the grants for the method
 //!    (UNAUTHENTICATED / PERMISSION_DENIED), unless AUTH_MODE is `none`;
-//! 3. the request message is read in full, within `REQUEST_READ_TIMEOUT`
-//!    and a size cap, *before* any permit is taken: a stream that sends
-//!    HEADERS and then nothing holds no slot (every method of ours takes
-//!    one request message; reflection, a bidirectional stream, is exempt);
+//! 3. the request message is read in full, within `REQUEST_READ_TIMEOUT`,
+//!    a size cap and a byte budget shared by all calls
+//!    (`MAX_PENDING_REQUEST_BYTES`), *before* any permit is taken: a stream
+//!    that sends HEADERS and then nothing holds no slot, and a crowd of
+//!    half-sent bodies cannot grow the process without bound (every method
+//!    of ours takes one request message; reflection, a bidirectional
+//!    stream, is exempt);
 //! 4. load shedding: past the global concurrency limit a call fails at once
 //!    with RESOURCE_EXHAUSTED instead of queueing without bound;
 //! 5. the deadline: the client's `grpc-timeout` capped at `MAX_RPC_TIMEOUT`,
@@ -81,6 +84,10 @@ pub struct RpcPolicy {
     pub request_read_timeout: Duration,
     /// Largest request body read (the decoder's own limit is lower).
     pub max_request_bytes: usize,
+    /// Bytes of request bodies held at once, all calls together: each
+    /// data frame is reserved as it arrives, and the reservation lasts as
+    /// long as the call.
+    pub request_buffers: Arc<Semaphore>,
     /// `None` leaves the server open (AUTH_MODE=none).
     pub access: Option<Arc<Access>>,
 }
@@ -94,6 +101,7 @@ pub struct RpcLimits {
     pub max_deadline: Duration,
     pub request_read_timeout: Duration,
     pub max_request_bytes: usize,
+    pub max_pending_request_bytes: usize,
 }
 
 impl RpcPolicy {
@@ -110,6 +118,11 @@ impl RpcPolicy {
             max_deadline: limits.max_deadline,
             request_read_timeout: limits.request_read_timeout,
             max_request_bytes: limits.max_request_bytes,
+            request_buffers: Arc::new(Semaphore::new(
+                limits
+                    .max_pending_request_bytes
+                    .clamp(limits.max_request_bytes, Semaphore::MAX_PERMITS),
+            )),
             access: access.map(Arc::new),
         }
     }
@@ -320,11 +333,11 @@ where
         std::mem::swap(&mut inner, &mut self.inner);
         Box::pin(
             async move {
-                let request = if reflection {
-                    request
+                let (request, _buffered) = if reflection {
+                    (request, None)
                 } else {
                     match read_request(request, &policy, deadline, started).await {
-                        Ok(request) => request,
+                        Ok((request, buffered)) => (request, Some(buffered)),
                         Err((code, reason, message)) => {
                             return Ok(outcome.finish(refusal(code, reason, message)));
                         }
@@ -357,7 +370,7 @@ where
                         }
                     }
                 };
-                let call = context.scope(inner.call(request));
+                let call = context.scope_with_deadline(started + deadline, inner.call(request));
                 policy.metrics.rpc.in_flight.inc();
                 let in_flight = InFlight(policy.metrics.rpc.in_flight.clone());
                 let result = if reflection || health_watch {
@@ -397,48 +410,88 @@ where
     }
 }
 
-/// The request with its body read in full, or why it could not be.
+type Refusal = (Code, &'static str, &'static str);
+
+/// The request with its body read in full and the reservation of its bytes
+/// in the shared request-buffer budget, or why it could not be read.
 async fn read_request(
     request: http::Request<Body>,
     policy: &RpcPolicy,
     deadline: Duration,
     started: Instant,
-) -> Result<http::Request<Body>, (Code, &'static str, &'static str)> {
-    let (parts, body) = request.into_parts();
-    let limited = http_body_util::Limited::new(body, policy.max_request_bytes);
+) -> Result<(http::Request<Body>, Option<OwnedSemaphorePermit>), Refusal> {
+    let (parts, mut body) = request.into_parts();
     let wait = policy
         .request_read_timeout
         .min(deadline)
         .saturating_sub(started.elapsed());
-    match tokio::time::timeout(wait, limited.collect()).await {
-        Ok(Ok(collected)) => {
-            let trailers = collected.trailers().cloned();
-            let mut body = http_body_util::Full::new(collected.to_bytes())
-                .map_err(|never| match never {})
-                .boxed_unsync();
-            if let Some(trailers) = trailers {
-                body = body
-                    .with_trailers(std::future::ready(Some(Ok(trailers))))
-                    .boxed_unsync();
+    let read = async {
+        let mut data = bytes::BytesMut::new();
+        let mut trailers = None;
+        let mut reserved: Option<OwnedSemaphorePermit> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| {
+                (
+                    Code::Cancelled,
+                    "REQUEST_ABORTED",
+                    "the client stopped sending its request",
+                )
+            })?;
+            let chunk = match frame.into_data() {
+                Ok(chunk) => chunk,
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    continue;
+                }
+            };
+            if data.len() + chunk.len() > policy.max_request_bytes {
+                return Err((
+                    Code::ResourceExhausted,
+                    "REQUEST_TOO_LARGE",
+                    "request message too large for this server",
+                ));
             }
-            Ok(http::Request::from_parts(parts, Body::new(body)))
+            // Reserve before holding: a crowd of half-sent bodies is refused
+            // instead of growing the process past its memory limit.
+            let size = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            let permit = policy
+                .request_buffers
+                .clone()
+                .try_acquire_many_owned(size)
+                .map_err(|_| {
+                    (
+                        Code::ResourceExhausted,
+                        "REQUEST_BUFFERS_FULL",
+                        "too many request bytes in flight; retry with backoff",
+                    )
+                })?;
+            match &mut reserved {
+                Some(held) => held.merge(permit),
+                None => reserved = Some(permit),
+            }
+            data.extend_from_slice(&chunk);
         }
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err((
-            Code::ResourceExhausted,
-            "REQUEST_TOO_LARGE",
-            "request message too large for this server",
-        )),
-        Ok(Err(_)) => Err((
-            Code::Cancelled,
-            "REQUEST_ABORTED",
-            "the client stopped sending its request",
-        )),
-        Err(_) => Err((
-            Code::DeadlineExceeded,
-            "REQUEST_READ_TIMEOUT",
-            "request message not received in time (REQUEST_READ_TIMEOUT)",
-        )),
+        Ok((data.freeze(), trailers, reserved))
+    };
+    let (data, trailers, reserved) = match tokio::time::timeout(wait, read).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err((
+                Code::DeadlineExceeded,
+                "REQUEST_READ_TIMEOUT",
+                "request message not received in time (REQUEST_READ_TIMEOUT)",
+            ));
+        }
+    };
+    let mut full = http_body_util::Full::new(data)
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    if let Some(trailers) = trailers {
+        full = full
+            .with_trailers(std::future::ready(Some(Ok(trailers))))
+            .boxed_unsync();
     }
+    Ok((http::Request::from_parts(parts, Body::new(full)), reserved))
 }
 
 /// A response body that holds a permit (and counts itself in a gauge)
@@ -528,16 +581,41 @@ impl Outcome {
         match code {
             Code::Ok if quiet => tracing::debug!("rpc done"),
             Code::Ok => tracing::info!("rpc done"),
+            // Shedding comes in floods: one WARN per interval says how many
+            // (metrics count every one), the rest go to debug.
+            Code::ResourceExhausted => match shed_log_due() {
+                Some(suppressed) => tracing::warn!(
+                    suppressed_since_last_warning = suppressed,
+                    "rpc failed: RESOURCE_EXHAUSTED (calls shed; see maitre_rpc_requests_total)"
+                ),
+                None => tracing::debug!("rpc failed"),
+            },
             // Server-side trouble: worth a look at 3 a.m.
-            Code::Internal
-            | Code::Unknown
-            | Code::DataLoss
-            | Code::Unavailable
-            | Code::ResourceExhausted => {
+            Code::Internal | Code::Unknown | Code::DataLoss | Code::Unavailable => {
                 tracing::warn!("rpc failed")
             }
             _ => tracing::info!("rpc refused"),
         }
+    }
+}
+
+/// How often a flood of RESOURCE_EXHAUSTED answers is logged at WARN.
+const SHED_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// `Some(calls shed since the last WARN)` when a WARN is due now.
+fn shed_log_due() -> Option<u64> {
+    static LAST: std::sync::Mutex<(Option<Instant>, u64)> = std::sync::Mutex::new((None, 0));
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let due = last.0.is_none_or(|at| at.elapsed() >= SHED_WARN_INTERVAL);
+    if due {
+        let suppressed = last.1;
+        *last = (Some(Instant::now()), 0);
+        Some(suppressed)
+    } else {
+        last.1 += 1;
+        None
     }
 }
 

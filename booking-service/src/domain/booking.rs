@@ -315,11 +315,9 @@ mod tests {
     /// Like memory-service's `user_id`: bidi controls, zero-width and other
     /// invisible format characters, and surrounding spaces make two ids look
     /// alike that are not (or hide text). The rule lives in the shared
-    /// validator `maitre::fields::identifier`, which booking-service already
-    /// uses for every customer id; its stricter version is being made in
-    /// parallel (issue 9), so this waits for it.
+    /// validator `maitre::fields::identifier`, which booking-service uses
+    /// for every customer id.
     #[test]
-    #[ignore = "needs the stricter shared maitre::fields::identifier (issue 9, other branch)"]
     fn look_alike_and_invisible_customer_ids_are_refused() {
         for id in [
             " ana",

@@ -71,8 +71,24 @@ pub fn binary(service: Service) -> PathBuf {
     path
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now. Taken below the kernel's
+/// ephemeral range when it can be: drills running alongside open thousands
+/// of outgoing connections (attacks.rs), any of which could otherwise take
+/// the port as its local one before the service binds it, or while a
+/// killed service is restarted on it.
 pub fn free_port() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 12_000 {
+        for _ in 0..100 {
+            let port = rand::random_range(10_000..ephemeral_low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free loopback port")
@@ -95,6 +111,10 @@ const SERVICE_ENV_PREFIXES: &[&str] = &[
     "METRICS_",
     "AUTH_",
     "TLS_",
+    // The server's connection and HTTP/2 limits (MAX_CONNECTIONS,
+    // MAX_CONNECTION_AGE, HTTP2_KEEPALIVE_INTERVAL, ...).
+    "MAX_CONNECTION",
+    "HTTP2_",
 ];
 
 fn command(service: Service) -> Command {
@@ -104,7 +124,17 @@ fn command(service: Service) -> Command {
         if SERVICE_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
             || matches!(
                 name.as_ref(),
-                "RUST_LOG" | "LOG_FORMAT" | "REFLECTION" | "MAX_CONCURRENT_RPCS" | "RPC_TIMEOUT"
+                "RUST_LOG"
+                    | "LOG_FORMAT"
+                    | "REFLECTION"
+                    | "MAX_CONCURRENT_RPCS"
+                    | "RPC_TIMEOUT"
+                    | "MAX_RPC_TIMEOUT"
+                    | "REQUEST_READ_TIMEOUT"
+                    | "MAX_CONCURRENT_STREAMS"
+                    | "HANDSHAKE_TIMEOUT"
+                    | "TCP_KEEPALIVE"
+                    | "MAX_HEALTH_WATCHERS"
             )
         {
             command.env_remove(name.as_ref());
@@ -182,6 +212,21 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("process running").id()
+    }
+
+    /// The process's peak resident set size so far (`VmHWM` in
+    /// `/proc/<pid>/status`), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no VmHWM line in {path}"))
     }
 
     fn spawn(&mut self) {
@@ -380,6 +425,8 @@ pub struct Options {
     pub db_acquire_timeout: Option<&'static str>,
     /// Extra settings for booking-service.
     pub booking_env: Vec<(&'static str, String)>,
+    /// Extra settings for memory-service (they win over the drills' common ones).
+    pub memory_env: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -389,6 +436,7 @@ impl Default for Options {
             via_proxy: false,
             db_acquire_timeout: None,
             booking_env: Vec::new(),
+            memory_env: Vec::new(),
         }
     }
 }
@@ -442,6 +490,12 @@ impl Stack {
             "MEMORY_GRPC_ADDR".to_owned(),
             format!("127.0.0.1:{memory_port}"),
         ));
+        memory_env.extend(
+            options
+                .memory_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone())),
+        );
         let memory = Proc::start(
             "memory-service",
             Service::Memory,

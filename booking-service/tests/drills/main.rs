@@ -13,10 +13,12 @@
 //! set the services log at `info` to the test's output, otherwise at `warn`
 //! to files under the temp directory whose tails are printed on failure.
 
+mod attack_kit;
 mod checks;
 mod client;
 mod harness;
 
+mod attacks;
 mod crash_mid_load;
 mod database_outage;
 mod graceful_shutdown;

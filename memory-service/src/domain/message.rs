@@ -66,6 +66,8 @@ pub struct ToolResult {
 pub struct NewMessage {
     /// Given by the caller, or a fresh UUIDv7 for a new conversation.
     pub conversation_id: Uuid,
+    /// The caller left `conversation_id` empty (asked for a new one).
+    pub new_conversation: bool,
     pub user_id: String,
     pub channel: String,
     pub role: Role,
@@ -104,18 +106,17 @@ impl NewMessage {
         } = request;
         let mut v = FieldViolations::new();
 
-        let conversation_id = if conversation_id.is_empty() {
+        let new_conversation = conversation_id.is_empty();
+        let conversation_id = if new_conversation {
             Some(Uuid::now_v7())
         } else {
             fields::uuid(&mut v, "conversation_id", &conversation_id)
         };
         let user_id = fields::identifier(&mut v, "user_id", &user_id);
-        if channel.chars().count() > MAX_CHANNEL_CHARS || channel.chars().any(char::is_control) {
-            v.add(
-                "channel",
-                "INVALID_CHANNEL",
-                format!("must be at most {MAX_CHANNEL_CHARS} printable characters"),
-            );
+        // Optional, and held to the identifier rule: "web" and "web " would
+        // be two channels that look like one.
+        if !channel.is_empty() {
+            fields::bounded_identifier(&mut v, "channel", &channel, MAX_CHANNEL_CHARS);
         }
         let role = match fields::known_enum::<pb::Role>(&mut v, "role", role) {
             Some(pb::Role::Unspecified) => {
@@ -216,6 +217,7 @@ impl NewMessage {
         match (conversation_id, user_id, role) {
             (Some(conversation_id), Some(user_id), Some(role)) => Ok(Self {
                 conversation_id,
+                new_conversation,
                 user_id,
                 channel,
                 role,
@@ -245,6 +247,86 @@ impl NewMessage {
             // Unreachable: each None above recorded a violation.
             _ => Err(FieldViolations::new()),
         }
+    }
+}
+
+/// Appends `bytes` with its length, so that no two different sequences of
+/// fields encode alike ("ab" + "c" vs "a" + "bc").
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_optional_i32(out: &mut Vec<u8>, value: Option<i32>) {
+    match value {
+        None => out.push(0),
+        Some(n) => {
+            out.push(1);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+}
+
+impl NewMessage {
+    /// SHA-256 of everything in the request that decides what is written,
+    /// stored with its `request_id`: a later call with the same key must
+    /// carry the same fingerprint to be answered as a replay.
+    ///
+    /// The canonical form is an encoding of its own, not the request's prost
+    /// encoding: prost writes `map` fields (`metadata`, `emotion.scores`) in
+    /// the iteration order of a `HashMap`, which differs between processes
+    /// and even between two maps of one process, so one request would have
+    /// many fingerprints. Here every field is written in a fixed order with
+    /// its length, maps in key order, numbers big-endian, floats by their
+    /// bits; values are the validated ones (a label is compared as stored,
+    /// lower-cased). `conversation_id` counts as sent: empty ("a new
+    /// conversation") stays empty, so a retry of such a call replays instead
+    /// of differing by the id generated for it. `user_id` and `request_id`
+    /// are the key itself. A version byte leaves room to change the form.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut out = vec![1_u8];
+        if self.new_conversation {
+            put(&mut out, b"");
+        } else {
+            put(&mut out, self.conversation_id.as_bytes());
+        }
+        put(&mut out, self.channel.as_bytes());
+        out.extend_from_slice(&self.role.as_i16().to_be_bytes());
+        put(&mut out, self.content.as_bytes());
+        match &self.emotion {
+            None => out.push(0),
+            Some(e) => {
+                out.push(1);
+                out.extend_from_slice(&e.score.to_bits().to_be_bytes());
+                put(&mut out, e.label.as_bytes());
+                out.extend_from_slice(&(e.scores.len() as u64).to_be_bytes());
+                for (key, value) in &e.scores {
+                    put(&mut out, key.as_bytes());
+                    out.extend_from_slice(&value.to_bits().to_be_bytes());
+                }
+            }
+        }
+        out.extend_from_slice(&(self.metadata.len() as u64).to_be_bytes());
+        for (key, value) in &self.metadata {
+            put(&mut out, key.as_bytes());
+            put(&mut out, value.as_bytes());
+        }
+        put_optional_i32(&mut out, self.input_tokens);
+        put_optional_i32(&mut out, self.output_tokens);
+        out.extend_from_slice(&(self.tool_calls.len() as u64).to_be_bytes());
+        for call in &self.tool_calls {
+            put(&mut out, call.id.as_bytes());
+            put(&mut out, call.name.as_bytes());
+            put(&mut out, call.arguments_json.as_bytes());
+        }
+        out.extend_from_slice(&(self.tool_results.len() as u64).to_be_bytes());
+        for result in &self.tool_results {
+            put(&mut out, result.tool_call_id.as_bytes());
+            put(&mut out, result.content.as_bytes());
+            out.push(u8::from(result.is_error));
+        }
+        Sha256::digest(&out).into()
     }
 }
 
@@ -354,5 +436,121 @@ fn token_count(v: &mut FieldViolations, field: &str, value: u32) -> Option<i32> 
             v.add(field, "OUT_OF_RANGE", "must be below 2^31");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn request() -> pb::StoreMessageRequest {
+        pb::StoreMessageRequest {
+            conversation_id: String::new(),
+            user_id: "ana".into(),
+            channel: "web".into(),
+            role: pb::Role::User as i32,
+            content: "a table for two".into(),
+            emotion: Some(pb::Emotion {
+                score: 0.5,
+                label: "joy".into(),
+                scores: (0..20).map(|i| (format!("e{i}"), 0.5)).collect(),
+            }),
+            metadata: (0..20)
+                .map(|i| (format!("k{i}"), format!("v{i}")))
+                .collect(),
+            request_id: "r1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn fingerprint(request: pb::StoreMessageRequest) -> [u8; 32] {
+        NewMessage::parse(request, &Limits::default())
+            .expect("valid")
+            .fingerprint()
+    }
+
+    #[test]
+    fn one_request_has_one_fingerprint_whatever_its_maps_order() {
+        let first = fingerprint(request());
+        for _ in 0..20 {
+            // Each HashMap iterates in its own random order.
+            let mut again = request();
+            again.metadata = again.metadata.into_iter().collect::<HashMap<_, _>>();
+            assert_eq!(fingerprint(again), first);
+        }
+        // The key is not part of it; the label is compared as stored.
+        let mut other_key = request();
+        other_key.request_id = "r2".into();
+        other_key.emotion.as_mut().expect("emotion").label = " JOY ".into();
+        assert_eq!(fingerprint(other_key), first);
+    }
+
+    #[test]
+    fn every_written_field_changes_the_fingerprint() {
+        let base = fingerprint(request());
+        type Change = fn(&mut pb::StoreMessageRequest);
+        let changes: Vec<(&str, Change)> = vec![
+            ("conversation", |r| {
+                r.conversation_id = "0192f0c1-7b2a-7cc3-9d4e-1a2b3c4d5e6f".into()
+            }),
+            ("channel", |r| r.channel = "sms".into()),
+            ("role", |r| r.role = pb::Role::Assistant as i32),
+            ("content", |r| r.content.push('!')),
+            ("no emotion", |r| r.emotion = None),
+            ("score", |r| r.emotion.as_mut().expect("e").score = 0.25),
+            ("label", |r| {
+                r.emotion.as_mut().expect("e").label = "calm".into()
+            }),
+            ("scores", |r| {
+                r.emotion
+                    .as_mut()
+                    .expect("e")
+                    .scores
+                    .insert("e0".into(), 0.75);
+            }),
+            ("metadata value", |r| {
+                r.metadata.insert("k0".into(), "other".into());
+            }),
+            ("metadata key", |r| {
+                let v = r.metadata.remove("k0").expect("k0");
+                r.metadata.insert("k00".into(), v);
+            }),
+            ("tokens", |r| {
+                r.token_usage = Some(pb::TokenUsage {
+                    input_tokens: 1,
+                    output_tokens: 0,
+                })
+            }),
+            ("tool call", |r| {
+                r.tool_calls.push(pb::ToolCall {
+                    id: "c".into(),
+                    name: "book".into(),
+                    arguments_json: "{}".into(),
+                })
+            }),
+            ("tool result", |r| {
+                r.tool_results.push(pb::ToolResult {
+                    tool_call_id: "c".into(),
+                    content: "ok".into(),
+                    is_error: false,
+                })
+            }),
+        ];
+        for (what, change) in changes {
+            let mut changed = request();
+            change(&mut changed);
+            assert_ne!(fingerprint(changed), base, "{what}");
+        }
+    }
+
+    #[test]
+    fn field_boundaries_are_part_of_the_fingerprint() {
+        let mut a = request();
+        a.metadata = HashMap::from([("ab".into(), "c".into())]);
+        let mut b = request();
+        b.metadata = HashMap::from([("a".into(), "bc".into())]);
+        assert_ne!(fingerprint(a), fingerprint(b));
     }
 }

@@ -115,11 +115,12 @@ impl HistoryQuery {
 }
 
 /// Where a ListConversations page resumes: still among the active
-/// conversations, or already among the closed ones, after `last_id`.
+/// conversations, or already among the closed ones, below `last_seq` (the
+/// server-assigned creation order of the last conversation served).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConversationCursor {
     pub in_closed: bool,
-    pub last_id: Uuid,
+    pub last_seq: i64,
 }
 
 /// ListConversations, validated.
@@ -132,8 +133,10 @@ pub struct ConversationPage {
 }
 
 impl ConversationPage {
+    /// Binds page tokens to the user and the filter. `v2`: tokens of the
+    /// id-ordered listing (before `seq`) are refused, not misread.
     pub fn token_query(user_id: &str, active_only: bool) -> String {
-        format!("ListConversations|{user_id}|{active_only}")
+        format!("ListConversations|v2|{user_id}|{active_only}")
     }
 
     pub fn parse(

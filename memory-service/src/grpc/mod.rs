@@ -3,9 +3,12 @@
 pub mod convert;
 pub mod paging;
 
+use std::time::{Duration, Instant};
+
 use maitre::{
     api::memory::v1::{self as pb, memory_service_server::MemoryService},
     pagination,
+    rpc::CallContext,
 };
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
@@ -16,9 +19,17 @@ use crate::{
         Limits, NewMessage,
         queries::{self, ConversationCursor, ConversationPage, HistoryQuery, MessagePage},
     },
+    erasure::{self, PurgeSettings, Purger},
     error::Error,
-    store::{self, messages::StoreOutcome},
+    store::{
+        self,
+        messages::{KeyScope, StoreOutcome},
+    },
 };
+
+/// How long DeleteUserData works when it runs outside an RPC (no deadline in
+/// the call context), e.g. called directly in a test.
+const ERASE_WITHOUT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Implements `maitre.memory.v1.MemoryService`.
 #[derive(Debug, Clone)]
@@ -27,15 +38,34 @@ pub struct MemoryApi {
     pool: PgPool,
     /// Bounds on what callers may send.
     limits: Limits,
+    /// The background purger, woken when an erasure is left unfinished.
+    purger: Purger,
+    purge: PurgeSettings,
 }
 
 impl MemoryApi {
-    pub fn new(pool: PgPool, limits: Limits) -> Self {
-        Self { pool, limits }
+    pub fn new(pool: PgPool, limits: Limits, purger: Purger, purge: PurgeSettings) -> Self {
+        Self {
+            pool,
+            limits,
+            purger,
+            purge,
+        }
     }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// Wakes the purger when dropped while still holding it.
+struct WakeOnDrop<'a>(Option<&'a Purger>);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(purger) = self.0 {
+            purger.wake();
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl MemoryService for MemoryApi {
@@ -45,10 +75,19 @@ impl MemoryService for MemoryApi {
     ) -> Reply<pb::StoreMessageResponse> {
         let message = NewMessage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
         let message_id = Uuid::now_v7();
+        // Keys are scoped by the authenticated caller: no other client can
+        // claim (and so answer for) the key another will use.
+        let caller = CallContext::current_caller().unwrap_or_default();
+        let fingerprint = message.fingerprint();
+        let key = KeyScope {
+            caller: &caller,
+            fingerprint: &fingerprint,
+        };
         let outcome = store::messages::store(
             &self.pool,
             message_id,
             &message,
+            key,
             maitre::db::now(),
             self.limits.max_distinct_labels,
         )
@@ -80,6 +119,10 @@ impl MemoryService for MemoryApi {
             },
             StoreOutcome::OtherUsersConversation => {
                 return Err(Error::ConversationOfAnotherUser(message.conversation_id).into());
+            }
+            StoreOutcome::KeyReused => return Err(Error::RequestIdReused.into()),
+            StoreOutcome::ConversationErased => {
+                return Err(Error::ConversationErased(message.conversation_id).into());
             }
         };
         Ok(Response::new(response))
@@ -120,8 +163,15 @@ impl MemoryService for MemoryApi {
         .await
         .map_err(Error::from)?;
         // A conversation always holds at least one message, so an empty first
-        // page means there is no such conversation.
-        if filled.items.is_empty() && page.after.is_none() {
+        // page means there is no such conversation. A later page is empty
+        // only when messages went since the previous one: the conversation
+        // was erased (or never existed, with a forged token).
+        if filled.items.is_empty()
+            && (page.after.is_none()
+                || !store::conversations::exists(&self.pool, page.conversation_id)
+                    .await
+                    .map_err(Error::from)?)
+        {
             return Err(Error::ConversationNotFound(page.conversation_id).into());
         }
         Ok(Response::new(pb::ListMessagesResponse {
@@ -162,10 +212,11 @@ impl MemoryService for MemoryApi {
         let page =
             ConversationPage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
         let token_query = ConversationPage::token_query(&page.user_id, page.active_only);
-        // The longest cursor: `false` is one character longer than `true`.
+        // The longest cursor: `false` is one character longer than `true`,
+        // and no `seq` has more digits than the largest.
         let longest = ConversationCursor {
             in_closed: false,
-            last_id: Uuid::max(),
+            last_seq: i64::MAX,
         };
         let filled = paging::fill(
             store::conversations::list_for_user(&self.pool, &page),
@@ -175,7 +226,7 @@ impl MemoryService for MemoryApi {
             |row| {
                 let cursor = ConversationCursor {
                     in_closed: row.closed_at.is_some(),
-                    last_id: row.id,
+                    last_seq: row.seq,
                 };
                 (convert::conversation(row), cursor)
             },
@@ -211,17 +262,36 @@ impl MemoryService for MemoryApi {
         request: Request<pb::DeleteUserDataRequest>,
     ) -> Reply<pb::DeleteUserDataResponse> {
         let user_id = queries::user_id(&request.into_inner().user_id).map_err(Error::from)?;
-        let (conversations_deleted, messages_deleted) =
-            store::conversations::delete_user(&self.pool, &user_id)
-                .await
-                .map_err(Error::from)?;
-        tracing::info!(%user_id, conversations_deleted, messages_deleted, "user data erased");
+        let deadline = CallContext::current_deadline()
+            .unwrap_or_else(|| Instant::now() + ERASE_WITHOUT_DEADLINE);
+        // Should this call end before the purge does (out of time, an error,
+        // or dropped at its deadline by the RPC layer), the background purger
+        // is woken to finish at once rather than at its next interval.
+        let mut unfinished = WakeOnDrop(Some(&self.purger));
+        let done = erasure::erase_user(&self.pool, &user_id, deadline, &self.purge)
+            .await
+            .map_err(Error::from)?;
+        if done.complete() {
+            unfinished.0 = None;
+        }
+        // Counts only: a user id is personal data and stays out of the logs
+        // (the call's span carries its request id).
+        let request_id = CallContext::current().map(|c| c.request_id);
+        tracing::info!(
+            request_id = request_id.as_deref(),
+            conversations_erased = done.conversations_erased,
+            messages_deleted = done.messages_deleted,
+            batches = done.batches,
+            messages_remaining = done.messages_remaining,
+            complete = done.complete(),
+            "user data erased"
+        );
         Ok(Response::new(pb::DeleteUserDataResponse {
-            conversations_deleted,
-            messages_deleted,
-            // One statement deleted everything: nothing left for later.
-            complete: true,
-            messages_remaining: 0,
+            conversations_deleted: done.conversations_erased,
+            messages_deleted: done.messages_deleted,
+            complete: done.complete(),
+            messages_remaining: done.messages_remaining,
+            conversations_remaining: done.conversations_remaining,
         }))
     }
 }

@@ -1,4 +1,6 @@
-//! Reading, closing and erasing conversations.
+//! Reading and closing conversations. Erased conversations (`erased_at`
+//! set, see [`super::erasure`]) are left out of every statement here: for
+//! callers they are gone the moment the erasure starts.
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
@@ -10,7 +12,7 @@ use crate::domain::queries::ConversationPage;
 
 macro_rules! columns {
     () => {
-        "id, user_id, channel, created_at, last_message_at, closed_at, \
+        "id, seq, user_id, channel, created_at, last_message_at, closed_at, \
          message_count, scored_count, score_sum, label_counts, recent_scores, last_score"
     };
 }
@@ -18,30 +20,34 @@ macro_rules! columns {
 const GET: &str = concat!(
     "SELECT ",
     columns!(),
-    " FROM memory.conversations WHERE id = $1"
+    " FROM memory.conversations WHERE id = $1 AND erased_at IS NULL"
 );
 
-/// Active conversations (newest first) through the partial index, then,
-/// unless `$4` (active only), closed ones. One statement: the UNION ALL stops
-/// once LIMIT rows are found.
+/// Active conversations, newest first by creation (`seq`, server-assigned),
+/// through the partial index `conversations_user_active_idx`, then, unless
+/// `$4` (active only), closed ones through `conversations_user_closed_idx`.
+/// `$2`: the cursor is already among the closed ones; `$3`: the cursor's
+/// `seq`; `$6`: where the closed branch starts when the cursor is still among
+/// the active ones. One statement: the UNION ALL stops once LIMIT rows are
+/// found.
 const LIST_FOR_USER: &str = concat!(
     "SELECT * FROM ( (SELECT ",
     columns!(),
     " FROM memory.conversations \
-       WHERE user_id = $1 AND closed_at IS NULL AND NOT $2 AND id < $3 \
-       ORDER BY id DESC LIMIT $5) \
+       WHERE user_id = $1 AND closed_at IS NULL AND erased_at IS NULL AND NOT $2 AND seq < $3 \
+       ORDER BY seq DESC LIMIT $5) \
      UNION ALL \
      (SELECT ",
     columns!(),
     " FROM memory.conversations \
-       WHERE user_id = $1 AND closed_at IS NOT NULL AND NOT $4 \
-         AND id < CASE WHEN $2 THEN $3 ELSE $6 END \
-       ORDER BY id DESC LIMIT $5) ) page LIMIT $5"
+       WHERE user_id = $1 AND closed_at IS NOT NULL AND erased_at IS NULL AND NOT $4 \
+         AND seq < CASE WHEN $2 THEN $3 ELSE $6 END \
+       ORDER BY seq DESC LIMIT $5) ) page LIMIT $5"
 );
 
 const CLOSE: &str = concat!(
     "UPDATE memory.conversations SET closed_at = COALESCE(closed_at, $2) \
-     WHERE id = $1 RETURNING ",
+     WHERE id = $1 AND erased_at IS NULL RETURNING ",
     columns!()
 );
 
@@ -55,7 +61,7 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<ConversationRow>, sql
 
 pub async fn exists(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM memory.conversations WHERE id = $1)",
+        "SELECT EXISTS (SELECT 1 FROM memory.conversations WHERE id = $1 AND erased_at IS NULL)",
     )
     .bind(id)
     .fetch_one(pool)
@@ -69,17 +75,17 @@ pub fn list_for_user<'a>(
     pool: &'a PgPool,
     page: &ConversationPage,
 ) -> BoxStream<'a, Result<ConversationRow, sqlx::Error>> {
-    // The largest UUID: "start from the newest" without an `IS NULL` branch
-    // that would keep the planner from using the index.
-    let newest = Uuid::max();
-    let (in_closed, last_id) = page
+    // "Start from the newest" as a bound above every `seq`, without an
+    // `IS NULL` branch that would keep the planner from using the index.
+    let newest = i64::MAX;
+    let (in_closed, last_seq) = page
         .after
-        .map(|c| (c.in_closed, c.last_id))
+        .map(|c| (c.in_closed, c.last_seq))
         .unwrap_or((false, newest));
     sqlx::query_as::<_, ConversationRow>(LIST_FOR_USER)
         .bind(page.user_id.clone())
         .bind(in_closed)
-        .bind(last_id)
+        .bind(last_seq)
         .bind(page.active_only)
         .bind(i64::from(page.page_size) + 1)
         .bind(newest)
@@ -98,18 +104,4 @@ pub async fn close(
         .bind(now)
         .fetch_optional(pool)
         .await
-}
-
-/// Erases a user's conversations; their messages go with them (ON DELETE
-/// CASCADE). The message count comes from the exact per-conversation counter.
-/// Returns (conversations, messages) removed.
-#[tracing::instrument(skip(pool))]
-pub async fn delete_user(pool: &PgPool, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as::<_, (i64, i64)>(
-        "WITH gone AS (DELETE FROM memory.conversations WHERE user_id = $1 RETURNING message_count) \
-         SELECT count(*), COALESCE(sum(message_count), 0)::bigint FROM gone",
-    )
-    .bind(user_id)
-    .fetch_one(pool)
-    .await
 }

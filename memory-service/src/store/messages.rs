@@ -23,19 +23,39 @@ pub enum StoreOutcome {
         message_count: i64,
         conversation_created: bool,
     },
-    /// `request_id` was seen before: the original message, nothing written.
+    /// The key was seen before with the same request: the original message,
+    /// nothing written.
     Replayed {
         message: Box<MessageRow>,
         message_count: i64,
     },
+    /// The key was seen before with another request: nothing written.
+    KeyReused,
+    /// The conversation was erased (DeleteUserData): nothing written.
+    ConversationErased,
     /// The conversation exists and belongs to another user: nothing written.
     OtherUsersConversation,
 }
 
-/// The whole write path in one statement: skip if `request_id` was seen;
-/// otherwise upsert the conversation (creating it, or bumping its counters and
-/// emotion aggregates under its row lock), then insert the message with the
-/// sequence number the upsert returned.
+/// The whole write path in one statement:
+/// 1. `replay`: the message stored earlier under this key, if any. A key is
+///    (caller `$20`, user `$2`, request id `$15`); keys stored before keys
+///    had callers (NULL) match any caller. `same` compares the request's
+///    fingerprint `$21` (NULL before fingerprints: taken as the same).
+/// 2. `erased`: the tombstone of conversation `$1`, by primary key.
+/// 3. Only when neither exists: upsert the conversation (creating it, or
+///    bumping its counters and emotion aggregates under its row lock), then
+///    insert the message with the sequence number the upsert returned. The
+///    upsert does not touch a row marked erased (`erased_at`): a call that
+///    waited for the row lock while an erasure committed re-reads the row it
+///    is about to update and finds the mark, though its snapshot predates
+///    the tombstone; it then returns no row, like another user's
+///    conversation, and [`store`] tells the two apart.
+///
+/// The answer's first column says which: `stored`, `replayed`, `reused`
+/// (same key, other request) or `erased`. A replayed key whose message lies
+/// in an erased conversation (not yet purged) answers `erased`, never the
+/// erased message.
 ///
 /// `label_counts` holds at most `$18` distinct labels plus the overflow key
 /// `$19`: a label already counted keeps counting, a new one is counted under
@@ -46,9 +66,17 @@ pub enum StoreOutcome {
 /// a second value to keep in step.
 const STORE_MESSAGE: &str = r#"
 WITH replay AS (
-    SELECT m.seq
+    SELECT m.seq,
+           (m.request_fingerprint IS NULL OR m.request_fingerprint = $21) AS same,
+           EXISTS (SELECT 1 FROM memory.erased_conversations e
+                   WHERE e.conversation_id = m.conversation_id) AS erased
     FROM memory.messages m
     WHERE $15::text IS NOT NULL AND m.user_id = $2 AND m.request_id = $15
+      AND (m.request_caller = $20 OR m.request_caller IS NULL)
+    LIMIT 1
+),
+erased AS (
+    SELECT 1 FROM memory.erased_conversations WHERE conversation_id = $1
 ),
 conv AS (
     INSERT INTO memory.conversations AS c
@@ -60,7 +88,7 @@ conv AS (
            CASE WHEN $7::float8 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object($8::text, 1) END,
            CASE WHEN $7::float8 IS NULL THEN '{}'::float8[] ELSE ARRAY[$7::float8] END,
            $7::float8
-    WHERE NOT EXISTS (SELECT 1 FROM replay)
+    WHERE NOT EXISTS (SELECT 1 FROM replay) AND NOT EXISTS (SELECT 1 FROM erased)
     ON CONFLICT (id) DO UPDATE SET
         last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
         closed_at = NULL,
@@ -77,23 +105,34 @@ conv AS (
         recent_scores = CASE WHEN $7::float8 IS NULL THEN c.recent_scores
             ELSE (c.recent_scores || $7::float8)[GREATEST(1, cardinality(c.recent_scores) + 2 - $17::int):] END,
         last_score = COALESCE($7::float8, c.last_score)
-    WHERE c.user_id = EXCLUDED.user_id
+    WHERE c.user_id = EXCLUDED.user_id AND c.erased_at IS NULL
     RETURNING c.id, c.message_count, (c.xmax = 0) AS created
 ),
 msg AS (
     INSERT INTO memory.messages
         (conversation_id, seq, id, user_id, role, content, emotion_score, emotion_label,
          emotion_scores, metadata, input_tokens, output_tokens, tool_calls, tool_results,
-         request_id, created_at)
-    SELECT conv.id, conv.message_count, $4, $2, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16
+         request_id, created_at, request_caller, request_fingerprint)
+    SELECT conv.id, conv.message_count, $4, $2, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+           CASE WHEN $15::text IS NULL THEN NULL ELSE $20 END,
+           CASE WHEN $15::text IS NULL THEN NULL ELSE $21 END
     FROM conv
     RETURNING seq
 )
-SELECT false AS replayed, msg.seq, conv.message_count, conv.created
+SELECT 'stored' AS outcome, msg.seq, conv.message_count, conv.created
 FROM msg CROSS JOIN conv
 UNION ALL
-SELECT true, replay.seq, 0, false FROM replay
+SELECT CASE WHEN replay.erased THEN 'erased' WHEN replay.same THEN 'replayed' ELSE 'reused' END,
+       replay.seq, 0, false
+FROM replay
+UNION ALL
+SELECT 'erased', 0, 0, false FROM erased WHERE NOT EXISTS (SELECT 1 FROM replay)
 "#;
+
+/// Whether conversation `$1` was erased (tells an erased conversation from
+/// another user's when the upsert returned no row; see [`STORE_MESSAGE`]).
+const IS_ERASED: &str =
+    "SELECT EXISTS (SELECT 1 FROM memory.erased_conversations WHERE conversation_id = $1)";
 
 macro_rules! columns {
     () => {
@@ -103,28 +142,56 @@ macro_rules! columns {
     };
 }
 
-/// The original message of a replayed `request_id`, with its conversation's count.
+/// The message stored under a key (see [`STORE_MESSAGE`]), with its
+/// conversation's count, whether the request matches it and whether its
+/// conversation was erased since.
 const REPLAY: &str = concat!(
     "SELECT ",
     columns!(),
     ", (SELECT message_count FROM memory.conversations c \
-     WHERE c.id = m.conversation_id) AS message_count \
-     FROM memory.messages m WHERE user_id = $1 AND request_id = $2"
+     WHERE c.id = m.conversation_id) AS message_count, \
+     (m.request_fingerprint IS NULL OR m.request_fingerprint = $4) AS same, \
+     EXISTS (SELECT 1 FROM memory.erased_conversations e \
+             WHERE e.conversation_id = m.conversation_id) AS erased \
+     FROM memory.messages m WHERE user_id = $1 AND request_id = $2 \
+     AND (request_caller = $3 OR request_caller IS NULL) LIMIT 1"
 );
+
+/// Leaves out the messages of an erased conversation (not yet purged): one
+/// primary-key probe of the tombstones, evaluated once per statement.
+macro_rules! not_erased {
+    () => {
+        " AND NOT EXISTS (SELECT 1 FROM memory.erased_conversations e \
+         WHERE e.conversation_id = $1)"
+    };
+}
 
 const LIST_OLDEST_FIRST: &str = concat!(
     "SELECT ",
     columns!(),
     " FROM memory.messages \
-     WHERE conversation_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3"
+     WHERE conversation_id = $1 AND seq > $2",
+    not_erased!(),
+    " ORDER BY seq ASC LIMIT $3"
 );
 
 const LIST_NEWEST_FIRST: &str = concat!(
     "SELECT ",
     columns!(),
     " FROM memory.messages \
-     WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+     WHERE conversation_id = $1 AND seq < $2",
+    not_erased!(),
+    " ORDER BY seq DESC LIMIT $3"
 );
+
+/// Who stores a message under which key: the key is scoped by `caller` (the
+/// authenticated name, "" without authentication) and bound to
+/// `fingerprint` (see [`NewMessage::fingerprint`]).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyScope<'a> {
+    pub caller: &'a str,
+    pub fingerprint: &'a [u8],
+}
 
 /// Stores a message; see [`STORE_MESSAGE`].
 #[tracing::instrument(skip_all, fields(conversation_id = %message.conversation_id))]
@@ -132,11 +199,12 @@ pub async fn store(
     pool: &PgPool,
     message_id: Uuid,
     message: &NewMessage,
+    key: KeyScope<'_>,
     now: DateTime<Utc>,
     max_distinct_labels: u32,
 ) -> Result<StoreOutcome, sqlx::Error> {
     let emotion = message.emotion.as_ref();
-    let result = sqlx::query_as::<_, (bool, i64, i64, bool)>(STORE_MESSAGE)
+    let result = sqlx::query_as::<_, (String, i64, i64, bool)>(STORE_MESSAGE)
         .bind(message.conversation_id)
         .bind(&message.user_id)
         .bind(&message.channel)
@@ -160,36 +228,72 @@ pub async fn store(
         .bind(TREND_WINDOW as i32)
         .bind(i32::try_from(max_distinct_labels).unwrap_or(i32::MAX))
         .bind(OVERFLOW_LABEL)
+        .bind(key.caller)
+        .bind(key.fingerprint)
         .fetch_optional(pool)
         .await;
     match result {
-        Ok(Some((false, sequence, message_count, conversation_created))) => {
-            Ok(StoreOutcome::Stored {
-                message_id,
-                sequence,
-                created_at: now,
-                message_count,
-                conversation_created,
+        Ok(Some((outcome, sequence, message_count, conversation_created))) => {
+            match outcome.as_str() {
+                "stored" => Ok(StoreOutcome::Stored {
+                    message_id,
+                    sequence,
+                    created_at: now,
+                    message_count,
+                    conversation_created,
+                }),
+                "replayed" => replay(pool, message, key).await,
+                "reused" => Ok(StoreOutcome::KeyReused),
+                _ => Ok(StoreOutcome::ConversationErased),
+            }
+        }
+        // The upsert skipped the row: another user's, or erased while this
+        // call waited for its lock.
+        Ok(None) => {
+            let erased = sqlx::query_scalar::<_, bool>(IS_ERASED)
+                .bind(message.conversation_id)
+                .fetch_one(pool)
+                .await?;
+            Ok(if erased {
+                StoreOutcome::ConversationErased
+            } else {
+                StoreOutcome::OtherUsersConversation
             })
         }
-        Ok(Some((true, _, _, _))) => replay(pool, message).await,
-        Ok(None) => Ok(StoreOutcome::OtherUsersConversation),
-        // Two concurrent calls with one request_id: the loser's statement
-        // rolled back whole (counters included); answer with the winner's.
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some("messages_request_id_key") => {
-            replay(pool, message).await
+        // Two concurrent calls with one key: the loser's statement rolled
+        // back whole (counters included); answer with the winner's, if the
+        // requests are the same.
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("messages_request_key") => {
+            replay(pool, message, key).await
         }
         Err(e) => Err(e),
     }
 }
 
-async fn replay(pool: &PgPool, message: &NewMessage) -> Result<StoreOutcome, sqlx::Error> {
+async fn replay(
+    pool: &PgPool,
+    message: &NewMessage,
+    key: KeyScope<'_>,
+) -> Result<StoreOutcome, sqlx::Error> {
+    use sqlx::{FromRow, Row};
     let row = sqlx::query(REPLAY)
         .bind(&message.user_id)
         .bind(message.request_id.as_deref())
-        .fetch_one(pool)
+        .bind(key.caller)
+        .bind(key.fingerprint)
+        .fetch_optional(pool)
         .await?;
-    use sqlx::{FromRow, Row};
+    let Some(row) = row else {
+        // The message went between the two statements: only a purge removes
+        // messages, so its conversation was erased.
+        return Ok(StoreOutcome::ConversationErased);
+    };
+    if row.try_get::<bool, _>("erased")? {
+        return Ok(StoreOutcome::ConversationErased);
+    }
+    if !row.try_get::<bool, _>("same")? {
+        return Ok(StoreOutcome::KeyReused);
+    }
     Ok(StoreOutcome::Replayed {
         message: Box::new(MessageRow::from_row(&row)?),
         message_count: row.try_get("message_count")?,
@@ -218,12 +322,16 @@ pub fn list<'a>(
 }
 
 /// The last `limit` scored messages, newest first, from the covering partial
-/// index `messages_emotion_history_idx` (an index-only scan).
-pub const EMOTION_HISTORY: &str = "SELECT id, seq, emotion_score, \
+/// index `messages_emotion_history_idx` (an index-only scan), none for an
+/// erased conversation.
+pub const EMOTION_HISTORY: &str = concat!(
+    "SELECT id, seq, emotion_score, \
     COALESCE(emotion_label, '') AS emotion_label, created_at \
     FROM memory.messages \
-    WHERE conversation_id = $1 AND emotion_score IS NOT NULL \
-    ORDER BY seq DESC LIMIT $2";
+    WHERE conversation_id = $1 AND emotion_score IS NOT NULL",
+    not_erased!(),
+    " ORDER BY seq DESC LIMIT $2"
+);
 
 #[tracing::instrument(skip_all, fields(conversation_id = %query.conversation_id))]
 pub async fn emotion_history(

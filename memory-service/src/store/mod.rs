@@ -1,6 +1,7 @@
 //! All SQL of memory-service: migrations and one function per statement.
 
 pub mod conversations;
+pub mod erasure;
 pub mod messages;
 pub mod rows;
 

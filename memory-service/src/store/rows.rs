@@ -12,6 +12,8 @@ use crate::domain::message::{ToolCall, ToolResult};
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ConversationRow {
     pub id: Uuid,
+    /// Server-assigned creation order (ListConversations pages on it).
+    pub seq: i64,
     pub user_id: String,
     pub channel: String,
     pub created_at: DateTime<Utc>,

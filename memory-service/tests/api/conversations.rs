@@ -153,3 +153,110 @@ async fn erasing_a_user_removes_exactly_that_users_data() {
         (0, 0)
     );
 }
+
+#[tokio::test]
+async fn conversations_are_listed_once_newest_created_first_whatever_their_ids() {
+    let app = spawn_app().await;
+    // Created in this order; ids that sort nowhere near creation order: the
+    // smallest and largest UUIDs, v4 ids, v7 ids, and a v7 id from
+    // the future (its time bits say 2100).
+    let v7 = || uuid::Uuid::now_v7().to_string();
+    let created = [
+        v7(),
+        "ffffffff-ffff-ffff-ffff-ffffffffffff".to_owned(),
+        "9f1e4c2a-7d3b-4c8e-a1f0-5b6d7e8f9a0b".to_owned(),
+        "00000000-0000-0000-0000-000000000001".to_owned(),
+        v7(),
+        "0418ed40-6c00-7000-8000-000000000000".to_owned(),
+        "3b241101-e2bb-4255-8caf-4136c566a962".to_owned(),
+        v7(),
+    ];
+    for (i, id) in created.iter().enumerate() {
+        app.store(TestApp::message(id, "ola", &format!("c{i}"), None))
+            .await
+            .expect("stored");
+    }
+    // Closing one moves it to the closed group; a new message to an old one
+    // does not move it (order is by creation).
+    app.client
+        .clone()
+        .close_conversation(pb::CloseConversationRequest {
+            conversation_id: created[2].clone(),
+        })
+        .await
+        .expect("closed");
+    app.store(TestApp::message(&created[0], "ola", "later", None))
+        .await
+        .expect("stored");
+
+    let mut newest_first: Vec<&str> = created.iter().rev().map(String::as_str).collect();
+    newest_first.retain(|id| *id != created[2]);
+    newest_first.push(&created[2]);
+    for page_size in [1, 2, 3, 50] {
+        let all = list(&app, "ola", pb::ConversationFilter::Unspecified, page_size).await;
+        let order: Vec<&str> = all.iter().map(|c| c.conversation_id.as_str()).collect();
+        assert_eq!(order, newest_first, "page size {page_size}");
+        let active = list(&app, "ola", pb::ConversationFilter::ActiveOnly, page_size).await;
+        let order: Vec<&str> = active.iter().map(|c| c.conversation_id.as_str()).collect();
+        assert_eq!(
+            order,
+            newest_first[..7],
+            "active only, page size {page_size}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn page_tokens_of_another_listing_are_refused() {
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        app.store(TestApp::message("", "pia", "x", None))
+            .await
+            .expect("stored");
+    }
+    let first = app
+        .client
+        .clone()
+        .list_conversations(pb::ListConversationsRequest {
+            user_id: "pia".into(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("page")
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    // Another user, the other filter, and a token of the id-ordered listing
+    // (before conversations had a server-assigned order).
+    let old_token = maitre::pagination::encode(
+        "ListConversations|pia|false",
+        &serde_json::json!({"in_closed": false, "last_id": uuid::Uuid::max()}),
+    );
+    for (user, filter, token) in [
+        (
+            "pib",
+            pb::ConversationFilter::Unspecified,
+            first.next_page_token.clone(),
+        ),
+        (
+            "pia",
+            pb::ConversationFilter::ActiveOnly,
+            first.next_page_token.clone(),
+        ),
+        ("pia", pb::ConversationFilter::Unspecified, old_token),
+    ] {
+        let status = app
+            .client
+            .clone()
+            .list_conversations(pb::ListConversationsRequest {
+                user_id: user.into(),
+                filter: filter as i32,
+                page_size: 1,
+                page_token: token,
+            })
+            .await
+            .expect_err("a token of another listing");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(crate::support::violated_fields(&status), ["page_token"]);
+    }
+}

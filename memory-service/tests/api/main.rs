@@ -5,10 +5,13 @@ mod support;
 
 mod access;
 mod conversations;
+mod erasure;
 mod fuzz;
 mod health_and_reflection;
+mod identifiers;
 mod limits;
 mod operations;
 mod reads;
+mod request_keys;
 mod store_message;
 mod validation;
