@@ -26,6 +26,16 @@ pub enum Error {
     SlotStarted(Uuid),
     #[error("booking {0} not found")]
     BookingNotFound(Uuid),
+    #[error("follow-up {0} not found")]
+    FollowUpNotFound(Uuid),
+    #[error("follow-up {0} is CANCELLED: a cancelled follow-up is never revived")]
+    FollowUpCancelled(Uuid),
+    #[error(
+        "the booking of follow-up {0} was cancelled: the follow-up is now CANCELLED, not re-driven"
+    )]
+    FollowUpBookingCancelled(Uuid),
+    #[error("follow-up {id} is {state}, not FAILED: only FAILED follow-ups can be re-driven")]
+    FollowUpNotFailed { id: Uuid, state: &'static str },
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }
@@ -70,6 +80,37 @@ impl From<Error> for Status {
                 "BOOKING_NOT_FOUND",
                 message,
                 HashMap::from([("booking_id".into(), id.to_string())]),
+            ),
+            Error::FollowUpNotFound(id) => with_reason(
+                Code::NotFound,
+                DOMAIN,
+                "FOLLOW_UP_NOT_FOUND",
+                message,
+                HashMap::from([("follow_up_id".into(), id.to_string())]),
+            ),
+            Error::FollowUpCancelled(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "FOLLOW_UP_CANCELLED",
+                message,
+                HashMap::from([("follow_up_id".into(), id.to_string())]),
+            ),
+            Error::FollowUpBookingCancelled(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "BOOKING_CANCELLED",
+                message,
+                HashMap::from([("follow_up_id".into(), id.to_string())]),
+            ),
+            Error::FollowUpNotFailed { id, state } => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "FOLLOW_UP_NOT_FAILED",
+                message,
+                HashMap::from([
+                    ("follow_up_id".into(), id.to_string()),
+                    ("state".into(), state.to_owned()),
+                ]),
             ),
             Error::Database(cause) => database_status(DOMAIN, &cause),
         }

@@ -9,4 +9,5 @@ mod follow_ups;
 mod garbage;
 mod operations;
 mod overbooking;
+mod pipeline;
 mod resilience;

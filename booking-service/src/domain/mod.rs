@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod booking;
+pub mod redrive;
 pub mod slot;
 pub mod template;
 

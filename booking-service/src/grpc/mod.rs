@@ -1,6 +1,7 @@
 //! The gRPC surface: thin handlers that parse, call the store, convert back.
 
 pub mod convert;
+pub mod redrive;
 
 use maitre::{
     api::booking::v1::{self as pb, booking_service_server::BookingService},
@@ -196,5 +197,23 @@ impl BookingService for BookingApi {
             follow_ups: rows.into_iter().map(convert::follow_up).collect(),
             next_page_token,
         }))
+    }
+
+    async fn retry_follow_up(
+        &self,
+        request: Request<pb::RetryFollowUpRequest>,
+    ) -> Reply<pb::RetryFollowUpResponse> {
+        Ok(Response::new(
+            redrive::retry_follow_up(&self.pool, request.into_inner()).await?,
+        ))
+    }
+
+    async fn retry_follow_ups(
+        &self,
+        request: Request<pb::RetryFollowUpsRequest>,
+    ) -> Reply<pb::RetryFollowUpsResponse> {
+        Ok(Response::new(
+            redrive::retry_follow_ups(&self.pool, request.into_inner()).await?,
+        ))
     }
 }
