@@ -52,6 +52,12 @@ pub enum Command {
     Migrate,
 }
 
+/// Retry defaults, chosen for a retry horizon longer than a night (see
+/// `FOLLOWUP_DELIVER_MAX_ATTEMPTS`'s help; a test keeps the figures true).
+const DEFAULT_RETRY_BASE: &str = "5s";
+const DEFAULT_RETRY_MAX: &str = "30m";
+const DEFAULT_DELIVER_MAX_ATTEMPTS: u32 = 60;
+
 fn duration(value: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(value)
 }
@@ -194,21 +200,21 @@ pub struct Settings {
     )]
     pub followup_plan_max_attempts: u32,
 
-    /// Delivery attempts before a follow-up is FAILED (the dead letter).
+    /// Delivery attempts before a follow-up is FAILED (the dead letter; RetryFollowUp re-drives it). With the default retry delays, 60 attempts keep a follow-up retrying for 12.9 h to 25.7 h (the retry horizon, by jitter): a night's outage of memory-service loses nothing. The horizon in force is logged at start-up.
     #[arg(
         long,
         env = "FOLLOWUP_DELIVER_MAX_ATTEMPTS",
-        default_value_t = 10,
+        default_value_t = DEFAULT_DELIVER_MAX_ATTEMPTS,
         global = true
     )]
     pub followup_deliver_max_attempts: u32,
 
-    /// First retry delay; doubles each attempt, with jitter.
-    #[arg(long, env = "FOLLOWUP_RETRY_BASE", default_value = "5s", value_parser = duration, global = true)]
+    /// First retry delay; doubles each attempt, with jitter (each delay is random in [d/2, d]).
+    #[arg(long, env = "FOLLOWUP_RETRY_BASE", default_value = DEFAULT_RETRY_BASE, value_parser = duration, global = true)]
     pub followup_retry_base: Duration,
 
-    /// Longest retry delay.
-    #[arg(long, env = "FOLLOWUP_RETRY_MAX", default_value = "15m", value_parser = duration, global = true)]
+    /// Longest retry delay: after an outage, a follow-up is retried within this long.
+    #[arg(long, env = "FOLLOWUP_RETRY_MAX", default_value = DEFAULT_RETRY_MAX, value_parser = duration, global = true)]
     pub followup_retry_max: Duration,
 
     /// Jobs run at once, per queue (plan, deliver).
@@ -232,15 +238,15 @@ pub struct Settings {
     )]
     pub worker_missed_heartbeats: usize,
 
-    /// Finished job rows are deleted after this long.
+    /// Dead job rows (Done, Killed — poison rows included — and Failed with no attempt left) and worker registrations are deleted after this long.
     #[arg(long, env = "JOB_RETENTION", default_value = "7d", value_parser = duration, global = true)]
     pub job_retention: Duration,
 
-    /// How often finished job rows are pruned and stranded follow-ups swept.
+    /// How often dead job rows are pruned and stranded plannings and deliveries swept (each sweep goes on, in short batches, until none is left).
     #[arg(long, env = "JOB_PRUNE_INTERVAL", default_value = "10m", value_parser = duration, global = true)]
     pub job_prune_interval: Duration,
 
-    /// A planning or delivery overdue by this much with no live job (it died) is enqueued again.
+    /// A planning or delivery overdue by this much with no live job (it died) is enqueued again, whatever its age.
     #[arg(long, env = "FOLLOWUP_SWEEP_GRACE", default_value = "5m", value_parser = duration, global = true)]
     pub followup_sweep_grace: Duration,
 
@@ -319,6 +325,9 @@ impl Settings {
             history_len: self.followup_history_len.clamp(1, 200),
             plan_retry: retry(self.followup_plan_max_attempts.max(1)),
             deliver_retry: retry(self.followup_deliver_max_attempts.max(1)),
+            // The call can take its deadline twice (one UNAVAILABLE retry);
+            // the margin covers a slow database around it.
+            claim_lease: self.memory_call_timeout * 2 + CLAIM_LEASE_MARGIN,
         }
     }
 
@@ -406,6 +415,11 @@ impl Settings {
         })
     }
 
+    /// The delivery retry horizon in force (shortest, longest).
+    pub fn retry_horizon(&self) -> (Duration, Duration) {
+        self.policy().deliver_retry.horizon()
+    }
+
     pub fn workers(&self) -> WorkerSettings {
         WorkerSettings {
             concurrency: self.worker_concurrency.max(1),
@@ -415,10 +429,12 @@ impl Settings {
             job_retention: self.job_retention,
             prune_interval: self.job_prune_interval,
             sweep_grace: self.followup_sweep_grace,
-            plan_max_attempts: self.followup_plan_max_attempts.max(1),
         }
     }
 }
+
+/// Added to twice the memory-service deadline to make a delivery's claim lease.
+const CLAIM_LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// True when `url`'s host is a loopback address or `localhost`.
 fn url_is_loopback(url: &str) -> bool {
@@ -488,6 +504,25 @@ mod tests {
         s.memory_service_token_file = Some(temp_file("a-real-looking-token-000001\n"));
         let client = s.memory_client().expect("a real token over loopback");
         assert_eq!(client.token.as_deref(), Some("a-real-looking-token-000001"));
+    }
+
+    #[test]
+    fn the_default_retry_horizon_covers_a_night_and_matches_the_docs() {
+        let (low, high) = settings("http://127.0.0.1:50051").retry_horizon();
+        assert!(low >= Duration::from_secs(12 * 3600), "{low:?}");
+        assert_eq!(crate::domain::backoff::hours(low), "12.9 h");
+        assert_eq!(crate::domain::backoff::hours(high), "25.7 h");
+        // --help and the README state these figures.
+        let help = {
+            use clap::CommandFactory;
+            Cli::command().render_long_help().to_string()
+        };
+        assert!(help.contains("12.9 h to 25.7 h"), "{help}");
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains("12.9 h to 25.7 h"),
+            "README states the horizon"
+        );
     }
 
     #[test]

@@ -44,6 +44,16 @@ pub enum Error {
          conversations ({code:?}: {message}): call EraseCustomer again once that is fixed"
     )]
     MemoryRefused { code: Code, message: String },
+    #[error("follow-up {0} not found")]
+    FollowUpNotFound(Uuid),
+    #[error("follow-up {0} is CANCELLED: a cancelled follow-up is never revived")]
+    FollowUpCancelled(Uuid),
+    #[error(
+        "the booking of follow-up {0} was cancelled: the follow-up is now CANCELLED, not re-driven"
+    )]
+    FollowUpBookingCancelled(Uuid),
+    #[error("follow-up {id} is {state}, not FAILED: only FAILED follow-ups can be re-driven")]
+    FollowUpNotFailed { id: Uuid, state: &'static str },
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }
@@ -121,6 +131,37 @@ impl From<Error> for Status {
                     ("memory_code".into(), format!("{code:?}")),
                 ]),
             ),
+            Error::FollowUpNotFound(id) => with_reason(
+                Code::NotFound,
+                DOMAIN,
+                "FOLLOW_UP_NOT_FOUND",
+                message,
+                HashMap::from([("follow_up_id".into(), id.to_string())]),
+            ),
+            Error::FollowUpCancelled(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "FOLLOW_UP_CANCELLED",
+                message,
+                HashMap::from([("follow_up_id".into(), id.to_string())]),
+            ),
+            Error::FollowUpBookingCancelled(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "BOOKING_CANCELLED",
+                message,
+                HashMap::from([("follow_up_id".into(), id.to_string())]),
+            ),
+            Error::FollowUpNotFailed { id, state } => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "FOLLOW_UP_NOT_FAILED",
+                message,
+                HashMap::from([
+                    ("follow_up_id".into(), id.to_string()),
+                    ("state".into(), state.to_owned()),
+                ]),
+            ),
             Error::Database(cause) => database_status(DOMAIN, &cause),
         }
     }
@@ -138,7 +179,7 @@ impl From<crate::memory_client::MemoryError> for Error {
                 code: Code::NotFound,
                 message: "not found".into(),
             },
-            MemoryError::Failed { code, message } => Error::MemoryRefused { code, message },
+            MemoryError::Failed { code, message, .. } => Error::MemoryRefused { code, message },
         }
     }
 }
@@ -168,6 +209,7 @@ mod tests {
     fn memory_failures_say_the_booking_part_is_done_and_whether_to_retry() {
         let unreachable = Status::from(Error::from(crate::memory_client::MemoryError::Failed {
             code: Code::Unavailable,
+            reason: String::new(),
             message: "connection refused".into(),
         }));
         assert_eq!(unreachable.code(), Code::Unavailable);
@@ -181,12 +223,14 @@ mod tests {
 
         let timed_out = Status::from(Error::from(crate::memory_client::MemoryError::Failed {
             code: Code::DeadlineExceeded,
+            reason: String::new(),
             message: String::new(),
         }));
         assert_eq!(timed_out.code(), Code::Unavailable);
 
         let denied = Status::from(Error::from(crate::memory_client::MemoryError::Failed {
             code: Code::PermissionDenied,
+            reason: "METHOD_NOT_GRANTED".into(),
             message: "DeleteUserData is not granted".into(),
         }));
         assert_eq!(denied.code(), Code::FailedPrecondition);

@@ -1,6 +1,6 @@
 //! booking-service's client of memory-service: emotion history for planning,
-//! StoreMessage for delivery, DeleteUserData for EraseCustomer. Every call has its own deadline and carries
-//! the caller's trace (`traceparent`), request id and, when configured, a
+//! StoreMessage for delivery, DeleteUserData for EraseCustomer. Every call
+//! has its own deadline and carries the caller's trace (`traceparent`), request id and, when configured, a
 //! bearer token; the channel may use TLS with a client certificate. A call
 //! that fails UNAVAILABLE (connection refused, server draining) is retried
 //! once after a short pause, since nothing reached the server; other
@@ -17,39 +17,82 @@ use tonic::{
 };
 use uuid::Uuid;
 
+/// The ErrorInfo reason memory-service gives a StoreMessage into a
+/// conversation that was erased (FAILED_PRECONDITION).
+pub const CONVERSATION_ERASED: &str = "CONVERSATION_ERASED";
+
 /// A failed memory-service call, as the jobs see it.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The conversation does not exist (not worth retrying).
     #[error("conversation not found in memory-service")]
     NotFound,
-    /// Anything else: unreachable, deadline, refused. Worth retrying.
-    #[error("memory-service call failed: {code:?}: {message}")]
-    Failed { code: Code, message: String },
+    /// Anything else: unreachable, deadline, refused. `reason` is the
+    /// ErrorInfo reason when memory-service gave one.
+    #[error("memory-service call failed: {code:?}{}: {message}", if reason.is_empty() { String::new() } else { format!(" {reason}") })]
+    Failed {
+        code: Code,
+        reason: String,
+        message: String,
+    },
 }
 
 impl From<tonic::Status> for MemoryError {
     fn from(status: tonic::Status) -> Self {
+        use tonic_types::StatusExt;
         match status.code() {
             Code::NotFound => MemoryError::NotFound,
             code => MemoryError::Failed {
                 code,
+                reason: status
+                    .get_details_error_info()
+                    .map(|info| info.reason)
+                    .unwrap_or_default(),
                 message: status.message().to_owned(),
             },
         }
     }
 }
 
+/// What a failed delivery attempt means for the follow-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Worth retrying with backoff: unreachable, slow, overloaded, draining.
+    Transient,
+    /// Our credentials or set-up are refused (UNAUTHENTICATED,
+    /// PERMISSION_DENIED, UNIMPLEMENTED): an operator's problem, fixed by a
+    /// token rotation or a deploy, not by the follow-up. Retried on the same
+    /// long schedule, logged at ERROR, counted.
+    Config,
+    /// The request itself is refused (INVALID_ARGUMENT, FAILED_PRECONDITION):
+    /// a retry cannot change the answer. FAILED at once.
+    Permanent,
+    /// The conversation was erased: the follow-up must never be stored.
+    /// CANCELLED, never retried.
+    Erased,
+}
+
 impl MemoryError {
-    /// Failures a retry cannot fix: the request itself is refused.
-    pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            MemoryError::Failed {
-                code: Code::InvalidArgument | Code::FailedPrecondition,
-                ..
-            }
-        )
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            MemoryError::NotFound => FailureKind::Transient,
+            MemoryError::Failed { code, reason, .. } => match code {
+                Code::FailedPrecondition if reason == CONVERSATION_ERASED => FailureKind::Erased,
+                Code::InvalidArgument | Code::FailedPrecondition => FailureKind::Permanent,
+                Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented => {
+                    FailureKind::Config
+                }
+                _ => FailureKind::Transient,
+            },
+        }
+    }
+
+    /// The status code, for metrics.
+    pub fn code(&self) -> Code {
+        match self {
+            MemoryError::NotFound => Code::NotFound,
+            MemoryError::Failed { code, .. } => *code,
+        }
     }
 
     /// Failures that say nothing about the request, only that memory-service
@@ -195,6 +238,7 @@ impl MemoryClient {
                         .unwrap_or_default();
                     return Uuid::try_parse(&id).map_err(|_| MemoryError::Failed {
                         code: Code::Internal,
+                        reason: String::new(),
                         message: format!("memory-service returned a bad message id {id:?}"),
                     });
                 }
@@ -242,6 +286,60 @@ mod tests {
     use maitre::rpc::context::{CallContext, TraceParent};
 
     use super::*;
+
+    fn with_reason(code: Code, reason: &str) -> tonic::Status {
+        use tonic_types::{ErrorDetails, StatusExt};
+        tonic::Status::with_error_details(
+            code,
+            "refused",
+            ErrorDetails::with_error_info(
+                reason,
+                "memory.maitre",
+                std::collections::HashMap::<String, String>::new(),
+            ),
+        )
+    }
+
+    #[test]
+    fn failures_are_classified_by_code_and_reason() {
+        let kind = |status: tonic::Status| MemoryError::from(status).kind();
+        assert_eq!(
+            kind(with_reason(Code::FailedPrecondition, CONVERSATION_ERASED)),
+            FailureKind::Erased
+        );
+        assert_eq!(
+            kind(with_reason(
+                Code::FailedPrecondition,
+                "CONVERSATION_USER_MISMATCH"
+            )),
+            FailureKind::Permanent
+        );
+        assert_eq!(
+            kind(tonic::Status::invalid_argument("x")),
+            FailureKind::Permanent
+        );
+        for code in [
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::Unimplemented,
+        ] {
+            assert_eq!(kind(tonic::Status::new(code, "x")), FailureKind::Config);
+        }
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Internal,
+            Code::Unknown,
+            Code::Aborted,
+            Code::Cancelled,
+        ] {
+            assert_eq!(kind(tonic::Status::new(code, "x")), FailureKind::Transient);
+        }
+        // The reason shows in the error the follow-up records.
+        let erased = MemoryError::from(with_reason(Code::FailedPrecondition, CONVERSATION_ERASED));
+        assert!(erased.to_string().contains(CONVERSATION_ERASED), "{erased}");
+    }
 
     #[tokio::test]
     async fn calls_carry_the_trace_request_id_and_token() {

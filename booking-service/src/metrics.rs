@@ -1,7 +1,10 @@
 //! booking-service's own metrics, beside the shared RPC and pool metrics:
 //! queue depth by state (from a cheap query of our own, refreshed every
 //! `METRICS_REFRESH_INTERVAL`, not apalis's heavy statistics), job runs and
-//! durations, follow-up outcomes, and the delay from booking to plan start.
+//! durations, follow-up and planning outcomes, the delay from booking to
+//! plan start, and what the safety nets did: rows dead-lettered as
+//! unreadable, work re-enqueued by the sweep, rows pruned, and
+//! memory-service refusing our credentials.
 
 use std::{sync::Arc, time::Duration};
 
@@ -38,6 +41,27 @@ struct Outcome {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueReason {
+    queue: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Queue {
+    queue: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
+}
+
 #[derive(Debug)]
 pub struct BookingMetrics {
     jobs: Family<QueueState, Gauge>,
@@ -46,6 +70,11 @@ pub struct BookingMetrics {
     followups: Family<State, Gauge>,
     deliveries: Family<Outcome, Counter>,
     plan_start_delay: Histogram,
+    plans: Family<Outcome, Counter>,
+    dead_lettered: Family<QueueReason, Counter>,
+    swept: Family<Queue, Counter>,
+    pruned: Family<Kind, Counter>,
+    memory_config_errors: Family<CodeLabel, Counter>,
 }
 
 impl BookingMetrics {
@@ -57,6 +86,11 @@ impl BookingMetrics {
             followups: Family::default(),
             deliveries: Family::default(),
             plan_start_delay: latency_histogram(),
+            plans: Family::default(),
+            dead_lettered: Family::default(),
+            swept: Family::default(),
+            pruned: Family::default(),
+            memory_config_errors: Family::default(),
         };
         registry.register(
             "jobs",
@@ -80,8 +114,36 @@ impl BookingMetrics {
         );
         registry.register(
             "followup_deliveries",
-            "Delivery attempts by outcome (sent, retried, failed, cancelled)",
+            "Delivery attempts by outcome (sent, retried, failed, cancelled, erased, \
+             sent_after_cancel, claim_lost)",
             metrics.deliveries.clone(),
+        );
+        registry.register(
+            "followup_plans",
+            "Plan runs by outcome (planned, already_planned, retried, fallback, stale)",
+            metrics.plans.clone(),
+        );
+        registry.register(
+            "jobs_dead_lettered",
+            "Job rows apalis could not read, moved out of the queue (status Killed) by queue and \
+             reason (bad_id, bad_payload, bad_metadata)",
+            metrics.dead_lettered.clone(),
+        );
+        registry.register(
+            "sweep_requeued",
+            "Plannings and deliveries whose job had died, enqueued again by the sweep, by queue",
+            metrics.swept.clone(),
+        );
+        registry.register(
+            "pruned",
+            "Rows deleted by pruning past JOB_RETENTION, by kind (jobs, workers)",
+            metrics.pruned.clone(),
+        );
+        registry.register(
+            "memory_config_errors",
+            "Delivery attempts refused by memory-service for our credentials or set-up \
+             (UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED), by code",
+            metrics.memory_config_errors.clone(),
         );
         registry.register(
             "plan_start_delay_seconds",
@@ -104,6 +166,32 @@ impl BookingMetrics {
 
     pub fn delivery(&self, outcome: &'static str) {
         self.deliveries.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    pub fn plan(&self, outcome: &'static str) {
+        self.plans.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    pub fn dead_lettered(&self, queue: &'static str, reason: &'static str) {
+        self.dead_lettered
+            .get_or_create(&QueueReason { queue, reason })
+            .inc();
+    }
+
+    pub fn swept(&self, queue: &'static str, count: u64) {
+        self.swept.get_or_create(&Queue { queue }).inc_by(count);
+    }
+
+    pub fn pruned(&self, kind: &'static str, count: u64) {
+        self.pruned.get_or_create(&Kind { kind }).inc_by(count);
+    }
+
+    pub fn memory_config_error(&self, code: tonic::Code) {
+        self.memory_config_errors
+            .get_or_create(&CodeLabel {
+                code: format!("{code:?}"),
+            })
+            .inc();
     }
 
     pub fn plan_start_delay(&self, waited: Duration) {

@@ -153,8 +153,14 @@ impl Application {
                 worker_pool_handle.close().await;
             }))
         };
+        let (horizon_low, horizon_high) = settings.retry_horizon();
         tracing::info!(
             workers = !settings.disable_workers,
+            retry_horizon = format!(
+                "{} to {}",
+                crate::domain::backoff::hours(horizon_low),
+                crate::domain::backoff::hours(horizon_high)
+            ),
             "starting booking-service"
         );
         serve(spec, api, shutdown, background).await

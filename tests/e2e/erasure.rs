@@ -778,3 +778,106 @@ async fn a_follow_up_planned_during_an_erasure_is_born_cancelled() {
     );
     stack.shutdown().await;
 }
+
+/// FAILED follow-ups are cancelled too (RetryFollowUp could revive them),
+/// and a delivery already claimed keeps the erasure incomplete until its
+/// claim is over: its message may land after DeleteUserData.
+#[tokio::test]
+async fn failed_follow_ups_are_cancelled_and_deliveries_in_flight_keep_it_incomplete() {
+    let stack = spawn_stack_with(|s| s.followup_delay = Duration::from_secs(3600)).await;
+    let customer = unique("sami");
+    let slot = stack
+        .slot(Duration::from_secs(3600), Duration::from_secs(3600), 4)
+        .await;
+    let mut follow_ups = Vec::new();
+    for _ in 0..2 {
+        let booked = stack
+            .book(Stack::booking_request(&slot, &customer, "", 1))
+            .await
+            .expect("booked");
+        let planned = stack
+            .wait_follow_up(&booked.booking_id, "planned", |f| {
+                f.state == FollowUpState::Pending as i32
+            })
+            .await;
+        follow_ups.push(planned.follow_up_id.parse::<uuid::Uuid>().expect("uuid"));
+    }
+    let (failed, delivering) = (follow_ups[0], follow_ups[1]);
+    // One is the dead letter; the other is being delivered right now (its
+    // claim, as the deliver job takes it).
+    let token = uuid::Uuid::now_v7();
+    sqlx::query(
+        "UPDATE booking.scheduled_followups SET state = 4, last_error = 'memory-service refused' \
+         WHERE id = $1",
+    )
+    .bind(failed)
+    .execute(&stack.db)
+    .await
+    .expect("failed");
+    sqlx::query(
+        "UPDATE booking.scheduled_followups \
+         SET claim_token = $2, claimed_until = now() + interval '30 seconds' WHERE id = $1",
+    )
+    .bind(delivering)
+    .bind(token)
+    .execute(&stack.db)
+    .await
+    .expect("claimed");
+
+    let first = erase(&stack, &customer).await.expect("erased");
+    assert_eq!(
+        (
+            first.bookings_pseudonymised,
+            first.follow_ups_cancelled,
+            first.follow_ups_cleared
+        ),
+        (2, 2, 2)
+    );
+    assert_eq!(first.deliveries_in_flight, 1);
+    assert!(!first.complete, "a delivery may still land");
+
+    let status = stack
+        .booking
+        .clone()
+        .retry_follow_up(booking::RetryFollowUpRequest {
+            follow_up_id: failed.to_string(),
+        })
+        .await
+        .expect_err("an erased customer's follow-up is never re-driven");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status), "FOLLOW_UP_CANCELLED");
+
+    // Still on its way: still incomplete.
+    let again = erase(&stack, &customer).await.expect("erased again");
+    assert_eq!((again.deliveries_in_flight, again.complete), (1, false));
+
+    // The delivery lands and finishes as the deliver job would.
+    let finished = booking_service::store::followups::finish_sent(
+        &stack.db,
+        delivering,
+        token,
+        uuid::Uuid::now_v7(),
+        chrono::Utc::now(),
+    )
+    .await
+    .expect("finished");
+    assert_eq!(
+        finished,
+        Some(FollowUpState::Cancelled as i16),
+        "the cancel wins the state"
+    );
+    let done = erase(&stack, &customer).await.expect("erased once more");
+    assert_eq!((done.deliveries_in_flight, done.complete), (0, true));
+    for id in follow_ups {
+        let (state, _, text, _) = follow_up_row(&stack, id).await;
+        assert_eq!(
+            (state, text.as_str()),
+            (FollowUpState::Cancelled as i16, "")
+        );
+    }
+    assert_eq!(
+        rows_mentioning(&stack, &customer).await,
+        Vec::<String>::new()
+    );
+    stack.shutdown().await;
+}

@@ -12,4 +12,5 @@ mod garbage;
 mod idempotency;
 mod operations;
 mod overbooking;
+mod pipeline;
 mod resilience;

@@ -30,6 +30,23 @@ impl Backoff {
     pub fn exhausted(&self, attempt: u32) -> bool {
         attempt >= self.max_attempts
     }
+
+    /// The retry horizon: how long after the first attempt the last one is
+    /// made, shortest (every jitter at its low end) and longest. Past it, a
+    /// follow-up that never got through is FAILED.
+    pub fn horizon(&self) -> (Duration, Duration) {
+        (1..self.max_attempts).fold((Duration::ZERO, Duration::ZERO), |(low, high), attempt| {
+            (
+                low + self.delay(attempt, 0.0),
+                high + self.delay(attempt, 1.0),
+            )
+        })
+    }
+}
+
+/// A duration as hours with one decimal, for help texts and logs.
+pub fn hours(duration: Duration) -> String {
+    format!("{:.1} h", duration.as_secs_f64() / 3600.0)
 }
 
 #[cfg(test)]
@@ -54,6 +71,15 @@ mod tests {
     fn is_capped() {
         assert_eq!(POLICY.delay(20, 1.0), Duration::from_secs(60));
         assert_eq!(POLICY.delay(u32::MAX, 1.0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_horizon_sums_every_delay() {
+        // 1 + 2 + 4 + 8 s at most, half of it at least.
+        assert_eq!(
+            POLICY.horizon(),
+            (Duration::from_millis(7500), Duration::from_secs(15))
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod backoff;
 pub mod booking;
 pub mod erasure;
 pub mod idempotency;
+pub mod redrive;
 pub mod slot;
 pub mod template;
 

@@ -1,6 +1,7 @@
 //! The gRPC surface: thin handlers that parse, call the store, convert back.
 
 pub mod convert;
+pub mod redrive;
 
 use maitre::{
     api::booking::v1::{self as pb, booking_service_server::BookingService},
@@ -231,7 +232,10 @@ impl BookingService for BookingApi {
 
     /// booking-service's part in one transaction, then memory-service's.
     /// Both parts are idempotent, so a retry after memory-service was away
-    /// finishes the job. The customer id is never logged.
+    /// finishes the job. Deliveries already on their way are counted before
+    /// DeleteUserData runs: a message one of them stores after it is erased
+    /// by the next call, so until none is left the answer is incomplete.
+    /// The customer id is never logged.
     async fn erase_customer(
         &self,
         request: Request<pb::EraseCustomerRequest>,
@@ -240,10 +244,14 @@ impl BookingService for BookingApi {
         let erased = store::erasure::erase(&self.pool, &customer_id, maitre::db::now())
             .await
             .map_err(Error::from)?;
+        let in_flight = store::erasure::deliveries_in_flight(&self.pool, &erased.pseudonym)
+            .await
+            .map_err(Error::from)?;
         tracing::info!(
             bookings = erased.bookings,
             follow_ups_cancelled = erased.follow_ups_cancelled,
             follow_ups_cleared = erased.follow_ups_cleared,
+            deliveries_in_flight = in_flight,
             "customer erased from booking-service"
         );
         let memory = match self.memory.delete_user_data(&customer_id).await {
@@ -267,7 +275,26 @@ impl BookingService for BookingApi {
             conversations_deleted: memory.conversations_deleted,
             messages_deleted: memory.messages_deleted,
             messages_remaining: memory.messages_remaining,
-            complete: memory.complete,
+            deliveries_in_flight: in_flight,
+            complete: memory.complete && in_flight == 0,
         }))
+    }
+
+    async fn retry_follow_up(
+        &self,
+        request: Request<pb::RetryFollowUpRequest>,
+    ) -> Reply<pb::RetryFollowUpResponse> {
+        Ok(Response::new(
+            redrive::retry_follow_up(&self.pool, request.into_inner()).await?,
+        ))
+    }
+
+    async fn retry_follow_ups(
+        &self,
+        request: Request<pb::RetryFollowUpsRequest>,
+    ) -> Reply<pb::RetryFollowUpsResponse> {
+        Ok(Response::new(
+            redrive::retry_follow_ups(&self.pool, request.into_inner()).await?,
+        ))
     }
 }

@@ -1,16 +1,49 @@
 //! The deliver job: store the follow-up in memory-service, exactly once.
+//!
+//! Claim, call, finish — no lock and no database connection is held across
+//! the network:
+//!
+//! 1. **Claim** (one short statement): the follow-up must be PENDING, its
+//!    booking CONFIRMED, no attempt made since this job was enqueued, and no
+//!    other unexpired claim on it; it gets this run's token until
+//!    `claimed_until` (the lease, longer than the call can take).
+//! 2. **Call** memory-service's StoreMessage with `request_id` = the
+//!    follow-up's id: however often it is repeated, one message is stored.
+//! 3. **Finish** (one short statement, plus the next job on a retry): applies
+//!    only while this run's token is still on the row.
+//!
+//! A CancelBooking meanwhile is never blocked: it cancels the PENDING row at
+//! once. The rule for a cancel that lands while the message is on its way:
+//! **the cancel wins the state, the delivery is recorded** — the follow-up
+//! stays CANCELLED and gets the stored `message_id`, `sent_at` and a
+//! `last_error` starting with `SENT_AFTER_CANCEL` (metric outcome
+//! `sent_after_cancel`), so a message that did reach memory-service is never
+//! unaccounted for. The window is one call (≤ 2 × `MEMORY_CALL_TIMEOUT`). We
+//! chose this over making the cancel wait for the lease because a cancel
+//! waiting on a slow memory-service would hold the booking and slot rows and
+//! stall every CreateBooking of the slot — the very stall this design removes.
+//!
+//! A run whose lease ran out (it hung past it) loses its claim: its finish
+//! applies nothing, and the run that claimed next finishes with the same
+//! message (memory-service answers the repeated `request_id` with it).
 
 use std::collections::HashMap;
 
 use apalis::prelude::{BoxDynError, Data};
 use maitre::api::memory::v1 as memory;
+use uuid::Uuid;
 
 use super::{
     DELIVER_QUEUE, DeliverFollowUp, JobContext, current_trace, jitter, job_context, run_job,
 };
 use crate::{
     domain::booking::CONFIRMED,
-    store::{self, followups::PENDING},
+    memory_client::{CONVERSATION_ERASED, FailureKind, MemoryError},
+    store::{
+        self,
+        followups::{AfterFailure, CANCELLED, Claimed, PENDING, SENT},
+        jobs::Enqueued,
+    },
 };
 
 pub async fn handle(job: DeliverFollowUp, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
@@ -25,34 +58,53 @@ pub async fn handle(job: DeliverFollowUp, ctx: Data<JobContext>) -> Result<(), B
 }
 
 async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
-    // The row stays locked until commit: a concurrent CancelBooking waits,
-    // so a follow-up is either cancelled or sent, never cancelled-and-sent.
-    let mut tx = ctx.pool.begin().await?;
-    let Some(row) = store::followups::lock_for_delivery(&mut tx, job.follow_up_id).await? else {
-        tracing::warn!("follow-up not found; nothing to deliver");
-        return Ok(());
+    let attempts_made = i32::try_from(job.attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+    let token = Uuid::now_v7();
+    let Some(follow_up) = store::followups::claim(
+        &ctx.pool,
+        job.follow_up_id,
+        attempts_made,
+        token,
+        ctx.policy.claim_lease,
+    )
+    .await?
+    else {
+        return explain_unclaimed(job, ctx).await;
     };
-    let follow_up = row.follow_up;
-    if follow_up.state != PENDING {
-        tracing::debug!(state = follow_up.state, "no longer pending; nothing to do");
-        return Ok(());
-    }
-    if row.booking_state != CONFIRMED {
-        store::followups::mark_cancelled(&mut tx, follow_up.id, maitre::db::now()).await?;
-        tx.commit().await?;
-        ctx.metrics.delivery("cancelled");
-        tracing::info!("booking cancelled; follow-up cancelled");
-        return Ok(());
-    }
-    if i64::from(follow_up.attempts) != i64::from(job.attempt) - 1 {
-        tracing::debug!(
-            recorded_attempts = follow_up.attempts,
-            "stale attempt; another run owns this follow-up"
-        );
-        return Ok(());
-    }
 
-    let request = memory::StoreMessageRequest {
+    // Claimed: the pooled connection went back with the claim's statement.
+    let request = store_request(&follow_up);
+    match ctx.memory.store_follow_up(request).await {
+        Ok(message_id) => {
+            let now = maitre::db::now();
+            match store::followups::finish_sent(&ctx.pool, follow_up.id, token, message_id, now)
+                .await?
+            {
+                Some(SENT) => {
+                    ctx.metrics.delivery("sent");
+                    tracing::info!(%message_id, template = %follow_up.template_key, "follow-up delivered");
+                }
+                Some(CANCELLED) => {
+                    ctx.metrics.delivery("sent_after_cancel");
+                    tracing::warn!(%message_id, "booking cancelled while the follow-up was on its way: it was stored; recorded on the CANCELLED follow-up");
+                }
+                Some(state) => {
+                    tracing::warn!(state, %message_id, "follow-up changed state during delivery")
+                }
+                None => {
+                    ctx.metrics.delivery("claim_lost");
+                    tracing::warn!(%message_id, "claim expired during the call; the run that claimed next records the delivery");
+                }
+            }
+        }
+        Err(error) => record_failure(job, ctx, &follow_up, token, error).await?,
+    }
+    Ok(())
+}
+
+/// The StoreMessage of a follow-up.
+fn store_request(follow_up: &Claimed) -> memory::StoreMessageRequest {
+    memory::StoreMessageRequest {
         conversation_id: follow_up
             .conversation_id
             .map(|c| c.to_string())
@@ -68,50 +120,125 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
         ]),
         request_id: follow_up.id.to_string(),
         ..Default::default()
+    }
+}
+
+/// The claim was refused: find out why, and act where someone must.
+async fn explain_unclaimed(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
+    let Some(row) = store::followups::unclaimed(&ctx.pool, job.follow_up_id).await? else {
+        tracing::warn!("follow-up not found; nothing to deliver");
+        return Ok(());
     };
-    let now = maitre::db::now();
-    match ctx.memory.store_follow_up(request).await {
-        Ok(message_id) => {
-            store::followups::mark_sent(&mut tx, follow_up.id, message_id, now).await?;
-            tx.commit().await?;
-            ctx.metrics.delivery("sent");
-            tracing::info!(%message_id, template = %follow_up.template_key, "follow-up delivered");
+    if row.state != PENDING {
+        tracing::debug!(state = row.state, "no longer pending; nothing to do");
+    } else if row.booking_state != CONFIRMED {
+        // Planned while the booking was being cancelled (the plan's insert
+        // read the booking before the cancel committed).
+        if store::followups::cancel_for_cancelled_booking(
+            &ctx.pool,
+            job.follow_up_id,
+            maitre::db::now(),
+        )
+        .await?
+        {
+            ctx.metrics.delivery("cancelled");
+            tracing::info!("booking cancelled; follow-up cancelled");
         }
-        Err(error) => {
-            let permanent = error.is_permanent();
-            if permanent || ctx.policy.deliver_retry.exhausted(job.attempt) {
-                store::followups::record_failure(
-                    &mut tx,
-                    follow_up.id,
-                    &error.to_string(),
-                    None,
-                    now,
-                )
-                .await?;
-                tx.commit().await?;
-                ctx.metrics.delivery("failed");
-                tracing::error!(%error, attempts = job.attempt, permanent, "follow-up FAILED: giving up (dead letter)");
-            } else {
-                let delay = ctx.policy.deliver_retry.delay(job.attempt, jitter());
-                let next_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                store::followups::record_failure(
-                    &mut tx,
-                    follow_up.id,
-                    &error.to_string(),
-                    Some(next_at),
-                    now,
-                )
-                .await?;
-                let retry = DeliverFollowUp {
-                    follow_up_id: follow_up.id,
-                    attempt: job.attempt + 1,
-                    trace_parent: current_trace(),
-                };
-                store::jobs::push_deliver(&mut tx, &retry, next_at).await?;
-                tx.commit().await?;
-                ctx.metrics.delivery("retried");
-                tracing::warn!(%error, ?delay, "delivery failed; retrying later");
-            }
+    } else if i64::from(row.attempts) != i64::from(job.attempt) - 1 {
+        tracing::debug!(
+            recorded_attempts = row.attempts,
+            "stale attempt; another run owns this follow-up"
+        );
+    } else {
+        // Another run of this attempt holds an unexpired claim. Should it
+        // have died, its job is re-enqueued after the heartbeat timeout
+        // (longer than the lease), or the sweep enqueues the attempt again.
+        tracing::debug!(claimed_until = ?row.claimed_until, "another run is delivering this attempt");
+    }
+    Ok(())
+}
+
+/// Records a failed call: retry later, FAILED, or CANCELLED (erased), by
+/// what the failure means (`FailureKind`) and the attempt budget.
+async fn record_failure(
+    job: &DeliverFollowUp,
+    ctx: &JobContext,
+    follow_up: &Claimed,
+    token: Uuid,
+    error: MemoryError,
+) -> Result<(), sqlx::Error> {
+    let kind = error.kind();
+    let now = maitre::db::now();
+    let budget_used = job
+        .attempt
+        .saturating_sub(u32::try_from(follow_up.retry_from).unwrap_or(0));
+    let exhausted = ctx.policy.deliver_retry.exhausted(budget_used);
+    if kind == FailureKind::Config {
+        ctx.metrics.memory_config_error(error.code());
+        // Once per follow-up (per run of such failures): an operator must
+        // act (rotate the token, fix grants), and one line per follow-up
+        // says which follow-ups wait; every further attempt logs at WARN.
+        let code = format!("{:?}", error.code());
+        let repeated = follow_up
+            .last_error
+            .as_deref()
+            .is_some_and(|last| last.contains(&format!("failed: {code}")));
+        if !repeated {
+            tracing::error!(%error, "memory-service refuses booking-service's credentials or set-up; \
+                the follow-up keeps retrying on the long schedule: fix MEMORY_SERVICE_TOKEN_FILE / \
+                memory-service's AUTH_GRANTS, then RetryFollowUps re-drives any that FAILED meanwhile");
+        }
+    }
+    let after = match kind {
+        FailureKind::Erased => AfterFailure::Cancelled,
+        FailureKind::Permanent => AfterFailure::Failed,
+        FailureKind::Transient | FailureKind::Config if exhausted => AfterFailure::Failed,
+        FailureKind::Transient | FailureKind::Config => {
+            let delay = ctx.policy.deliver_retry.delay(budget_used, jitter());
+            AfterFailure::Retry(now + chrono::Duration::from_std(delay).unwrap_or_default())
+        }
+    };
+    let message = match kind {
+        FailureKind::Erased => format!("{CONVERSATION_ERASED}: {error}"),
+        _ => error.to_string(),
+    };
+    let mut tx = ctx.pool.begin().await?;
+    let Some(attempts) =
+        store::followups::finish_failed_attempt(&mut tx, follow_up.id, token, &message, after, now)
+            .await?
+    else {
+        tx.rollback().await?;
+        tracing::info!(%error, "delivery failed, but the follow-up was cancelled or claimed by another run meanwhile");
+        return Ok(());
+    };
+    if let AfterFailure::Retry(next_at) = after {
+        let retry = DeliverFollowUp {
+            follow_up_id: follow_up.id,
+            attempt: u32::try_from(attempts)
+                .unwrap_or(u32::MAX)
+                .saturating_add(1),
+            trace_parent: current_trace(),
+        };
+        if store::jobs::push_deliver(&mut tx, &retry, next_at).await? == Enqueued::AlreadyLive {
+            tracing::warn!(
+                attempt = retry.attempt,
+                "a live job already held the next attempt's key"
+            );
+        }
+    }
+    tx.commit().await?;
+    match after {
+        AfterFailure::Retry(next_at) => {
+            ctx.metrics.delivery("retried");
+            tracing::warn!(%error, %next_at, attempts, "delivery failed; retrying later");
+        }
+        AfterFailure::Failed => {
+            ctx.metrics.delivery("failed");
+            tracing::error!(%error, attempts, ?kind, "follow-up FAILED: giving up (dead letter; RetryFollowUp re-drives it)");
+        }
+        AfterFailure::Cancelled => {
+            ctx.metrics.delivery("erased");
+            tracing::info!(%error, "conversation erased in memory-service; follow-up CANCELLED, never to be stored");
         }
     }
     Ok(())

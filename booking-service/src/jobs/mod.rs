@@ -11,10 +11,21 @@
 //! Retries are new jobs scheduled with a later `run_at` (exponential backoff
 //! with jitter, surviving restarts); a job carries its attempt number, and
 //! an idempotency key per attempt keeps two racing runs from forking the
-//! retry chain.
+//! retry chain. Attempt numbers only grow: the next plan attempt is taken
+//! by compare-and-set on the booking's `plan_attempt`, the next delivery
+//! attempt by the claim on the follow-up, so a key is never reused and a
+//! clash is never a silent drop (`store::jobs`).
+//!
+//! Delivery is claim, call, finish (`deliver`): a short statement claims the
+//! follow-up with a lease, the call to memory-service holds no lock and no
+//! connection, and a second short statement applies the outcome only while
+//! the claim still holds. The safety nets (`workers`): the sweep re-enqueues
+//! work whose job died, the poison guard (`poison`) dead-letters job rows
+//! apalis cannot read, pruning deletes every kind of dead row.
 
 pub mod deliver;
 pub mod plan;
+pub mod poison;
 pub mod templates;
 pub mod workers;
 
@@ -44,7 +55,8 @@ fn first_attempt() -> u32 {
 }
 
 /// Plan the follow-up of one booking. Payload changes must stay readable by
-/// older rows: a payload apalis cannot decode stops the worker.
+/// older rows: a payload apalis cannot decode stops the worker (the poison
+/// guard then dead-letters the row, `poison`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanFollowUp {
     pub booking_id: Uuid,
@@ -75,8 +87,12 @@ pub struct FollowUpPolicy {
     pub history_len: i32,
     /// Retries of planning while memory-service cannot answer.
     pub plan_retry: Backoff,
-    /// Retries of delivery.
+    /// Retries of delivery (the budget counts from the last re-drive).
     pub deliver_retry: Backoff,
+    /// How long a delivery's claim on its follow-up lasts: longer than the
+    /// memory-service call can take (its deadline, twice, for the one
+    /// UNAVAILABLE retry), so an expired claim means the run died.
+    pub claim_lease: Duration,
 }
 
 /// What every job handler needs (injected with apalis's `Data`).

@@ -1,5 +1,12 @@
 //! The plan job: choose the wording from the customer's emotion history and
 //! schedule the delivery.
+//!
+//! Invariant: every confirmed booking ends with exactly one follow-up (the
+//! partial unique index), and stays in `bookings_unplanned_idx` until it has
+//! one. Whatever fails when, some live job holds its newest plan attempt or
+//! the sweep enqueues the next one: a retry is taken by compare-and-set on
+//! the booking's `plan_attempt`, never restarts at 1, and after
+//! `FOLLOWUP_PLAN_MAX_ATTEMPTS` the neutral template is used.
 
 use apalis::prelude::{BoxDynError, Data};
 use chrono::Utc;
@@ -16,7 +23,7 @@ use crate::{
         template::{EmotionSummary, RenderContext, choose, render},
     },
     memory_client::MemoryError,
-    store::{self, followups::NewFollowUp},
+    store::{self, followups::NewFollowUp, jobs::Enqueued},
 };
 
 /// apalis handler. Errors returned here are unexpected (database trouble);
@@ -30,6 +37,16 @@ pub async fn handle(job: PlanFollowUp, ctx: Data<JobContext>) -> Result<(), BoxD
     );
     let make_span = |trace_id: &str| tracing::info_span!("plan_follow_up", booking_id = %job.booking_id, attempt = job.attempt, trace_id);
     run_job(&ctx, PLAN_QUEUE, call, make_span, plan(&job, &ctx)).await
+}
+
+/// What a run of a plan attempt must do about a memory-service failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RetryPlan {
+    /// This run took the next attempt and enqueued it.
+    Scheduled,
+    /// Another run (of this attempt, or the sweep) took it first, or the
+    /// booking was planned or cancelled meanwhile: nothing to do.
+    Stale,
 }
 
 async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
@@ -47,6 +64,12 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
         tracing::info!("booking cancelled before planning; no follow-up");
         return Ok(());
     }
+    let progress = store::planning::progress(&ctx.pool, booking.id).await?;
+    if progress.is_some_and(|p| p.planned_at.is_some()) {
+        tracing::debug!("already planned; nothing to do");
+        ctx.metrics.plan("already_planned");
+        return Ok(());
+    }
 
     let summary = match booking.conversation_id {
         None => EmotionSummary::default(),
@@ -62,20 +85,22 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
             }
             Err(error) if !ctx.policy.plan_retry.exhausted(job.attempt) => {
                 let delay = ctx.policy.plan_retry.delay(job.attempt, jitter());
-                tracing::warn!(%error, ?delay, "emotion history unavailable; planning again later");
-                let mut tx = ctx.pool.begin().await?;
-                let retry = PlanFollowUp {
-                    booking_id: booking.id,
-                    attempt: job.attempt + 1,
-                    trace_parent: current_trace(),
-                };
-                store::jobs::push_plan(&mut tx, &retry, Some(delay)).await?;
-                tx.commit().await?;
+                match schedule_retry(ctx, job, delay).await? {
+                    RetryPlan::Scheduled => {
+                        ctx.metrics.plan("retried");
+                        tracing::warn!(%error, ?delay, "emotion history unavailable; planning again later");
+                    }
+                    RetryPlan::Stale => {
+                        ctx.metrics.plan("stale");
+                        tracing::info!(%error, "emotion history unavailable, but a later attempt already owns this planning");
+                    }
+                }
                 return Ok(());
             }
             // Better a neutral follow-up than none: delivery has its own
             // retries should memory-service still be away.
             Err(error) => {
+                ctx.metrics.plan("fallback");
                 tracing::warn!(%error, "planning attempts exhausted; falling back to the neutral template");
                 EmotionSummary::default()
             }
@@ -84,6 +109,7 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
 
     let templates = ctx.templates.get(&ctx.pool).await?;
     let Some(template) = choose(&templates, &summary) else {
+        // Unplanned, so the sweep tries again once the templates are fixed.
         return Err(sqlx::Error::Protocol(
             "no follow-up template matches: booking.followup_templates needs one with requires_history = false".into(),
         ));
@@ -110,15 +136,25 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
         plan_attempts: i32::try_from(job.attempt).unwrap_or(i32::MAX),
     };
 
+    // The follow-up, its first delivery job and the end of planning commit
+    // together: a booking leaves the unplanned set only with its follow-up.
+    let now = maitre::db::now();
     let mut tx = ctx.pool.begin().await?;
-    if store::followups::insert(&mut tx, &follow_up, maitre::db::now()).await? {
+    let inserted = store::followups::insert(&mut tx, &follow_up, now).await?;
+    if inserted {
         let deliver = DeliverFollowUp {
             follow_up_id: follow_up.id,
             attempt: 1,
             trace_parent: current_trace(),
         };
         store::jobs::push_first_deliver(&mut tx, &deliver, follow_up.scheduled_at).await?;
-        tx.commit().await?;
+    }
+    // Not inserted: a live follow-up exists already (a racing run planned
+    // it) or the booking was cancelled meanwhile; either way planning is over.
+    store::planning::mark_planned(&mut tx, booking.id, now).await?;
+    tx.commit().await?;
+    if inserted {
+        ctx.metrics.plan("planned");
         tracing::info!(
             follow_up_id = %follow_up.id,
             template = %follow_up.template_key,
@@ -126,8 +162,62 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
             "follow-up planned"
         );
     } else {
-        tx.commit().await?;
+        ctx.metrics.plan("already_planned");
         tracing::debug!("follow-up already planned or booking cancelled meanwhile");
     }
     Ok(())
+}
+
+/// Takes the next plan attempt (compare-and-set on the booking) and enqueues
+/// it after `delay`, in one transaction.
+async fn schedule_retry(
+    ctx: &JobContext,
+    job: &PlanFollowUp,
+    delay: std::time::Duration,
+) -> Result<RetryPlan, sqlx::Error> {
+    let next = job.attempt + 1;
+    let mut tx = ctx.pool.begin().await?;
+    if !store::planning::advance(&mut tx, job.booking_id, next).await? {
+        tx.rollback().await?;
+        return Ok(RetryPlan::Stale);
+    }
+    let retry = PlanFollowUp {
+        booking_id: job.booking_id,
+        attempt: next,
+        trace_parent: current_trace(),
+    };
+    if store::jobs::push_plan(&mut tx, &retry, Some(delay)).await? == Enqueued::AlreadyLive {
+        // Cannot happen while keys are never reused; if it does, that live
+        // job plans this very attempt, so the chain goes on all the same.
+        tracing::warn!(
+            attempt = next,
+            "a live job already held the next plan attempt's key"
+        );
+    }
+    tx.commit().await?;
+    Ok(RetryPlan::Scheduled)
+}
+
+/// Enqueues the next plan attempt of a booking whose newest attempt
+/// `plan_attempt` has no live job any more (the sweep). Returns false when
+/// another run moved the attempt on first.
+pub async fn requeue_stranded(
+    pool: &sqlx::PgPool,
+    booking_id: Uuid,
+    plan_attempt: i32,
+) -> Result<bool, sqlx::Error> {
+    let next = u32::try_from(plan_attempt).unwrap_or(0) + 1;
+    let mut tx = pool.begin().await?;
+    if !store::planning::advance(&mut tx, booking_id, next).await? {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let job = PlanFollowUp {
+        booking_id,
+        attempt: next,
+        trace_parent: None,
+    };
+    store::jobs::push_plan(&mut tx, &job, None).await?;
+    tx.commit().await?;
+    Ok(true)
 }

@@ -1,8 +1,10 @@
-//! Running the two apalis workers (plan, deliver) and the pruner, each
-//! supervised: a worker stops on a database error, so it is restarted with
-//! a growing delay under a new name (apalis refuses a name still registered),
-//! until shutdown. On shutdown, running jobs finish; jobs fetched but not
-//! started go back to the queue.
+//! Running the two apalis workers (plan, deliver) and housekeeping, each
+//! worker supervised: a worker stops on a database error (or on a row it
+//! cannot read), so it runs in its own task (a panic is a stop too), the
+//! poison guard clears unreadable rows out of its way (`poison`), and it is
+//! restarted with a growing delay under a new name (apalis refuses a name
+//! still registered), until shutdown. On shutdown, running jobs finish; jobs
+//! fetched but not started go back to the queue.
 
 use std::{future::Future, time::Duration};
 
@@ -10,8 +12,10 @@ use apalis::prelude::*;
 use apalis_postgres::{Config, PostgresStorage};
 use tokio::sync::watch;
 
-use super::{DELIVER_QUEUE, DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, deliver, plan};
-use crate::store;
+use super::{
+    DELIVER_QUEUE, DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, deliver, plan, poison,
+};
+use crate::store::{self, jobs::Enqueued};
 
 /// How the workers fetch and recover jobs.
 #[derive(Debug, Clone)]
@@ -25,14 +29,13 @@ pub struct WorkerSettings {
     /// missed_heartbeats` is dead and its jobs are re-enqueued.
     pub heartbeat_interval: Duration,
     pub missed_heartbeats: usize,
-    /// Finished job rows older than this are deleted.
+    /// Dead job rows (done, killed, failed for good) and worker
+    /// registrations older than this are deleted.
     pub job_retention: Duration,
     /// How often housekeeping (pruning, the stranded-work sweep) runs.
     pub prune_interval: Duration,
     /// Work overdue by this much with no live job is enqueued again.
     pub sweep_grace: Duration,
-    /// Planning attempts (to know which plan jobs could still exist).
-    pub plan_max_attempts: u32,
 }
 
 impl WorkerSettings {
@@ -57,7 +60,26 @@ impl WorkerSettings {
 
 /// Runs both workers and the pruner until `stop` turns true.
 pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receiver<bool>) {
-    let plan_worker = supervise(PLAN_QUEUE, stop.clone(), {
+    let plan_guard = {
+        let ctx = ctx.clone();
+        move |stopped: String| {
+            let ctx = ctx.clone();
+            async move {
+                poison::guard::<PlanFollowUp>(&ctx.pool, PLAN_QUEUE, &stopped, &ctx.metrics).await
+            }
+        }
+    };
+    let deliver_guard = {
+        let ctx = ctx.clone();
+        move |stopped: String| {
+            let ctx = ctx.clone();
+            async move {
+                poison::guard::<DeliverFollowUp>(&ctx.pool, DELIVER_QUEUE, &stopped, &ctx.metrics)
+                    .await
+            }
+        }
+    };
+    let plan_worker = supervise(PLAN_QUEUE, stop.clone(), plan_guard, {
         let (ctx, settings) = (ctx.clone(), settings.clone());
         move |name, signal| {
             let backend = PostgresStorage::<PlanFollowUp>::new(&ctx.pool)
@@ -71,7 +93,7 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
                 .run_until(signal)
         }
     });
-    let deliver_worker = supervise(DELIVER_QUEUE, stop.clone(), {
+    let deliver_worker = supervise(DELIVER_QUEUE, stop.clone(), deliver_guard, {
         let (ctx, settings) = (ctx.clone(), settings.clone());
         move |name, signal| {
             let backend = PostgresStorage::<DeliverFollowUp>::new(&ctx.pool)
@@ -94,15 +116,24 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 /// Restarts `run_worker` after each failure, waiting 0.5 s, 1 s, 2 s, ...
-/// (at most 30 s), until `stop`.
-async fn supervise<F, Fut, E>(queue: &'static str, stop: watch::Receiver<bool>, run_worker: F)
-where
+/// (at most 30 s), until `stop`. Each run is a task of its own, so that a
+/// panic inside apalis (it unwraps what it reads) is a failure like any
+/// other; after each failure `guard` gets the stopped worker's name and
+/// clears unreadable rows from the queue before the restart.
+async fn supervise<F, Fut, E, G, GFut>(
+    queue: &'static str,
+    stop: watch::Receiver<bool>,
+    guard: G,
+    run_worker: F,
+) where
     F: Fn(
         String,
         std::pin::Pin<Box<dyn Future<Output = Result<(), std::io::Error>> + Send>>,
     ) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+    G: Fn(String) -> GFut,
+    GFut: Future<Output = Result<usize, sqlx::Error>>,
 {
     // `restarts` names each run uniquely; `failures_in_a_row` sets the
     // delay and starts over once a run has stayed up for a while, so brief
@@ -121,27 +152,39 @@ where
             Ok::<(), std::io::Error>(())
         });
         tracing::info!(worker = %name, "worker starting");
-        match run_worker(name.clone(), signal).await {
-            Ok(()) => {
+        let error = match tokio::spawn(run_worker(name.clone(), signal)).await {
+            Ok(Ok(())) => {
                 tracing::info!(worker = %name, "worker stopped");
                 return;
             }
-            Err(error) => {
-                restarts += 1;
-                failures_in_a_row = if started.elapsed() >= HEALTHY_RUN {
-                    1
-                } else {
-                    failures_in_a_row + 1
-                };
-                let delay = Duration::from_millis(250 * 2u64.pow(failures_in_a_row.min(7)))
-                    .min(Duration::from_secs(30));
-                tracing::warn!(worker = %name, %error, ?delay, "worker stopped on an error; restarting");
-                let mut stop_rx = stop.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop_rx.wait_for(|stopping| *stopping) => return,
-                }
+            Ok(Err(error)) => error.to_string(),
+            Err(join_error) => format!("worker task ended: {join_error}"),
+        };
+        restarts += 1;
+        failures_in_a_row = if started.elapsed() >= HEALTHY_RUN {
+            1
+        } else {
+            failures_in_a_row + 1
+        };
+        let delay = Duration::from_millis(250 * 2u64.pow(failures_in_a_row.min(7)))
+            .min(Duration::from_secs(30));
+        tracing::warn!(worker = %name, %error, ?delay, "worker stopped on an error; restarting");
+        match guard(name.clone()).await {
+            Ok(0) => {}
+            Ok(killed) => {
+                tracing::warn!(worker = %name, killed, "unreadable job rows dead-lettered; restarting at once");
+                // The cause is gone: no reason to wait.
+                failures_in_a_row = 0;
+                continue;
             }
+            Err(error) => {
+                tracing::warn!(worker = %name, %error, "the poison guard could not run; restarting anyway")
+            }
+        }
+        let mut stop_rx = stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop_rx.wait_for(|stopping| *stopping) => return,
         }
     }
 }
@@ -164,16 +207,26 @@ fn instance_name() -> String {
         .clone()
 }
 
-/// Every `prune_interval`: delete finished job rows past retention, and
-/// enqueue again any planning or delivery whose job died (`store::sweeps`).
+/// Every `prune_interval`: delete dead job rows and worker registrations
+/// past retention, and enqueue again any planning or delivery whose job died
+/// (`store::sweeps`).
 async fn housekeeping(ctx: JobContext, settings: WorkerSettings, mut stop: watch::Receiver<bool>) {
     loop {
-        match store::jobs::prune_finished(&ctx.pool, settings.job_retention).await {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "pruned finished jobs"),
-            Err(error) => tracing::warn!(%error, "pruning finished jobs failed; will retry"),
+        match store::jobs::prune(&ctx.pool, settings.job_retention).await {
+            Ok(pruned) => {
+                ctx.metrics.pruned("jobs", pruned.jobs);
+                ctx.metrics.pruned("workers", pruned.workers);
+                if pruned != store::jobs::Pruned::default() {
+                    tracing::info!(
+                        jobs = pruned.jobs,
+                        workers = pruned.workers,
+                        "pruned dead job rows and worker registrations"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "pruning failed; will retry"),
         }
-        if let Err(error) = sweep(&ctx, &settings).await {
+        if let Err(error) = sweep(&ctx, &settings, &stop).await {
             tracing::warn!(%error, "sweeping stranded follow-ups failed; will retry");
         }
         tokio::select! {
@@ -183,36 +236,68 @@ async fn housekeeping(ctx: JobContext, settings: WorkerSettings, mut stop: watch
     }
 }
 
-async fn sweep(ctx: &JobContext, settings: &WorkerSettings) -> Result<(), sqlx::Error> {
+/// One sweep: every stranded delivery and planning, page by page (each page
+/// one short statement, each re-enqueue its own short transaction), until
+/// none is left or shutdown begins. Returns how many were enqueued again.
+pub async fn sweep(
+    ctx: &JobContext,
+    settings: &WorkerSettings,
+    stop: &watch::Receiver<bool>,
+) -> Result<u64, sqlx::Error> {
     let grace = settings.sweep_grace.as_secs_f64();
-    for (follow_up_id, attempts) in store::sweeps::stranded_deliveries(&ctx.pool, grace).await? {
-        let attempt = u32::try_from(attempts).unwrap_or(0) + 1;
-        let job = DeliverFollowUp {
-            follow_up_id,
-            attempt,
-            trace_parent: None,
-        };
-        let mut tx = ctx.pool.begin().await?;
-        store::jobs::requeue_deliver(&mut tx, &job).await?;
-        tx.commit().await?;
-        tracing::warn!(%follow_up_id, attempt, "delivery had no live job; enqueued again");
+    let mut deliveries = 0;
+    let mut after = (
+        chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+        uuid::Uuid::nil(),
+    );
+    loop {
+        let page = store::sweeps::stranded_deliveries(&ctx.pool, grace, after).await?;
+        for &(follow_up_id, attempts, _) in &page {
+            let attempt = u32::try_from(attempts).unwrap_or(0) + 1;
+            let job = DeliverFollowUp {
+                follow_up_id,
+                attempt,
+                trace_parent: None,
+            };
+            let mut tx = ctx.pool.begin().await?;
+            let enqueued = store::jobs::push_deliver(&mut tx, &job, maitre::db::now()).await?;
+            tx.commit().await?;
+            if enqueued == Enqueued::New {
+                deliveries += 1;
+                tracing::warn!(%follow_up_id, attempt, "delivery had no live job; enqueued again");
+            }
+        }
+        match page.last() {
+            Some(&(id, _, scheduled_at)) if page.len() as i64 == store::sweeps::SWEEP_BATCH => {
+                after = (scheduled_at, id);
+            }
+            _ => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
     }
-    let now = chrono::Utc::now();
-    let window_start = now - chrono::Duration::hours(1);
-    let window_end = now - chrono::Duration::from_std(settings.sweep_grace).unwrap_or_default();
-    let max_attempts = i32::try_from(settings.plan_max_attempts).unwrap_or(i32::MAX);
-    for booking_id in
-        store::sweeps::stranded_plans(&ctx.pool, window_start, window_end, max_attempts).await?
-    {
-        let job = PlanFollowUp {
-            booking_id,
-            attempt: 1,
-            trace_parent: None,
-        };
-        let mut tx = ctx.pool.begin().await?;
-        store::jobs::requeue_plan(&mut tx, &job).await?;
-        tx.commit().await?;
-        tracing::warn!(%booking_id, "planning had no live job; enqueued again");
+    let created_before =
+        chrono::Utc::now() - chrono::Duration::from_std(settings.sweep_grace).unwrap_or_default();
+    let mut plans = 0;
+    let mut after = uuid::Uuid::nil();
+    loop {
+        let page = store::sweeps::stranded_plans(&ctx.pool, created_before, after).await?;
+        for &(booking_id, plan_attempt) in &page {
+            if plan::requeue_stranded(&ctx.pool, booking_id, plan_attempt).await? {
+                plans += 1;
+                tracing::warn!(%booking_id, attempt = plan_attempt + 1, "planning had no live job; enqueued its next attempt");
+            }
+        }
+        match page.last() {
+            Some(&(id, _)) if page.len() as i64 == store::sweeps::SWEEP_BATCH => after = id,
+            _ => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
     }
-    Ok(())
+    ctx.metrics.swept(DELIVER_QUEUE, deliveries);
+    ctx.metrics.swept(PLAN_QUEUE, plans);
+    Ok(deliveries + plans)
 }

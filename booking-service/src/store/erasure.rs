@@ -1,6 +1,6 @@
 //! Erasing a customer from booking-service (EraseCustomer's first part):
-//! one transaction that cancels their pending follow-ups, clears the text
-//! of all of them, and pseudonymises their bookings.
+//! one transaction that cancels their undelivered follow-ups, clears the
+//! text of all of them, and pseudonymises their bookings.
 //!
 //! Ordering against the follow-up pipeline, which runs concurrently:
 //! - the customer's bookings are locked first (FOR UPDATE). A plan job that
@@ -8,10 +8,13 @@
 //!   migration `customer_erasure`), so either it commits before the erasure
 //!   reads the follow-ups (and its row is cleared here), or it waits for the
 //!   erasure and its row is born cancelled and empty;
-//! - a delivery in flight holds its follow-up's row lock through the
-//!   memory-service call: the erasure waits for it, finds the follow-up
-//!   SENT, and clears its text; memory-service's DeleteUserData, called
-//!   after this commits, then removes the delivered message.
+//! - a CANCELLED follow-up is never claimed for delivery, and FAILED ones
+//!   are cancelled too, so RetryFollowUp cannot revive them;
+//! - a delivery already claimed (claim, call, finish: no lock is held
+//!   across the call) may still store its message after this commits, even
+//!   after memory-service's DeleteUserData. [`deliveries_in_flight`] counts
+//!   those claims; EraseCustomer reports itself incomplete while there are
+//!   any, and its next call's DeleteUserData erases whatever they stored.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -29,10 +32,10 @@ const LOCK_BOOKINGS: &str = "SELECT id, conversation_id FROM booking.bookings \
     WHERE customer_id = $1 ORDER BY id FOR UPDATE";
 
 /// Everything else, in one statement over the locked bookings ($1):
-/// - follow-ups (through `scheduled_followups_booking_idx`): pending ones
-///   CANCELLED with the reason, every one's text and conversation cleared and
-///   customer id pseudonymised; `old` is each row's state when locked, for
-///   the counts;
+/// - follow-ups (through `scheduled_followups_booking_idx`): undelivered
+///   ones (PENDING, or FAILED and so re-drivable) CANCELLED with the reason,
+///   every one's text and conversation cleared and customer id
+///   pseudonymised; `old` is each row's state when locked, for the counts;
 /// - bookings: name, cancellation reason, conversation and request id (a
 ///   caller-chosen key that may name the customer; replaced by the booking's
 ///   own id, unique, so the (customer, request id) key cannot collide)
@@ -47,8 +50,8 @@ WITH old AS (
 ),
 followups AS (
     UPDATE booking.scheduled_followups f
-    SET state = CASE WHEN old.state = 1 THEN 3 ELSE f.state END,
-        last_error = CASE WHEN old.state = 1 THEN $4 ELSE f.last_error END,
+    SET state = CASE WHEN old.state IN (1, 4) THEN 3 ELSE f.state END,
+        last_error = CASE WHEN old.state IN (1, 4) THEN $4 ELSE f.last_error END,
         customer_id = $2, conversation_id = NULL, rendered_text = '', updated_at = $3
     FROM old WHERE f.id = old.id
     RETURNING old.state AS was
@@ -66,9 +69,17 @@ owners AS (
     RETURNING o.conversation_id
 )
 SELECT (SELECT count(*) FROM bookings),
-       (SELECT count(*) FROM followups WHERE was = 1),
+       (SELECT count(*) FROM followups WHERE was IN (1, 4)),
        (SELECT count(*) FROM followups)
 ";
+
+/// Deliveries of the erased customer's follow-ups whose claim is still
+/// running (`claimed_until` is cleared when a delivery finishes), found
+/// through the pseudonym (`bookings_customer_idx`, then
+/// `scheduled_followups_booking_idx`).
+const IN_FLIGHT: &str = "SELECT count(*) FROM booking.bookings b \
+    JOIN booking.scheduled_followups f ON f.booking_id = b.id \
+    WHERE b.customer_id = $1 AND f.claimed_until > now()";
 
 /// The constraint a booking of the customer committed between the lock and
 /// the ownership delete trips (its conversation's owner row is still
@@ -79,8 +90,10 @@ const CONVERSATION_OWNER_FKEY: &str = "bookings_conversation_owner_fkey";
 const ATTEMPTS: u32 = 3;
 
 /// What the booking-service part of an erasure changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Erased {
+    /// The customer's pseudonym (whether or not anything was erased now).
+    pub pseudonym: String,
     pub bookings: i64,
     pub follow_ups_cancelled: i64,
     pub follow_ups_cleared: i64,
@@ -118,13 +131,16 @@ async fn erase_once(
         .bind(customer_id)
         .fetch_all(&mut *tx)
         .await?;
-    if locked.is_empty() {
-        return Ok(Erased::default());
-    }
     let salt = sqlx::query_scalar::<_, Vec<u8>>(SALT)
         .fetch_one(&mut *tx)
         .await?;
     let pseudonym = pseudonym(&salt, customer_id);
+    if locked.is_empty() {
+        return Ok(Erased {
+            pseudonym,
+            ..Erased::default()
+        });
+    }
     let (bookings, conversations): (Vec<Uuid>, Vec<Option<Uuid>>) = locked.into_iter().unzip();
     let conversations: Vec<Uuid> = conversations.into_iter().flatten().collect();
     let (bookings, follow_ups_cancelled, follow_ups_cleared) =
@@ -139,8 +155,19 @@ async fn erase_once(
             .await?;
     tx.commit().await?;
     Ok(Erased {
+        pseudonym,
         bookings,
         follow_ups_cancelled,
         follow_ups_cleared,
     })
+}
+
+/// How many deliveries of the erased customer's follow-ups may still store
+/// a message (see the module's notes).
+#[tracing::instrument(skip_all)]
+pub async fn deliveries_in_flight(pool: &PgPool, pseudonym: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar::<_, i64>(IN_FLIGHT)
+        .bind(pseudonym)
+        .fetch_one(pool)
+        .await
 }

@@ -1,6 +1,14 @@
 //! Enqueueing follow-up jobs into apalis's tables, always inside the
 //! caller's transaction, and the queue housekeeping apalis leaves to us
-//! (depth by state, pruning finished rows).
+//! (depth by state, pruning every kind of dead row, dead-lettering rows
+//! apalis cannot read).
+//!
+//! Idempotency keys are `<follow-up or booking id>/<attempt>`, and attempt
+//! numbers only grow (the follow-up's `attempts`, the booking's
+//! `plan_attempt`, both advanced by compare-and-set), so a key names one
+//! attempt forever. A clash on a key therefore means either a racing run of
+//! the same attempt (its job is live: it carries the chain on) or a leftover
+//! dead row (deleted, then the push is made again): never a silent drop.
 
 use std::time::{Duration, SystemTime};
 
@@ -9,8 +17,11 @@ use apalis_postgres::PgTask;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::jobs::{DELIVER_QUEUE, DeliverFollowUp, PLAN_QUEUE, PlanFollowUp};
+
+use super::sweeps::live_job;
 
 /// apalis's own retries (immediate, no backoff) are only a safety net for
 /// unexpected errors; planned retries are re-scheduled jobs (see `jobs`).
@@ -48,44 +59,77 @@ pub fn plan_job_row(job: &PlanFollowUp) -> Result<JobRow, sqlx::Error> {
         id: ulid::Ulid::generate().to_string(),
         payload: serde_json::to_vec(job).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
         max_attempts: APALIS_MAX_ATTEMPTS as i32,
-        idempotency_key: format!("{}/{}", job.booking_id, job.attempt),
+        idempotency_key: plan_key(job.booking_id, job.attempt),
     })
 }
 
-/// Pushes a job; a job with the same idempotency key already exists when two
-/// runs of one job race to schedule the same next attempt. That is success:
-/// the savepoint keeps the caller's transaction usable.
-async fn push(tx: &mut PgConnection, queue: &str, task: PgTask) -> Result<bool, sqlx::Error> {
-    let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-    match apalis_postgres::queries::push_tasks(&mut *savepoint, queue, vec![task]).await {
-        Ok(()) => {
-            savepoint.commit().await?;
-            Ok(true)
+/// What a push did. Both are success for the caller: the attempt has a
+/// live job either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// A new job row.
+    New,
+    /// A live job already holds this key (a racing run of the same attempt
+    /// enqueued it first); it does the work.
+    AlreadyLive,
+}
+
+/// Pushes a job under its idempotency key. On a clash, a dead row holding
+/// the key is deleted and the push made again; a live one is left to do the
+/// work. The savepoint keeps the caller's transaction usable after the clash.
+async fn push(
+    tx: &mut PgConnection,
+    queue: &str,
+    key: &str,
+    make: impl Fn() -> Result<PgTask, sqlx::Error>,
+) -> Result<Enqueued, sqlx::Error> {
+    for _ in 0..2 {
+        let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
+        match apalis_postgres::queries::push_tasks(&mut *savepoint, queue, vec![make()?]).await {
+            Ok(()) => {
+                savepoint.commit().await?;
+                return Ok(Enqueued::New);
+            }
+            Err(apalis_postgres::Error::Database(sqlx::Error::Database(e)))
+                if e.constraint() == Some("idx_jobs_idempotency_key") =>
+            {
+                savepoint.rollback().await?;
+                if super::sweeps::delete_dead_job(tx, queue, key).await? == 0 {
+                    return Ok(Enqueued::AlreadyLive);
+                }
+                tracing::debug!(key, "a dead job held the key; removed, pushing again");
+            }
+            Err(apalis_postgres::Error::Database(e)) => return Err(e),
+            Err(other) => return Err(sqlx::Error::Protocol(other.to_string())),
         }
-        Err(apalis_postgres::Error::Database(sqlx::Error::Database(e)))
-            if e.constraint() == Some("idx_jobs_idempotency_key") =>
-        {
-            savepoint.rollback().await?;
-            Ok(false)
-        }
-        Err(apalis_postgres::Error::Database(e)) => Err(e),
-        Err(other) => Err(sqlx::Error::Protocol(other.to_string())),
     }
+    // The dead row was deleted and a live one took the key in between.
+    Ok(Enqueued::AlreadyLive)
+}
+
+/// The idempotency key of plan attempt `attempt` of a booking.
+pub fn plan_key(booking_id: Uuid, attempt: u32) -> String {
+    format!("{booking_id}/{attempt}")
+}
+
+/// The idempotency key of delivery attempt `attempt` of a follow-up.
+pub fn deliver_key(follow_up_id: Uuid, attempt: u32) -> String {
+    format!("{follow_up_id}/{attempt}")
 }
 
 /// Enqueues attempt `job.attempt` of planning a booking's follow-up, due
-/// after `delay` (none: now).
+/// after `delay` (none: now). The caller holds that attempt (it advanced the
+/// booking's `plan_attempt` to it in the same transaction).
 pub async fn push_plan(
     tx: &mut PgConnection,
     job: &PlanFollowUp,
     delay: Option<Duration>,
-) -> Result<bool, sqlx::Error> {
-    let key = format!("{}/{}", job.booking_id, job.attempt);
+) -> Result<Enqueued, sqlx::Error> {
+    let key = plan_key(job.booking_id, job.attempt);
     let at = delay.map(|d| SystemTime::now() + d);
-    push(tx, PLAN_QUEUE, task(job, key, at)?).await
+    push(tx, PLAN_QUEUE, &key, || task(job, key.clone(), at)).await
 }
 
-/// Enqueues delivery attempt `job.attempt` of a follow-up, due at `at`.
 /// Enqueues the first delivery of a follow-up inserted by the same
 /// transaction: its key cannot exist yet, so no savepoint (two round trips
 /// fewer on every follow-up).
@@ -94,7 +138,7 @@ pub async fn push_first_deliver(
     job: &DeliverFollowUp,
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let key = format!("{}/{}", job.follow_up_id, job.attempt);
+    let key = deliver_key(job.follow_up_id, job.attempt);
     let task = task(job, key, Some(SystemTime::from(at)))?;
     apalis_postgres::queries::push_tasks(&mut *tx, DELIVER_QUEUE, vec![task])
         .await
@@ -104,18 +148,57 @@ pub async fn push_first_deliver(
         })
 }
 
+/// Enqueues delivery attempt `job.attempt` of a follow-up, due at `at`.
 pub async fn push_deliver(
     tx: &mut PgConnection,
     job: &DeliverFollowUp,
     at: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    let key = format!("{}/{}", job.follow_up_id, job.attempt);
-    push(
-        tx,
-        DELIVER_QUEUE,
-        task(job, key, Some(SystemTime::from(at)))?,
-    )
+) -> Result<Enqueued, sqlx::Error> {
+    let key = deliver_key(job.follow_up_id, job.attempt);
+    push(tx, DELIVER_QUEUE, &key, || {
+        task(job, key.clone(), Some(SystemTime::from(at)))
+    })
     .await
+}
+
+/// Deletes the dead rows holding any of `keys` in the deliver queue (one
+/// statement), so a batch of fresh attempts can be pushed at once.
+const DELETE_DEAD_DELIVER_KEYS: &str = concat!(
+    "DELETE FROM apalis.jobs j WHERE j.job_type = $1 AND j.idempotency_key = ANY($2) AND NOT ",
+    live_job!()
+);
+
+/// Enqueues many first attempts after a re-drive, due now, in two
+/// statements: leftover dead rows holding the keys go first. A live row
+/// holding one of the keys fails the whole batch (it cannot exist: the
+/// re-driven follow-ups were FAILED, so no attempt of theirs was live).
+pub async fn push_delivers_now(
+    tx: &mut PgConnection,
+    jobs: &[DeliverFollowUp],
+) -> Result<(), sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<String> = jobs
+        .iter()
+        .map(|j| deliver_key(j.follow_up_id, j.attempt))
+        .collect();
+    sqlx::query(DELETE_DEAD_DELIVER_KEYS)
+        .bind(DELIVER_QUEUE)
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await?;
+    let tasks = jobs
+        .iter()
+        .zip(keys)
+        .map(|(job, key)| task(job, key, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    apalis_postgres::queries::push_tasks(&mut *tx, DELIVER_QUEUE, tasks)
+        .await
+        .map_err(|error| match error {
+            apalis_postgres::Error::Database(e) => e,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })
 }
 
 /// Jobs per queue and state, from our index on (job_type, status): cheap,
@@ -132,44 +215,57 @@ pub async fn depth(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Er
         .await
 }
 
-/// Deletes finished job rows older than the retention, a batch at a time so
-/// that a large backlog never holds long locks.
-const PRUNE_BATCH: &str = "DELETE FROM apalis.jobs WHERE id IN ( \
+/// Rows deleted per statement while pruning, so that a large backlog never
+/// holds long locks.
+const PRUNE_BATCH_SIZE: u64 = 1000;
+
+/// Deletes dead job rows older than the retention, a batch at a time: Done,
+/// Killed (dead-lettered by us or apalis), and Failed with no attempt left
+/// (apalis gave up; a Failed row with attempts left is still live). Through
+/// `maitre_jobs_finished_idx`. Deleting a dead row also frees its
+/// idempotency key, which nothing reuses (see the module docs).
+const PRUNE_JOBS: &str = "DELETE FROM apalis.jobs WHERE id IN ( \
     SELECT id FROM apalis.jobs \
-    WHERE status IN ('Done', 'Killed') AND done_at < now() - make_interval(secs => $1) \
+    WHERE status IN ('Done', 'Killed', 'Failed') AND done_at < now() - make_interval(secs => $1) \
+      AND (status <> 'Failed' OR attempts >= max_attempts) \
       AND job_type = ANY($2) \
     LIMIT 1000)";
 
-pub async fn prune_finished(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
-    let mut removed = 0;
-    loop {
-        let batch = sqlx::query(PRUNE_BATCH)
-            .bind(retention.as_secs_f64())
-            .bind(vec![PLAN_QUEUE, DELIVER_QUEUE])
-            .execute(pool)
-            .await?
-            .rows_affected();
-        removed += batch;
-        if batch < 1000 {
-            return Ok(removed);
+/// Deletes worker registrations (one per worker start) unseen for longer
+/// than the retention and no longer named by any job row (`lock_by` is a
+/// foreign key to them; apalis's index on it answers the NOT EXISTS).
+const PRUNE_WORKERS: &str = "DELETE FROM apalis.workers WHERE id IN ( \
+    SELECT w.id FROM apalis.workers w \
+    WHERE w.last_seen < now() - make_interval(secs => $1) AND w.worker_type = ANY($2) \
+      AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id) \
+    LIMIT 1000)";
+
+/// What one pruning pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub jobs: u64,
+    pub workers: u64,
+}
+
+pub async fn prune(pool: &PgPool, retention: Duration) -> Result<Pruned, sqlx::Error> {
+    let mut pruned = Pruned::default();
+    for (sql, count) in [
+        (PRUNE_JOBS, &mut pruned.jobs),
+        // After the jobs: their rows are what keeps old workers referenced.
+        (PRUNE_WORKERS, &mut pruned.workers),
+    ] {
+        loop {
+            let batch = sqlx::query(sql)
+                .bind(retention.as_secs_f64())
+                .bind(vec![PLAN_QUEUE, DELIVER_QUEUE])
+                .execute(pool)
+                .await?
+                .rows_affected();
+            *count += batch;
+            if batch < PRUNE_BATCH_SIZE {
+                break;
+            }
         }
     }
-}
-
-/// Enqueues `job` again after its earlier job for the same attempt died
-/// (see `store::sweeps`): the dead row goes, so its key can be reused.
-pub async fn requeue_plan(tx: &mut PgConnection, job: &PlanFollowUp) -> Result<bool, sqlx::Error> {
-    let key = format!("{}/{}", job.booking_id, job.attempt);
-    super::sweeps::delete_dead_job(tx, PLAN_QUEUE, &key).await?;
-    push(tx, PLAN_QUEUE, task(job, key, None)?).await
-}
-
-/// Like [`requeue_plan`], for a delivery attempt, due now.
-pub async fn requeue_deliver(
-    tx: &mut PgConnection,
-    job: &DeliverFollowUp,
-) -> Result<bool, sqlx::Error> {
-    let key = format!("{}/{}", job.follow_up_id, job.attempt);
-    super::sweeps::delete_dead_job(tx, DELIVER_QUEUE, &key).await?;
-    push(tx, DELIVER_QUEUE, task(job, key, None)?).await
+    Ok(pruned)
 }

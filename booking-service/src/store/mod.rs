@@ -4,6 +4,7 @@ pub mod bookings;
 pub mod erasure;
 pub mod followups;
 pub mod jobs;
+pub mod planning;
 pub mod rows;
 pub mod slots;
 pub mod sweeps;

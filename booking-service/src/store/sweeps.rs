@@ -1,11 +1,15 @@
 //! The safety net under the follow-up pipeline. Jobs normally carry every
 //! follow-up to the end, but a job can die where no retry follows: apalis
 //! gives up on a job whose handler failed on unexpected errors (a database
-//! error mid-run) a few times in a row. These queries find work that no live
-//! job will do any more, so housekeeping can enqueue it again: no follow-up
-//! is ever silently lost.
+//! error mid-run) a few times in a row, and an operator may kill one. These
+//! queries find work that no live job will do any more, so housekeeping can
+//! enqueue it again: no follow-up is ever silently lost.
+//!
+//! Both read through partial indexes that hold only unfinished work
+//! (`bookings_unplanned_idx`, `scheduled_followups_pending_idx`), so a sweep
+//! costs what is unfinished, not what the history holds, and both page by
+//! keyset so that each statement stays short however much is stranded.
 
-use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -16,36 +20,42 @@ macro_rules! live_job {
           OR (j.status = 'Failed' AND j.attempts < j.max_attempts))"
     };
 }
+pub(crate) use live_job;
 
-/// Pending follow-ups due more than `$1` seconds ago whose next delivery
-/// attempt has no live job (the pending partial index, then apalis's unique
-/// index on the idempotency key).
+/// Rows per sweep statement.
+pub const SWEEP_BATCH: i64 = 500;
+
+/// Pending follow-ups due more than `$1` seconds ago, not claimed by a
+/// running delivery, whose next delivery attempt has no live job; after the
+/// keyset (`$2`, `$3`). The pending partial index, then apalis's unique
+/// index on the idempotency key.
 const STRANDED_DELIVERIES: &str = concat!(
-    "SELECT f.id, f.attempts FROM booking.scheduled_followups f \
+    "SELECT f.id, f.attempts, f.scheduled_at FROM booking.scheduled_followups f \
      WHERE f.state = 1 AND f.scheduled_at < now() - make_interval(secs => $1) \
+       AND f.scheduled_at >= $2 AND (f.scheduled_at, f.id) > ($2, $3) \
+       AND (f.claimed_until IS NULL OR f.claimed_until < now()) \
        AND NOT EXISTS (SELECT 1 FROM apalis.jobs j \
            WHERE j.job_type = 'maitre.followup.deliver' \
              AND j.idempotency_key = f.id::text || '/' || (f.attempts + 1) \
              AND ",
     live_job!(),
     ") \
-     ORDER BY f.scheduled_at LIMIT 500"
+     ORDER BY f.scheduled_at, f.id LIMIT $4"
 );
 
-/// Confirmed bookings with ids in [$1, $2] (UUIDv7: a creation-time window,
-/// scanned through the primary key), no follow-up row, and no live plan job
-/// for any attempt up to `$3`.
+/// Confirmed bookings not yet planned, created before `$1` (a UUIDv7 floor:
+/// older than the grace), after the keyset `$2`, whose newest plan attempt
+/// has no live job. Only `bookings_unplanned_idx`, whatever their age.
 const STRANDED_PLANS: &str = concat!(
-    "SELECT b.id FROM booking.bookings b \
-     WHERE b.id BETWEEN $1 AND $2 AND b.state = 1 \
-       AND NOT EXISTS (SELECT 1 FROM booking.scheduled_followups f WHERE f.booking_id = b.id) \
+    "SELECT b.id, b.plan_attempt FROM booking.bookings b \
+     WHERE b.state = 1 AND b.followup_planned_at IS NULL AND b.id < $1 AND b.id > $2 \
        AND NOT EXISTS (SELECT 1 FROM apalis.jobs j \
            WHERE j.job_type = 'maitre.followup.plan' \
-             AND j.idempotency_key = ANY (SELECT b.id::text || '/' || g FROM generate_series(1, $3) g) \
+             AND j.idempotency_key = b.id::text || '/' || b.plan_attempt \
              AND ",
     live_job!(),
     ") \
-     LIMIT 500"
+     ORDER BY b.id LIMIT $3"
 );
 
 /// Removes a dead job so that its idempotency key can be used again.
@@ -54,47 +64,56 @@ const DELETE_DEAD_JOB: &str = concat!(
     live_job!()
 );
 
-/// (follow-up id, attempts made) of stranded deliveries.
+/// A stranded delivery: (follow-up id, attempts made, scheduled at). The
+/// last one's (scheduled at, id) is the next page's keyset.
+pub type StrandedDelivery = (Uuid, i32, chrono::DateTime<chrono::Utc>);
+
+/// One page of stranded deliveries after `after` (scheduled at, id).
 pub async fn stranded_deliveries(
     pool: &PgPool,
     grace_secs: f64,
-) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
-    sqlx::query_as::<_, (Uuid, i32)>(STRANDED_DELIVERIES)
+    after: (chrono::DateTime<chrono::Utc>, Uuid),
+) -> Result<Vec<StrandedDelivery>, sqlx::Error> {
+    sqlx::query_as::<_, StrandedDelivery>(STRANDED_DELIVERIES)
         .bind(grace_secs)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(SWEEP_BATCH)
         .fetch_all(pool)
         .await
 }
 
-/// Booking ids created in [from, until] whose planning stranded.
+/// One page of (booking id, newest plan attempt) of stranded plannings:
+/// bookings created before `created_before`, ids after `after`.
 pub async fn stranded_plans(
     pool: &PgPool,
-    from: DateTime<Utc>,
-    until: DateTime<Utc>,
-    max_attempts: i32,
-) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar::<_, Uuid>(STRANDED_PLANS)
-        .bind(v7_floor(from))
-        .bind(v7_floor(until))
-        .bind(max_attempts)
+    created_before: chrono::DateTime<chrono::Utc>,
+    after: Uuid,
+) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
+    sqlx::query_as::<_, (Uuid, i32)>(STRANDED_PLANS)
+        .bind(v7_floor(created_before))
+        .bind(after)
+        .bind(SWEEP_BATCH)
         .fetch_all(pool)
         .await
 }
 
+/// Deletes the dead job holding `key`, if any; returns how many went (0 or 1).
 pub async fn delete_dead_job(
     tx: &mut PgConnection,
     queue: &str,
     key: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(DELETE_DEAD_JOB)
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(DELETE_DEAD_JOB)
         .bind(queue)
         .bind(key)
         .execute(&mut *tx)
-        .await?;
-    Ok(())
+        .await?
+        .rows_affected())
 }
 
 /// The smallest UUIDv7 of a millisecond: ids sort by creation time.
-fn v7_floor(time: DateTime<Utc>) -> Uuid {
+pub fn v7_floor(time: chrono::DateTime<chrono::Utc>) -> Uuid {
     let millis = u64::try_from(time.timestamp_millis()).unwrap_or(0);
     uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
 }

@@ -392,6 +392,29 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Cancels a booking (retried; cancelling twice is harmless); returns
+    /// how many follow-ups the call cancelled.
+    pub async fn cancel(&self, booking_id: Uuid) -> Answer<i32> {
+        let message = booking::CancelBookingRequest {
+            booking_id: booking_id.to_string(),
+            reason: "drill".into(),
+        };
+        match self
+            .retrying("CancelBooking", || {
+                let mut client = self.booking.clone();
+                let message = message.clone();
+                async move { client.cancel_booking(request(message)).await }
+            })
+            .await
+        {
+            Answer::Ok(response) => Answer::Ok(response.into_inner().follow_ups_cancelled),
+            Answer::Refused(status) => Answer::Refused(status),
+            Answer::GaveUp(why) => Answer::GaveUp(why),
+        }
+    }
+}
+
 /// A steady stream of new customers booking.
 #[derive(Debug, Clone, Copy)]
 pub struct Load {

@@ -23,4 +23,5 @@ mod crash_mid_load;
 mod database_outage;
 mod graceful_shutdown;
 mod memory_crash;
+mod slow_memory;
 mod two_workers;
