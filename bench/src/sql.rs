@@ -194,7 +194,7 @@ mod tests {
     fn the_services_statements_are_found_with_their_placeholders() {
         let store = store_message().unwrap();
         assert!(store.contains("INSERT INTO memory.messages"));
-        assert_eq!(placeholders(&store), 17);
+        assert_eq!(placeholders(&store), 21);
         let create = create_booking().unwrap();
         assert!(create.contains("UPDATE booking.slots SET booked = booked + $6"));
         // 16 once CREATE enqueues the plan job itself, 17 with the

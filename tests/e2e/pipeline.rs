@@ -1048,3 +1048,46 @@ async fn the_sweeps_read_only_unfinished_work() {
     drop(conn);
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_claim_left_by_a_dead_run_is_waited_out_not_abandoned() {
+    let stack = spawn_stack_with(|_| {}).await;
+    let slot = stack
+        .slot(Duration::from_secs(3), Duration::from_secs(1), 10)
+        .await;
+    let confirmed = stack
+        .book(Stack::booking_request(&slot, "zed", "", 1))
+        .await
+        .expect("booked");
+    // Planned, not yet due: make it look as if a run claimed it and then
+    // died (its process was killed between the claim and the call).
+    let follow_up_id: Uuid = wait_for("the follow-up to be planned", WITHIN, || async {
+        sqlx::query_scalar("SELECT id FROM booking.scheduled_followups WHERE booking_id = $1::uuid")
+            .bind(&confirmed.booking_id)
+            .fetch_optional(&stack.db)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    sqlx::query(
+        "UPDATE booking.scheduled_followups \
+         SET claim_token = $2, claimed_until = now() + interval '5 seconds' WHERE id = $1",
+    )
+    .bind(follow_up_id)
+    .bind(Uuid::now_v7())
+    .execute(&stack.db)
+    .await
+    .expect("a dead run's claim");
+    // The sweep would only find it after minutes: the due job itself must
+    // wait the lease out and deliver.
+    let sent = stack
+        .wait_follow_up(
+            &confirmed.booking_id,
+            "SENT after the dead claim expired",
+            |f| f.state == FollowUpState::Sent as i32,
+        )
+        .await;
+    assert_eq!(sent.attempts, 1);
+    stack.shutdown().await;
+}

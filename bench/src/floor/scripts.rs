@@ -18,7 +18,7 @@
 
 use anyhow::{Context, Result};
 use booking_service::jobs::PlanFollowUp;
-use memory_service::domain::emotion::TREND_WINDOW;
+use memory_service::domain::emotion::{OVERFLOW_LABEL, TREND_WINDOW};
 use uuid::Uuid;
 
 use crate::sql::{self, bind, literal};
@@ -127,6 +127,16 @@ fn store_message(m: &Message) -> Result<String> {
         format!("{}::text", id7(m.request_var)),
         "now()".into(),
         format!("{TREND_WINDOW}::int4"),
+        // The default cap on distinct labels and its overflow key.
+        format!(
+            "{}::int4",
+            memory_service::domain::Limits::default().max_distinct_labels
+        ),
+        format!("{}::text", literal(OVERFLOW_LABEL)),
+        // An anonymous caller (auth off, as in the bench) and a SHA-256-sized
+        // fingerprint, as the service binds them.
+        "''::text".into(),
+        format!("'\\x{}'::bytea", "ab".repeat(32)),
     ];
     Ok(format!(
         "{};\n",

@@ -60,16 +60,34 @@ pub async fn handle(job: DeliverFollowUp, ctx: Data<JobContext>) -> Result<(), B
 async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     let attempts_made = i32::try_from(job.attempt.saturating_sub(1)).unwrap_or(i32::MAX);
     let token = Uuid::now_v7();
-    let Some(follow_up) = store::followups::claim(
-        &ctx.pool,
-        job.follow_up_id,
-        attempts_made,
-        token,
-        ctx.policy.claim_lease,
-    )
-    .await?
-    else {
-        return explain_unclaimed(job, ctx).await;
+    let mut waits = 0;
+    let follow_up = loop {
+        if let Some(claimed) = store::followups::claim(
+            &ctx.pool,
+            job.follow_up_id,
+            attempts_made,
+            token,
+            ctx.policy.claim_lease,
+        )
+        .await?
+        {
+            break claimed;
+        }
+        match explain_unclaimed(job, ctx).await? {
+            // Another run of this attempt holds the claim. If it died (its
+            // process was killed, its job re-enqueued to us), nobody else
+            // would finish it before the sweep: wait the lease out once and
+            // claim again; if it lives, it will have finished by then.
+            Some(held_until) if waits < 1 => {
+                waits += 1;
+                let left = (held_until - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .min(ctx.policy.claim_lease);
+                tokio::time::sleep(left + std::time::Duration::from_millis(100)).await;
+            }
+            _ => return Ok(()),
+        }
     };
 
     // Claimed: the pooled connection went back with the claim's statement.
@@ -124,10 +142,14 @@ fn store_request(follow_up: &Claimed) -> memory::StoreMessageRequest {
 }
 
 /// The claim was refused: find out why, and act where someone must.
-async fn explain_unclaimed(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
+/// `Some(until)` when another run of this attempt holds the claim.
+async fn explain_unclaimed(
+    job: &DeliverFollowUp,
+    ctx: &JobContext,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, sqlx::Error> {
     let Some(row) = store::followups::unclaimed(&ctx.pool, job.follow_up_id).await? else {
         tracing::warn!("follow-up not found; nothing to deliver");
-        return Ok(());
+        return Ok(None);
     };
     if row.state != PENDING {
         tracing::debug!(state = row.state, "no longer pending; nothing to do");
@@ -150,12 +172,11 @@ async fn explain_unclaimed(job: &DeliverFollowUp, ctx: &JobContext) -> Result<()
             "stale attempt; another run owns this follow-up"
         );
     } else {
-        // Another run of this attempt holds an unexpired claim. Should it
-        // have died, its job is re-enqueued after the heartbeat timeout
-        // (longer than the lease), or the sweep enqueues the attempt again.
+        // Another run of this attempt holds an unexpired claim.
         tracing::debug!(claimed_until = ?row.claimed_until, "another run is delivering this attempt");
+        return Ok(row.claimed_until);
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Records a failed call: retry later, FAILED, or CANCELLED (erased), by
