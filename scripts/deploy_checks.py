@@ -919,7 +919,7 @@ def self_test():
     good = [served_pod("memory-service", "memory-service", [], ["auth-tokens"]),
             served_pod("booking-service", "booking-service", [], ["auth-tokens", "memory-service-token"]),
             cm("memory-service-config", AUTH_TOKENS_FILE="/s/auth-tokens",
-               AUTH_GRANTS="assistant=StoreMessage\nbooking-service=GetEmotionHistory,StoreMessage\nadmin=*"),
+               AUTH_GRANTS="assistant=StoreMessage\nbooking-service=GetEmotionHistory,StoreMessage,DeleteUserData\nadmin=*"),
             cm("booking-service-config", AUTH_TOKENS_FILE="/s/auth-tokens", MEMORY_SERVICE_TOKEN_FILE="/s/memory-service-token",
                MEMORY_SERVICE_URL="http://memory-service:50051", AUTH_GRANTS="assistant=CreateBooking;admin=*"),
             secret("memory-service-secrets", **{"auth-tokens": f"booking-service:{mem_token}\nassistant:CHANGE-ME-assistant-0001\n"}),
