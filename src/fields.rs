@@ -37,6 +37,35 @@ pub fn identifier(v: &mut FieldViolations, field: &str, value: &str) -> Option<S
     optional_identifier(v, field, value)
 }
 
+/// An identifier that names data already stored, for erasure: not blank,
+/// bounded, no control characters, but not held to the rest of
+/// [`identifier_chars`], because ids stored before those rules (a trailing
+/// space, say) must still be erasable.
+pub fn stored_identifier(v: &mut FieldViolations, field: &str, value: &str) -> Option<String> {
+    if value.trim().is_empty() {
+        v.add(field, "REQUIRED", "must be set");
+        return None;
+    }
+    if value.chars().count() > MAX_ID_CHARS {
+        v.add(
+            field,
+            "TOO_LONG",
+            format!("must be at most {MAX_ID_CHARS} characters"),
+        );
+        return None;
+    }
+    // Control characters were never accepted into a stored id.
+    if value.chars().any(char::is_control) {
+        v.add(
+            field,
+            "INVALID_CHARACTERS",
+            "must not contain control characters",
+        );
+        return None;
+    }
+    Some(value.to_owned())
+}
+
 /// An optional identifier: empty means absent.
 pub fn optional_identifier(v: &mut FieldViolations, field: &str, value: &str) -> Option<String> {
     if value.is_empty() {

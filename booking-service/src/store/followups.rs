@@ -94,7 +94,7 @@ pub struct Claimed {
 const CLAIM: &str = "UPDATE booking.scheduled_followups f \
     SET claim_token = $2, claimed_until = now() + make_interval(secs => $3) \
     FROM booking.bookings b \
-    WHERE f.id = $1 AND b.id = f.booking_id AND b.state = 1 AND f.state = 1 AND f.attempts = $4 \
+    WHERE f.id = $1 AND b.id = f.booking_id AND b.state = 1 AND b.erased_at IS NULL AND f.state = 1 AND f.attempts = $4 \
       AND (f.claimed_until IS NULL OR f.claimed_until < now()) \
     RETURNING f.id, f.booking_id, f.customer_id, f.conversation_id, f.template_key, \
               f.rendered_text, f.attempts, f.retry_from, f.last_error";
@@ -273,7 +273,7 @@ const REDRIVE: &str = "UPDATE booking.scheduled_followups f \
     SET state = 1, retry_from = f.attempts, redriven_at = $2, redrives = f.redrives + 1, \
         scheduled_at = $2, updated_at = $2, claim_token = NULL, claimed_until = NULL \
     FROM booking.bookings b \
-    WHERE f.id = ANY($1) AND b.id = f.booking_id AND b.state = 1 AND f.state = 4 \
+    WHERE f.id = ANY($1) AND b.id = f.booking_id AND b.state = 1 AND b.erased_at IS NULL AND f.state = 4 \
     RETURNING f.id, f.attempts";
 
 pub async fn redrive(

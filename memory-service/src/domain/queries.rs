@@ -194,6 +194,15 @@ pub fn conversation_id(value: &str) -> Result<Uuid, FieldViolations> {
 }
 
 /// A request naming one user.
+/// The user id of a DeleteUserData: any id that can have been stored,
+/// including ids from before the stricter identifier rules.
+pub fn erasable_user_id(value: &str) -> Result<String, FieldViolations> {
+    let mut v = FieldViolations::new();
+    let id = fields::stored_identifier(&mut v, "user_id", value);
+    v.into_result()?;
+    id.ok_or_else(FieldViolations::new)
+}
+
 pub fn user_id(value: &str) -> Result<String, FieldViolations> {
     let mut v = FieldViolations::new();
     let id = fields::identifier(&mut v, "user_id", value);

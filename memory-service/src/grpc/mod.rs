@@ -261,7 +261,8 @@ impl MemoryService for MemoryApi {
         &self,
         request: Request<pb::DeleteUserDataRequest>,
     ) -> Reply<pb::DeleteUserDataResponse> {
-        let user_id = queries::user_id(&request.into_inner().user_id).map_err(Error::from)?;
+        let user_id =
+            queries::erasable_user_id(&request.into_inner().user_id).map_err(Error::from)?;
         let deadline = CallContext::current_deadline()
             .unwrap_or_else(|| Instant::now() + ERASE_WITHOUT_DEADLINE);
         // Should this call end before the purge does (out of time, an error,
