@@ -137,6 +137,22 @@ pub struct MemoryClient {
 /// Pause before the one retry of an UNAVAILABLE call.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Runs `call`, and once more after [`RETRY_PAUSE`] when it fails
+/// UNAVAILABLE (refused or draining: nothing reached the server).
+async fn once_more_if_unavailable<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    match call().await {
+        Err(status) if status.code() == Code::Unavailable => {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            call().await
+        }
+        other => other,
+    }
+}
+
 impl MemoryClient {
     /// Connects lazily: booking-service starts while memory-service is down.
     pub fn new(settings: &MemoryClientSettings) -> anyhow::Result<Self> {
@@ -190,29 +206,17 @@ impl MemoryClient {
             conversation_id: conversation_id.to_string(),
             limit,
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self
-                .client
-                .clone()
-                .get_emotion_history(self.request(message.clone()))
-                .await
-            {
-                Ok(response) => {
-                    return Ok(response
-                        .into_inner()
-                        .points
-                        .into_iter()
-                        .map(|p| p.score)
-                        .collect());
-                }
-                Err(status) if status.code() == Code::Unavailable && attempt < 2 => {
-                    tokio::time::sleep(RETRY_PAUSE).await
-                }
-                Err(status) => return Err(status.into()),
-            }
-        }
+        let response = once_more_if_unavailable(|| {
+            let (mut client, request) = (self.client.clone(), self.request(message.clone()));
+            async move { client.get_emotion_history(request).await }
+        })
+        .await?;
+        Ok(response
+            .into_inner()
+            .points
+            .into_iter()
+            .map(|p| p.score)
+            .collect())
     }
 
     /// Stores a follow-up as an assistant message. `request_id` makes a retry
@@ -221,33 +225,21 @@ impl MemoryClient {
         &self,
         message: pb::StoreMessageRequest,
     ) -> Result<Uuid, MemoryError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self
-                .client
-                .clone()
-                .store_message(self.request(message.clone()))
-                .await
-            {
-                Ok(response) => {
-                    let id = response
-                        .into_inner()
-                        .message
-                        .map(|m| m.message_id)
-                        .unwrap_or_default();
-                    return Uuid::try_parse(&id).map_err(|_| MemoryError::Failed {
-                        code: Code::Internal,
-                        reason: String::new(),
-                        message: format!("memory-service returned a bad message id {id:?}"),
-                    });
-                }
-                Err(status) if status.code() == Code::Unavailable && attempt < 2 => {
-                    tokio::time::sleep(RETRY_PAUSE).await
-                }
-                Err(status) => return Err(status.into()),
-            }
-        }
+        let response = once_more_if_unavailable(|| {
+            let (mut client, request) = (self.client.clone(), self.request(message.clone()));
+            async move { client.store_message(request).await }
+        })
+        .await?;
+        let id = response
+            .into_inner()
+            .message
+            .map(|m| m.message_id)
+            .unwrap_or_default();
+        Uuid::try_parse(&id).map_err(|_| MemoryError::Failed {
+            code: Code::Internal,
+            reason: String::new(),
+            message: format!("memory-service returned a bad message id {id:?}"),
+        })
     }
 }
 
@@ -262,22 +254,12 @@ impl MemoryClient {
         let message = pb::DeleteUserDataRequest {
             user_id: user_id.to_owned(),
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self
-                .client
-                .clone()
-                .delete_user_data(self.request(message.clone()))
-                .await
-            {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) if status.code() == Code::Unavailable && attempt < 2 => {
-                    tokio::time::sleep(RETRY_PAUSE).await
-                }
-                Err(status) => return Err(status.into()),
-            }
-        }
+        let response = once_more_if_unavailable(|| {
+            let (mut client, request) = (self.client.clone(), self.request(message.clone()));
+            async move { client.delete_user_data(request).await }
+        })
+        .await?;
+        Ok(response.into_inner())
     }
 }
 

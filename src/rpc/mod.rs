@@ -343,32 +343,32 @@ where
                         }
                     }
                 };
-                let permit = if health_watch {
-                    match policy.health_watchers.clone().try_acquire_owned() {
-                        Ok(permit) => Some(permit),
-                        Err(_) => {
-                            let response = refusal(
-                                Code::ResourceExhausted,
-                                "TOO_MANY_WATCHERS",
-                                "too many Health/Watch streams open; poll Health/Check instead",
-                            );
-                            return Ok(outcome.finish(response));
-                        }
-                    }
+                // Health/Watch streams have a pool of their own; a Check is
+                // never shed; everything else takes a call permit.
+                let pool = if health_watch {
+                    Some((
+                        &policy.health_watchers,
+                        "TOO_MANY_WATCHERS",
+                        "too many Health/Watch streams open; poll Health/Check instead",
+                    ))
                 } else if health {
                     None
                 } else {
-                    match policy.limiter.clone().try_acquire_owned() {
+                    Some((
+                        &policy.limiter,
+                        "OVERLOADED",
+                        "server overloaded; retry with backoff",
+                    ))
+                };
+                let permit = match pool {
+                    None => None,
+                    Some((permits, reason, message)) => match permits.clone().try_acquire_owned() {
                         Ok(permit) => Some(permit),
                         Err(_) => {
-                            let response = refusal(
-                                Code::ResourceExhausted,
-                                "OVERLOADED",
-                                "server overloaded; retry with backoff",
-                            );
+                            let response = refusal(Code::ResourceExhausted, reason, message);
                             return Ok(outcome.finish(response));
                         }
-                    }
+                    },
                 };
                 let call = context.scope_with_deadline(started + deadline, inner.call(request));
                 policy.metrics.rpc.in_flight.inc();
