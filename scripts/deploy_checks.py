@@ -81,12 +81,12 @@ import yaml
 SERVICES = {
     "memory-service": {
         "pools": ("MEMORY_DB_MAX_CONNECTIONS",),
-        "code": ("memory-service/src", "src"),
+        "code": ("memory-service/src", "runtime/src"),
         "proto": "proto/maitre/memory",
     },
     "booking-service": {
         "pools": ("BOOKING_DB_MAX_CONNECTIONS", "WORKER_DB_MAX_CONNECTIONS"),
-        "code": ("booking-service/src", "src"),
+        "code": ("booking-service/src", "runtime/src"),
         "proto": "proto/maitre/booking",
     },
 }

@@ -63,7 +63,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
     let machine = output::describe_machine(pgbench_version).await?;
     eprintln!("maitre-bench: fresh database {}", plan.database);
     db::recreate(&plan.admin_url, &plan.database).await?;
-    let database_url = maitre::testkit::with_database(&plan.admin_url, &plan.database);
+    let database_url = maitre_runtime::testkit::with_database(&plan.admin_url, &plan.database);
     let launch = Launch {
         bin_dir: plan.bin_dir.clone(),
         database_url: database_url.clone(),

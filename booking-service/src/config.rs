@@ -12,14 +12,14 @@
 //! `FOLLOWUP_RETRY_MAX`, `WORKER_CONCURRENCY`, `WORKER_POLL_INTERVAL`,
 //! `WORKER_HEARTBEAT_INTERVAL`, `WORKER_MISSED_HEARTBEATS`,
 //! `JOB_RETENTION`, `JOB_PRUNE_INTERVAL`, `FOLLOWUP_SWEEP_GRACE`, `METRICS_REFRESH_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
-//! `LOG_FORMAT`, `RUST_LOG`, and those of [`maitre::server::ServerArgs`].
+//! `LOG_FORMAT`, `RUST_LOG`, and those of [`maitre_runtime::server::ServerArgs`].
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 
 use clap::{Args, Parser, Subcommand};
-use maitre::{
+use maitre_runtime::{
     db::PoolSettings,
     server::{AdminAddr, ServerArgs},
     telemetry::LogFormat,
@@ -282,7 +282,7 @@ impl Settings {
         settings.database_url = database_url.to_owned();
         settings.memory_service_url = memory_service_url.to_owned();
         // Tests bind loopback and opt into authentication where they test it.
-        settings.server.auth_mode = maitre::server::AuthMode::None;
+        settings.server.auth_mode = maitre_runtime::server::AuthMode::None;
         settings
     }
 
@@ -373,7 +373,7 @@ impl Settings {
                 if token.is_empty() {
                     anyhow::bail!("MEMORY_SERVICE_TOKEN_FILE {} is empty", path.display());
                 }
-                if maitre::rpc::auth::is_placeholder(&token) {
+                if maitre_runtime::rpc::auth::is_placeholder(&token) {
                     anyhow::bail!(
                         "MEMORY_SERVICE_TOKEN_FILE {} holds a placeholder (e.g. CHANGE-ME): \
                          put booking-service's real token there",

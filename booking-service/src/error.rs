@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use maitre::status::{FieldViolations, database_status, with_reason};
+use maitre_runtime::status::{FieldViolations, database_status, with_reason};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 use uuid::Uuid;

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use maitre::api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
-use maitre::rpc::CallContext;
+use maitre_api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
+use maitre_runtime::rpc::CallContext;
 use tonic::{
     Code, Request,
     metadata::{Ascii, MetadataValue},
@@ -265,7 +265,7 @@ impl MemoryClient {
 
 #[cfg(test)]
 mod tests {
-    use maitre::rpc::context::{CallContext, TraceParent};
+    use maitre_runtime::rpc::context::{CallContext, TraceParent};
 
     use super::*;
 

@@ -8,7 +8,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use maitre::metrics::latency_histogram;
+use maitre_runtime::metrics::latency_histogram;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},

@@ -1,14 +1,14 @@
 //! Building and running booking-service: pool, migrations (apalis's, then
 //! ours), the follow-up workers, and the shared server assembly
-//! (`maitre::server`): health, reflection, the RPC layer, TLS, the admin
+//! (`maitre_runtime::server`): health, reflection, the RPC layer, TLS, the admin
 //! port, graceful shutdown that lets running jobs finish.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use apalis_postgres::PostgresStorage;
-use maitre::{
-    api::booking::v1::booking_service_server::BookingServiceServer,
+use maitre_api::booking::v1::booking_service_server::BookingServiceServer;
+use maitre_runtime::{
     metrics::Metrics,
     server::{ServeSpec, serve},
 };
@@ -60,7 +60,8 @@ impl Application {
             .await
             .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
         let admin_listener = settings.admin_addr.bind().await?;
-        let pool = maitre::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
+        let pool =
+            maitre_runtime::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
         if !settings.skip_migrations {
             migrate(&settings).await?;
         }
@@ -124,8 +125,8 @@ impl Application {
             health_interval: settings.health_interval,
             shutdown_timeout: settings.shutdown_timeout,
         };
-        let worker_pool =
-            maitre::db::connect_lazy(&settings.worker_pool()).context("parsing DATABASE_URL")?;
+        let worker_pool = maitre_runtime::db::connect_lazy(&settings.worker_pool())
+            .context("parsing DATABASE_URL")?;
         let worker_pool_handle = worker_pool.clone();
         let background = |stopping: tokio::sync::watch::Receiver<bool>| {
             let refresher = booking_metrics.clone().refresh_until(
@@ -171,10 +172,10 @@ impl Application {
 /// `apalis`) and booking-service's (schema `booking`, which indexes apalis's
 /// job table and so must come second).
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    maitre::db::create_database_if_missing(&settings.database_url)
+    maitre_runtime::db::create_database_if_missing(&settings.database_url)
         .await
         .context("creating the database (is PostgreSQL running? see DATABASE_URL)")?;
-    let pool = maitre::db::connect_lazy(&settings.pool())?;
+    let pool = maitre_runtime::db::connect_lazy(&settings.pool())?;
     PostgresStorage::setup(&pool)
         .await
         .context("applying apalis's migrations")?;

@@ -7,7 +7,7 @@
 //! `LOG_FORMAT`, `RUST_LOG`, `MEMORY_MAX_CONTENT_BYTES`,
 //! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MEMORY_MAX_PAGE_SIZE`,
 //! `MEMORY_MAX_PAGE_BYTES`, `MEMORY_MAX_DISTINCT_LABELS`,
-//! `MEMORY_PURGE_BATCH_SIZE`, `MEMORY_PURGE_INTERVAL`, and those of [`maitre::server::ServerArgs`] (auth, TLS, limits, reflection).
+//! `MEMORY_PURGE_BATCH_SIZE`, `MEMORY_PURGE_INTERVAL`, and those of [`maitre_runtime::server::ServerArgs`] (auth, TLS, limits, reflection).
 //!
 //! [`Settings::check_limits`] refuses, at start-up, limits under which an
 //! answer could outgrow [`MAX_RESPONSE_BYTES`]: such a call would fail only
@@ -16,7 +16,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use maitre::{
+use maitre_runtime::{
     db::PoolSettings,
     server::{AdminAddr, ServerArgs},
     telemetry::LogFormat,
@@ -190,7 +190,7 @@ impl Settings {
         let mut settings = Cli::parse_from(["memory-service"]).settings;
         settings.database_url = database_url.to_owned();
         // Tests bind loopback and opt into authentication where they test it.
-        settings.server.auth_mode = maitre::server::AuthMode::None;
+        settings.server.auth_mode = maitre_runtime::server::AuthMode::None;
         settings
     }
 

@@ -146,7 +146,8 @@ pub async fn erase_user(
     settings: &PurgeSettings,
 ) -> Result<Erasure, sqlx::Error> {
     let mut erasure = Erasure {
-        conversations_erased: store::erasure::begin(pool, user_id, maitre::db::now()).await?,
+        conversations_erased: store::erasure::begin(pool, user_id, maitre_runtime::db::now())
+            .await?,
         ..Erasure::default()
     };
     let mut budget = Budget::new(deadline);

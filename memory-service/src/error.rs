@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use maitre::status::{FieldViolations, database_status, with_reason};
+use maitre_runtime::status::{FieldViolations, database_status, with_reason};
 use tonic::{Code, Status};
 use uuid::Uuid;
 

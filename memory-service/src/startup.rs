@@ -1,13 +1,13 @@
 //! Building and running memory-service: pool, migrations, then the shared
-//! server assembly (`maitre::server`): health, reflection, the RPC layer,
+//! server assembly (`maitre_runtime::server`): health, reflection, the RPC layer,
 //! TLS, the admin port, graceful shutdown, and the background purger that
 //! finishes erasures ([`crate::erasure::Purger`]).
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use maitre::{
-    api::memory::v1::memory_service_server::MemoryServiceServer,
+use maitre_api::memory::v1::memory_service_server::MemoryServiceServer;
+use maitre_runtime::{
     metrics::Metrics,
     server::{ServeSpec, serve},
 };
@@ -56,7 +56,8 @@ impl Application {
             .await
             .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
         let admin_listener = settings.admin_addr.bind().await?;
-        let pool = maitre::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
+        let pool =
+            maitre_runtime::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
         if !settings.skip_migrations {
             migrate(&settings).await?;
         }
@@ -130,10 +131,10 @@ impl Application {
 
 /// Creates the database if missing and applies memory-service's migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    maitre::db::create_database_if_missing(&settings.database_url)
+    maitre_runtime::db::create_database_if_missing(&settings.database_url)
         .await
         .context("creating the database (is PostgreSQL running? see DATABASE_URL)")?;
-    let pool = maitre::db::connect_lazy(&settings.pool())?;
+    let pool = maitre_runtime::db::connect_lazy(&settings.pool())?;
     store::migrator()
         .run(&pool)
         .await

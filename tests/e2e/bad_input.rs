@@ -9,14 +9,11 @@
 use std::{future::Future, pin::Pin, time::Duration};
 
 use booking_service::{domain::booking::FollowUpPage, jobs::PLAN_QUEUE};
-use maitre::{
-    api::{
-        booking::v1::{self as booking, list_follow_ups_request::Parent},
-        memory::v1 as memory,
-    },
-    fields::to_timestamp,
-    testkit::wait_for,
+use maitre_api::{
+    booking::v1::{self as booking, list_follow_ups_request::Parent},
+    memory::v1 as memory,
 };
+use maitre_runtime::{fields::to_timestamp, testkit::wait_for};
 use prost_types::Timestamp;
 use tonic::{Code, Status};
 

@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use chrono::{Datelike, TimeZone};
 use futures::future::join_all;
-use maitre::{
-    api::booking::v1::{self as booking, FollowUpState},
-    fields::to_timestamp,
-};
+use maitre_api::booking::v1::{self as booking, FollowUpState};
+use maitre_runtime::fields::to_timestamp;
 use tonic::Code;
 
 use crate::stack::{Stack, reason, spawn_stack_with};

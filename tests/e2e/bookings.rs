@@ -1,6 +1,7 @@
 use std::time::Duration;
 
-use maitre::{api::booking::v1 as booking, fields::to_timestamp};
+use maitre_api::booking::v1 as booking;
+use maitre_runtime::fields::to_timestamp;
 use tonic::Code;
 
 use crate::stack::{Stack, reason, spawn_stack_with, violated_fields};

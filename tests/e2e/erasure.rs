@@ -9,14 +9,11 @@ use std::{
 };
 
 use booking_service::jobs::{DELIVER_QUEUE, PLAN_QUEUE};
-use maitre::{
-    api::{
-        booking::v1::{self as booking, FollowUpState},
-        memory::v1 as memory,
-    },
-    server::AuthMode,
-    testkit::wait_for,
+use maitre_api::{
+    booking::v1::{self as booking, FollowUpState},
+    memory::v1 as memory,
 };
+use maitre_runtime::{server::AuthMode, testkit::wait_for};
 use tonic::Code;
 
 use crate::stack::{Stack, WITHIN, reason, spawn_stack_with, spawn_stack_with_memory};

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use maitre::api::booking::v1::{self as booking, FollowUpState};
+use maitre_api::booking::v1::{self as booking, FollowUpState};
 
 use crate::stack::{Stack, spawn_stack, spawn_stack_with};
 
@@ -119,7 +119,7 @@ async fn a_booking_without_conversation_gets_a_thank_you_in_a_new_conversation()
     let conversations = stack
         .memory
         .clone()
-        .list_conversations(maitre::api::memory::v1::ListConversationsRequest {
+        .list_conversations(maitre_api::memory::v1::ListConversationsRequest {
             user_id: "dora".into(),
             ..Default::default()
         })
@@ -173,7 +173,8 @@ async fn cancelling_before_delivery_stores_no_message_and_returns_the_seats() {
             >= 1)
             .then_some(())
     };
-    maitre::testkit::wait_for("the deliver job to run", crate::stack::WITHIN, deliver_done).await;
+    maitre_runtime::testkit::wait_for("the deliver job to run", crate::stack::WITHIN, deliver_done)
+        .await;
     assert!(
         stack.assistant_messages(&conversation).await.is_empty(),
         "no follow-up may be stored"
@@ -233,7 +234,7 @@ async fn cancelling_before_planning_plans_nothing() {
     let plan_done = || async {
         (stack.jobs(booking_service::jobs::PLAN_QUEUE, "Done").await == 1).then_some(())
     };
-    maitre::testkit::wait_for("the plan job to run", crate::stack::WITHIN, plan_done).await;
+    maitre_runtime::testkit::wait_for("the plan job to run", crate::stack::WITHIN, plan_done).await;
     assert!(
         stack.follow_ups(&confirmed.booking_id).await.is_empty(),
         "a cancelled booking gets no follow-up"

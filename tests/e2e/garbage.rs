@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use maitre::api::{booking::v1 as booking, memory::v1 as memory};
+use maitre_api::{booking::v1 as booking, memory::v1 as memory};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -139,8 +139,8 @@ async fn still_serving(stack: &Stack, after: &str) {
             .booking
             .clone()
             .list_availability(booking::ListAvailabilityRequest {
-                start_time: Some(maitre::fields::to_timestamp(now)),
-                end_time: Some(maitre::fields::to_timestamp(
+                start_time: Some(maitre_runtime::fields::to_timestamp(now)),
+                end_time: Some(maitre_runtime::fields::to_timestamp(
                     now + chrono::Duration::days(1),
                 )),
                 ..Default::default()

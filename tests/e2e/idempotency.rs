@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use maitre::{api::booking::v1 as booking, fields::to_timestamp, server::AuthMode};
+use maitre_api::booking::v1 as booking;
+use maitre_runtime::{fields::to_timestamp, server::AuthMode};
 use tonic::Code;
 
 use crate::stack::{Stack, reason, spawn_stack_with, spawn_stack_with_memory, violated_fields};

@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
-use maitre::server::AuthMode;
-use maitre::{
-    api::booking::v1::FollowUpState,
-    testkit::{http_get, sample, wait_for},
-};
+use maitre_api::booking::v1::FollowUpState;
+use maitre_runtime::server::AuthMode;
+use maitre_runtime::testkit::{http_get, sample, wait_for};
 use tonic::Code;
 
 use crate::stack::{Stack, WITHIN, spawn_stack, spawn_stack_with_memory};
@@ -148,7 +146,7 @@ async fn both_hops_authenticate_and_the_follow_up_still_arrives() {
     // Unauthenticated calls are refused and leave nothing behind.
     let slot_status = stack
         .booking_without_token()
-        .create_slot(maitre::api::booking::v1::CreateSlotRequest::default())
+        .create_slot(maitre_api::booking::v1::CreateSlotRequest::default())
         .await
         .expect_err("no token");
     assert_eq!(slot_status.code(), Code::Unauthenticated);

@@ -1,7 +1,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use futures::future::join_all;
-use maitre::api::booking::v1 as booking;
+use maitre_api::booking::v1 as booking;
 use tonic::Code;
 
 use crate::stack::{Stack, reason, spawn_stack_with};

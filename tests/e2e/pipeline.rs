@@ -20,16 +20,14 @@ use booking_service::{
     jobs::{DELIVER_QUEUE, PLAN_QUEUE, PlanFollowUp},
     store,
 };
-use maitre::{
-    api::{
-        booking::v1::{self as booking, FollowUpState},
-        memory::v1::{
-            self as memory,
-            memory_service_server::{MemoryService, MemoryServiceServer},
-        },
+use maitre_api::{
+    booking::v1::{self as booking, FollowUpState},
+    memory::v1::{
+        self as memory,
+        memory_service_server::{MemoryService, MemoryServiceServer},
     },
-    testkit::{sample, wait_for},
 };
+use maitre_runtime::testkit::{sample, wait_for};
 use sqlx::PgPool;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
@@ -419,7 +417,7 @@ async fn unreadable_job_rows_are_dead_lettered_and_the_queues_run_on() {
     // database; the first process's admin port is the one exposed).
     let admin = stack.booking_admin.expect("admin port");
     wait_for("the killed rows in /metrics", WITHIN, || async {
-        let (_, body) = maitre::testkit::http_get(admin, "/metrics").await;
+        let (_, body) = maitre_runtime::testkit::http_get(admin, "/metrics").await;
         let killed = sample(
             &body,
             "maitre_jobs",
@@ -448,7 +446,7 @@ impl MemoryService for FakeMemory {
         self.calls.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
         if self.erased {
-            return Err(maitre::status::with_reason(
+            return Err(maitre_runtime::status::with_reason(
                 Code::FailedPrecondition,
                 "memory.maitre",
                 "CONVERSATION_ERASED",
@@ -654,7 +652,7 @@ async fn refused_credentials_keep_retrying_instead_of_failing() {
     std::fs::write(&token_file, "a-wrong-memory-token-000001\n").expect("token file");
     let stack = spawn_stack_with_memory(
         |memory| {
-            memory.server.auth_mode = maitre::server::AuthMode::Required;
+            memory.server.auth_mode = maitre_runtime::server::AuthMode::Required;
             memory.server.auth_tokens = Some(format!("admin:{MEMORY_TOKEN}"));
         },
         |booking| {
@@ -688,7 +686,7 @@ async fn refused_credentials_keep_retrying_instead_of_failing() {
         retrying.last_error
     );
     let (_, body) =
-        maitre::testkit::http_get(stack.booking_admin.expect("admin"), "/metrics").await;
+        maitre_runtime::testkit::http_get(stack.booking_admin.expect("admin"), "/metrics").await;
     let refused = sample(
         &body,
         "maitre_memory_config_errors_total",
@@ -843,7 +841,7 @@ async fn bulk_re_drive_goes_batch_by_batch_and_cancels_what_belongs_to_cancelled
         .expect("cancelled");
     stack.memory_link.bring_up();
 
-    let before = maitre::fields::to_timestamp(chrono::Utc::now());
+    let before = maitre_runtime::fields::to_timestamp(chrono::Utc::now());
     let call = |token: String| {
         let mut client = stack.booking.clone();
         async move {

@@ -1,7 +1,8 @@
 use std::time::Duration;
 
 use booking_service::jobs::PLAN_QUEUE;
-use maitre::{api::booking::v1::FollowUpState, testkit::wait_for};
+use maitre_api::booking::v1::FollowUpState;
+use maitre_runtime::testkit::wait_for;
 
 use crate::stack::{Stack, WITHIN, spawn_stack_with};
 

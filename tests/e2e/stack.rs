@@ -4,13 +4,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use booking_service::config::Settings as BookingSettings;
-use maitre::{
-    api::{
-        booking::v1::{self as booking, booking_service_client::BookingServiceClient},
-        memory::v1::{self as memory, memory_service_client::MemoryServiceClient},
-    },
-    testkit::{fresh_database, proxy::TcpProxy, wait_for},
+use maitre_api::{
+    booking::v1::{self as booking, booking_service_client::BookingServiceClient},
+    memory::v1::{self as memory, memory_service_client::MemoryServiceClient},
 };
+use maitre_runtime::testkit::{fresh_database, proxy::TcpProxy, wait_for};
 use memory_service::config::Settings as MemorySettings;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -85,7 +83,7 @@ pub async fn spawn_stack_with_memory(
     memory_token: Option<&str>,
     booking_token: Option<&str>,
 ) -> Stack {
-    maitre::telemetry::init_for_tests();
+    maitre_runtime::telemetry::init_for_tests();
     let database_url = fresh_database().await;
     let mut stops = Vec::new();
     let mut servers = Vec::new();
@@ -199,8 +197,8 @@ impl Stack {
         self.booking
             .clone()
             .create_slot(booking::CreateSlotRequest {
-                start_time: Some(maitre::fields::to_timestamp(start)),
-                end_time: Some(maitre::fields::to_timestamp(end)),
+                start_time: Some(maitre_runtime::fields::to_timestamp(start)),
+                end_time: Some(maitre_runtime::fields::to_timestamp(end)),
                 capacity,
                 label: "Chef's table".into(),
                 request_id: String::new(),

@@ -4,7 +4,7 @@
 //! each booking's plan job runs while the load goes on.
 
 use anyhow::Result;
-use maitre::api::booking::v1::booking_service_client::BookingServiceClient;
+use maitre_api::booking::v1::booking_service_client::BookingServiceClient;
 use tonic::{Status, transport::Channel};
 
 use super::{Endpoints, Seats, booking_client, booking_request};

@@ -14,7 +14,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::{Context, Result};
 use chrono::{DateTime, SubsecRound, Utc};
 use futures::{StreamExt, stream};
-use maitre::api::memory::v1::{self as memory, memory_service_client::MemoryServiceClient};
+use maitre_api::memory::v1::{self as memory, memory_service_client::MemoryServiceClient};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::Mutex;

@@ -4,7 +4,7 @@
 //! operation, from the first call to the booking's confirmation.
 
 use anyhow::Result;
-use maitre::api::{
+use maitre_api::{
     booking::v1::booking_service_client::BookingServiceClient,
     memory::v1::{self as memory, memory_service_client::MemoryServiceClient},
 };

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::ValueEnum;
-use maitre::api::{
+use maitre_api::{
     booking::v1::{self as booking, booking_service_client::BookingServiceClient},
     memory::v1::{self as memory, memory_service_client::MemoryServiceClient},
 };
@@ -172,8 +172,8 @@ pub async fn create_slot_at(
 ) -> Result<String, Status> {
     let slot = client
         .create_slot(booking::CreateSlotRequest {
-            start_time: Some(maitre::fields::to_timestamp(start)),
-            end_time: Some(maitre::fields::to_timestamp(end)),
+            start_time: Some(maitre_runtime::fields::to_timestamp(start)),
+            end_time: Some(maitre_runtime::fields::to_timestamp(end)),
             capacity,
             label: "Chef's table".into(),
             request_id: String::new(),

@@ -2,7 +2,7 @@
 //! conversation of its own.
 
 use anyhow::Result;
-use maitre::api::memory::v1::{self as memory, memory_service_client::MemoryServiceClient};
+use maitre_api::memory::v1::{self as memory, memory_service_client::MemoryServiceClient};
 use tonic::{Status, transport::Channel};
 
 use super::{Endpoints, memory_client, message};

@@ -1,6 +1,7 @@
 //! Bookings: what a customer asks for, validated.
 
-use maitre::{api::booking::v1 as pb, fields, pagination, status::FieldViolations};
+use maitre_api::booking::v1 as pb;
+use maitre_runtime::{fields, pagination, status::FieldViolations};
 use uuid::Uuid;
 
 use super::{erasure, idempotency};
@@ -315,7 +316,7 @@ mod tests {
     /// Like memory-service's `user_id`: bidi controls, zero-width and other
     /// invisible format characters, and surrounding spaces make two ids look
     /// alike that are not (or hide text). The rule lives in the shared
-    /// validator `maitre::fields::identifier`, which booking-service uses
+    /// validator `maitre_runtime::fields::identifier`, which booking-service uses
     /// for every customer id.
     #[test]
     fn look_alike_and_invisible_customer_ids_are_refused() {

@@ -2,7 +2,8 @@
 //! accounting keeps, and the request.
 
 use hmac::{Hmac, KeyInit, Mac};
-use maitre::{api::booking::v1 as pb, fields, status::FieldViolations};
+use maitre_api::booking::v1 as pb;
+use maitre_runtime::{fields, status::FieldViolations};
 use sha2::Sha256;
 
 /// Every pseudonym starts with this, so an erased row is recognisable and a

@@ -39,7 +39,7 @@ pub fn same_request(stored: Option<&[u8]>, new: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use maitre::api::booking::v1 as pb;
+    use maitre_api::booking::v1 as pb;
 
     use super::*;
 

@@ -1,7 +1,8 @@
 //! RetryFollowUp(s): re-driving FAILED follow-ups (the dead letter), validated.
 
 use chrono::{DateTime, Utc};
-use maitre::{api::booking::v1 as pb, fields, pagination, status::FieldViolations};
+use maitre_api::booking::v1 as pb;
+use maitre_runtime::{fields, pagination, status::FieldViolations};
 use uuid::Uuid;
 
 /// Most follow-ups one RetryFollowUps call handles: each call is one short

@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
-use maitre::{api::booking::v1 as pb, fields, pagination, status::FieldViolations};
+use maitre_api::booking::v1 as pb;
+use maitre_runtime::{fields, pagination, status::FieldViolations};
 use uuid::Uuid;
 
 use super::idempotency;

@@ -1,6 +1,7 @@
 //! Rows to proto messages.
 
-use maitre::{api::booking::v1 as pb, fields::to_timestamp};
+use maitre_api::booking::v1 as pb;
+use maitre_runtime::fields::to_timestamp;
 
 use crate::store::rows::{BookingRow, FollowUpRow, SlotRow};
 

@@ -3,11 +3,8 @@
 pub mod convert;
 pub mod redrive;
 
-use maitre::{
-    api::booking::v1::{self as pb, booking_service_server::BookingService},
-    pagination,
-    rpc::CallContext,
-};
+use maitre_api::booking::v1::{self as pb, booking_service_server::BookingService};
+use maitre_runtime::{pagination, rpc::CallContext};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -65,7 +62,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<pb::CreateSlotRequest>,
     ) -> Reply<pb::CreateSlotResponse> {
-        let now = maitre::db::now();
+        let now = maitre_runtime::db::now();
         let slot = NewSlot::parse(request.into_inner(), now).map_err(Error::from)?;
         // Keys are the caller's own: another caller's same key is another slot.
         let caller = CallContext::current_caller().unwrap_or_default();
@@ -119,7 +116,7 @@ impl BookingService for BookingApi {
             Uuid::now_v7(),
             Uuid::now_v7(),
             &booking,
-            maitre::db::now(),
+            maitre_runtime::db::now(),
             trace,
         )
         .await
@@ -191,7 +188,7 @@ impl BookingService for BookingApi {
     ) -> Reply<pb::CancelBookingResponse> {
         let (id, reason) = booking::parse_cancel(request.into_inner()).map_err(Error::from)?;
         let follow_ups_cancelled =
-            match store::bookings::cancel(&self.pool, id, &reason, maitre::db::now())
+            match store::bookings::cancel(&self.pool, id, &reason, maitre_runtime::db::now())
                 .await
                 .map_err(Error::from)?
             {
@@ -241,7 +238,7 @@ impl BookingService for BookingApi {
         request: Request<pb::EraseCustomerRequest>,
     ) -> Reply<pb::EraseCustomerResponse> {
         let customer_id = erasure::parse(request.into_inner()).map_err(Error::from)?;
-        let erased = store::erasure::erase(&self.pool, &customer_id, maitre::db::now())
+        let erased = store::erasure::erase(&self.pool, &customer_id, maitre_runtime::db::now())
             .await
             .map_err(Error::from)?;
         let in_flight = store::erasure::deliveries_in_flight(&self.pool, &erased.pseudonym)

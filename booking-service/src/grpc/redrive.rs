@@ -2,7 +2,8 @@
 //! is one short transaction: the follow-ups move FAILED → PENDING (fresh
 //! attempt budget) and their next delivery jobs are enqueued, together.
 
-use maitre::{api::booking::v1 as pb, rpc::CallContext};
+use maitre_api::booking::v1 as pb;
+use maitre_runtime::rpc::CallContext;
 use sqlx::PgPool;
 
 use super::convert;
@@ -40,7 +41,7 @@ pub async fn retry_follow_up(
     request: pb::RetryFollowUpRequest,
 ) -> Result<pb::RetryFollowUpResponse, Error> {
     let id = redrive::follow_up_id(&request)?;
-    let now = maitre::db::now();
+    let now = maitre_runtime::db::now();
     let mut tx = pool.begin().await?;
     let redriven = store::followups::redrive(&mut tx, &[id], now).await?;
     let cancelled = if let Some(&(_, attempts)) = redriven.first() {
@@ -81,7 +82,7 @@ pub async fn retry_follow_ups(
     pool: &PgPool,
     request: pb::RetryFollowUpsRequest,
 ) -> Result<pb::RetryFollowUpsResponse, Error> {
-    let now = maitre::db::now();
+    let now = maitre_runtime::db::now();
     let batch = RedriveBatch::parse(request, now)?;
     let mut tx = pool.begin().await?;
     let page = store::followups::failed_page(

@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 
 use apalis::prelude::{BoxDynError, Data};
-use maitre::api::memory::v1 as memory;
+use maitre_api::memory::v1 as memory;
 use uuid::Uuid;
 
 use super::{
@@ -94,7 +94,7 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
     let request = store_request(&follow_up);
     match ctx.memory.store_follow_up(request).await {
         Ok(message_id) => {
-            let now = maitre::db::now();
+            let now = maitre_runtime::db::now();
             match store::followups::finish_sent(&ctx.pool, follow_up.id, token, message_id, now)
                 .await?
             {
@@ -159,7 +159,7 @@ async fn explain_unclaimed(
         if store::followups::cancel_for_cancelled_booking(
             &ctx.pool,
             job.follow_up_id,
-            maitre::db::now(),
+            maitre_runtime::db::now(),
         )
         .await?
         {
@@ -189,7 +189,7 @@ async fn record_failure(
     error: MemoryError,
 ) -> Result<(), sqlx::Error> {
     let kind = error.kind();
-    let now = maitre::db::now();
+    let now = maitre_runtime::db::now();
     let budget_used = job
         .attempt
         .saturating_sub(u32::try_from(follow_up.retry_from).unwrap_or(0));

@@ -38,7 +38,7 @@ use std::{
 use apalis::prelude::BoxDynError;
 use tracing::Instrument;
 
-use maitre::rpc::context::{CallContext, TraceParent};
+use maitre_runtime::rpc::context::{CallContext, TraceParent};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;

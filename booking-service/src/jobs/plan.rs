@@ -138,7 +138,7 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
 
     // The follow-up, its first delivery job and the end of planning commit
     // together: a booking leaves the unplanned set only with its follow-up.
-    let now = maitre::db::now();
+    let now = maitre_runtime::db::now();
     let mut tx = ctx.pool.begin().await?;
     let inserted = store::followups::insert(&mut tx, &follow_up, now).await?;
     if inserted {

@@ -260,7 +260,8 @@ pub async fn sweep(
                 trace_parent: None,
             };
             let mut tx = ctx.pool.begin().await?;
-            let enqueued = store::jobs::push_deliver(&mut tx, &job, maitre::db::now()).await?;
+            let enqueued =
+                store::jobs::push_deliver(&mut tx, &job, maitre_runtime::db::now()).await?;
             tx.commit().await?;
             if enqueued == Enqueued::New {
                 deliveries += 1;

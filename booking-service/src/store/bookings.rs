@@ -51,7 +51,7 @@ pub enum CreateOutcome {
 /// columns, status, ULID id, JSON payload), inserted here so that the booking
 /// and its job commit together without four more round trips; the test
 /// `the_plan_job_row_matches_what_apalis_writes` keeps the two in step.
-const CREATE: &str = "
+pub const CREATE: &str = "
 WITH replay AS (
     SELECT request_fingerprint FROM booking.bookings WHERE customer_id = $2 AND request_id = $9
 ),

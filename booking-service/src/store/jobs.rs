@@ -25,7 +25,7 @@ use super::sweeps::live_job;
 
 /// apalis's own retries (immediate, no backoff) are only a safety net for
 /// unexpected errors; planned retries are re-scheduled jobs (see `jobs`).
-const APALIS_MAX_ATTEMPTS: usize = 3;
+pub const APALIS_MAX_ATTEMPTS: usize = 3;
 
 fn task<T: Serialize>(
     payload: &T,

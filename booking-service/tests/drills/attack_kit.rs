@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use maitre::api::memory::v1::{self as memory, memory_service_client::MemoryServiceClient};
+use maitre_api::memory::v1::{self as memory, memory_service_client::MemoryServiceClient};
 use tokio::{net::TcpStream, task::JoinHandle};
 use tonic::{Code, Request, transport::Channel};
 
@@ -165,7 +165,7 @@ pub fn mib(bytes: u64) -> f64 {
 
 /// `GET /metrics` on the admin port.
 pub async fn scrape(admin: SocketAddr) -> Metrics {
-    let (status, body) = maitre::testkit::http_get(admin, "/metrics").await;
+    let (status, body) = maitre_runtime::testkit::http_get(admin, "/metrics").await;
     assert_eq!(status, 200, "GET /metrics: {body}");
     Metrics(body)
 }
@@ -207,7 +207,7 @@ pub struct Metrics(pub String);
 impl Metrics {
     /// `metric{labels...}` (a sample including those labels), 0 when absent.
     pub fn get(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
-        maitre::testkit::sample(&self.0, metric, labels).unwrap_or(0.0)
+        maitre_runtime::testkit::sample(&self.0, metric, labels).unwrap_or(0.0)
     }
 
     /// Connections the server closed for `reason`.

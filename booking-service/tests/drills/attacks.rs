@@ -1,5 +1,5 @@
 //! Attack drills: a real memory-service process (the server hardening in
-//! `maitre::server`, `maitre::listener` and `maitre::rpc` is the same code
+//! `maitre_runtime::server`, `maitre_runtime::listener` and `maitre_runtime::rpc` is the same code
 //! in booking-service) is attacked over loopback the way a hostile or
 //! broken client would — streams that never send their request, idle and
 //! half-open sockets, more sockets than allowed, a rapid RST_STREAM flood,
@@ -18,7 +18,7 @@ use std::{
 };
 
 use futures::{StreamExt, future::join_all};
-use maitre::api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
+use maitre_api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
 use prost::Message as _;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use maitre::testkit::wait_for;
+use maitre_runtime::testkit::wait_for;
 use sqlx::PgPool;
 use uuid::Uuid;
 

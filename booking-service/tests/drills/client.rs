@@ -10,7 +10,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use maitre::api::{
+use maitre_api::{
     booking::v1::{self as booking, booking_service_client::BookingServiceClient},
     memory::v1::{self as memory, memory_service_client::MemoryServiceClient},
 };
@@ -263,8 +263,8 @@ impl Client {
                 now + chrono::Duration::from_std(plan.first_in + plan.every * i).expect("duration");
             let ends_at = starts_at + chrono::Duration::from_std(plan.lasts).expect("duration");
             let message = booking::CreateSlotRequest {
-                start_time: Some(maitre::fields::to_timestamp(starts_at)),
-                end_time: Some(maitre::fields::to_timestamp(ends_at)),
+                start_time: Some(maitre_runtime::fields::to_timestamp(starts_at)),
+                end_time: Some(maitre_runtime::fields::to_timestamp(ends_at)),
                 capacity: plan.capacity,
                 label: format!("Drill slot {i}"),
                 request_id: Uuid::now_v7().to_string(),

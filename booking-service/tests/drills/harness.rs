@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use maitre::testkit::{fresh_database, proxy::TcpProxy, wait_for, with_host};
+use maitre_runtime::testkit::{fresh_database, proxy::TcpProxy, wait_for, with_host};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tonic::transport::Endpoint;
 use tonic_health::pb::{

@@ -282,7 +282,7 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
 
     // Every follow-up of the burst ends: SENT, or CANCELLED with no call in flight.
     let burst_ids: Vec<Uuid> = burst.confirmed.iter().map(|c| c.booking_id).collect();
-    let drained = maitre::testkit::wait_for(
+    let drained = maitre_runtime::testkit::wait_for(
         "every burst follow-up SENT or CANCELLED, no claim left",
         Duration::from_secs(40),
         || async {

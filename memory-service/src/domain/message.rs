@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use maitre::{api::memory::v1 as pb, status::FieldViolations};
+use maitre_api::memory::v1 as pb;
+use maitre_runtime::status::FieldViolations;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use maitre::fields;
+use maitre_runtime::fields;
 
 use super::{Limits, emotion::Emotion};
 

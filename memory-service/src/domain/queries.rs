@@ -1,9 +1,10 @@
 //! Validated read requests, including their decoded page cursors.
 
-use maitre::{api::memory::v1 as pb, pagination, status::FieldViolations};
+use maitre_api::memory::v1 as pb;
+use maitre_runtime::{pagination, status::FieldViolations};
 use uuid::Uuid;
 
-use maitre::fields;
+use maitre_runtime::fields;
 
 use super::Limits;
 

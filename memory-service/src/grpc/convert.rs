@@ -1,7 +1,7 @@
 //! Rows and domain values to proto messages.
 
 use chrono::{DateTime, Utc};
-use maitre::api::memory::v1 as pb;
+use maitre_api::memory::v1 as pb;
 use prost_types::Timestamp;
 
 use crate::{
@@ -10,7 +10,7 @@ use crate::{
 };
 
 pub fn timestamp(time: DateTime<Utc>) -> Timestamp {
-    maitre::fields::to_timestamp(time)
+    maitre_runtime::fields::to_timestamp(time)
 }
 
 fn trend(trend: Trend) -> pb::EmotionTrend {

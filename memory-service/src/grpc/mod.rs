@@ -5,11 +5,8 @@ pub mod paging;
 
 use std::time::{Duration, Instant};
 
-use maitre::{
-    api::memory::v1::{self as pb, memory_service_server::MemoryService},
-    pagination,
-    rpc::CallContext,
-};
+use maitre_api::memory::v1::{self as pb, memory_service_server::MemoryService};
+use maitre_runtime::{pagination, rpc::CallContext};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -88,7 +85,7 @@ impl MemoryService for MemoryApi {
             message_id,
             &message,
             key,
-            maitre::db::now(),
+            maitre_runtime::db::now(),
             self.limits.max_distinct_labels,
         )
         .await
@@ -248,7 +245,7 @@ impl MemoryService for MemoryApi {
     ) -> Reply<pb::CloseConversationResponse> {
         let id =
             queries::conversation_id(&request.into_inner().conversation_id).map_err(Error::from)?;
-        let row = store::conversations::close(&self.pool, id, maitre::db::now())
+        let row = store::conversations::close(&self.pool, id, maitre_runtime::db::now())
             .await
             .map_err(Error::from)?
             .ok_or(Error::ConversationNotFound(id))?;

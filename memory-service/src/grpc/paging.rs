@@ -69,7 +69,7 @@ pub fn token_reserve(token: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maitre::api::memory::v1 as pb;
+    use maitre_api::memory::v1 as pb;
     use prost::Message as _;
 
     /// An item that grows with `n`.

@@ -64,7 +64,7 @@ pub enum StoreOutcome {
 /// keeps the document small (measured: 0.12 ms for the whole UPDATE at 33
 /// keys); a separate counter column would save nothing worth a migration and
 /// a second value to keep in step.
-const STORE_MESSAGE: &str = r#"
+pub const STORE_MESSAGE: &str = r#"
 WITH replay AS (
     SELECT m.seq,
            (m.request_fingerprint IS NULL OR m.request_fingerprint = $21) AS same,

@@ -1,8 +1,8 @@
 //! Fail closed: who may call what, and the configurations that must refuse
 //! to start rather than leave the server open.
 
-use maitre::{
-    api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient},
+use maitre_api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
+use maitre_runtime::{
     server::AuthMode,
     testkit::{fresh_database, http_get, sample},
 };

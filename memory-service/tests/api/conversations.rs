@@ -1,4 +1,4 @@
-use maitre::api::memory::v1 as pb;
+use maitre_api::memory::v1 as pb;
 
 use crate::support::{TestApp, spawn_app};
 
@@ -228,7 +228,7 @@ async fn page_tokens_of_another_listing_are_refused() {
     assert!(!first.next_page_token.is_empty());
     // Another user, the other filter, and a token of the id-ordered listing
     // (before conversations had a server-assigned order).
-    let old_token = maitre::pagination::encode(
+    let old_token = maitre_runtime::pagination::encode(
         "ListConversations|pia|false",
         &serde_json::json!({"in_closed": false, "last_id": uuid::Uuid::max()}),
     );

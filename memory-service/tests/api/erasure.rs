@@ -11,7 +11,7 @@ use std::{
 };
 
 use futures::future::join_all;
-use maitre::api::memory::v1 as pb;
+use maitre_api::memory::v1 as pb;
 use tonic::{Code, Request};
 
 use crate::support::{TestApp, reason, spawn_app, spawn_app_with};

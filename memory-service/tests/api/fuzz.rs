@@ -1,5 +1,5 @@
 //! Property tests: random requests against one running memory-service, and
-//! random page tokens through `maitre::pagination::decode`.
+//! random page tokens through `maitre_runtime::pagination::decode`.
 //!
 //! For every random StoreMessageRequest (any strings, NUL and control
 //! characters included, any f64 including NaN and infinities, any enum
@@ -11,10 +11,8 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use maitre::{
-    api::memory::v1 as pb,
-    pagination::{self, PageTokenError},
-};
+use maitre_api::memory::v1 as pb;
+use maitre_runtime::pagination::{self, PageTokenError};
 use proptest::{
     collection::{hash_map, vec},
     option,

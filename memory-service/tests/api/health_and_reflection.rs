@@ -3,13 +3,13 @@ use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use maitre::testkit::{proxy::TcpProxy, with_host};
+use maitre_runtime::testkit::{proxy::TcpProxy, with_host};
 
 use crate::support::{TestApp, reason, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn health_follows_the_database_and_liveness_does_not() {
-    let database = url_host_port(&maitre::testkit::admin_url());
+    let database = url_host_port(&maitre_runtime::testkit::admin_url());
     let proxy = TcpProxy::start(database.parse().expect("DATABASE_URL host:port")).await;
     let app = spawn_app_with(|settings| {
         // Same database, reached through the proxy.
@@ -62,7 +62,7 @@ async fn shutdown_reports_not_serving_and_exits_cleanly() {
 }
 
 #[tokio::test]
-async fn reflection_lists_the_service_in_v1_and_v1alpha() {
+async fn reflection_lists_this_ports_services_in_v1_and_v1alpha() {
     let app = spawn_app().await;
     use tonic_reflection::pb::{v1, v1alpha};
 
@@ -88,14 +88,17 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
     else {
         panic!("unexpected v1 answer: {response:?}");
     };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&memory_service::startup::SERVICE_NAME.to_string()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    // Only what this port answers: never booking-service's API.
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            memory_service::startup::SERVICE_NAME,
+        ],
     );
 
     let request = v1alpha::ServerReflectionRequest {
@@ -125,6 +128,33 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         ),
         "{response:?}"
     );
+}
+
+#[tokio::test]
+async fn a_method_of_another_service_is_unimplemented_and_the_status_names_this_ports_service() {
+    let app = spawn_app().await;
+    let mut client = tonic::client::Grpc::new(app.channel.clone());
+    client.ready().await.expect("ready");
+    let status = client
+        .unary::<_, maitre_api::booking::v1::CreateSlotResponse, _>(
+            tonic::Request::new(maitre_api::booking::v1::CreateSlotRequest::default()),
+            http::uri::PathAndQuery::from_static("/maitre.booking.v1.BookingService/CreateSlot"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("memory-service does not serve BookingService");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(reason(&status), "METHOD_NOT_FOUND");
+    assert!(
+        status
+            .message()
+            .contains("it serves maitre.memory.v1.MemoryService"),
+        "{status:?}"
+    );
+    // The port still works for its own service afterwards.
+    app.store(TestApp::message("", "pia", "still here", None))
+        .await
+        .expect("stored");
 }
 
 /// The host:port of a postgres URL (resolving "localhost" to 127.0.0.1).

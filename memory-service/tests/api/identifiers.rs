@@ -2,7 +2,7 @@
 //! like another is refused, for every RPC that takes one, with a field
 //! violation naming the field and a reason; nothing is written or erased.
 
-use maitre::api::memory::v1 as pb;
+use maitre_api::memory::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
 

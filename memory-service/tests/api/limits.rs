@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Instant};
 
 use clap::Parser as _;
 use futures::{StreamExt, future::join_all};
-use maitre::api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
+use maitre_api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
 use memory_service::{
     config::{Cli, Settings},
     startup::{Application, MAX_RESPONSE_BYTES},

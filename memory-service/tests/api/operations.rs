@@ -4,14 +4,12 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use maitre::{
-    api::memory::v1::memory_service_client::MemoryServiceClient,
-    testkit::{http_get, sample},
-};
+use maitre_api::memory::v1::memory_service_client::MemoryServiceClient;
+use maitre_runtime::testkit::{http_get, sample};
 use tonic::{Code, Request, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use maitre::server::AuthMode;
+use maitre_runtime::server::AuthMode;
 
 use crate::support::{TestApp, make_pki, reason, spawn_app, spawn_app_with, timerless_client};
 
@@ -418,7 +416,7 @@ async fn a_saturated_pool_does_not_turn_readiness_off() {
         .collect();
     // The pool is exhausted: another call cannot get a connection.
     let starved =
-        maitre::testkit::wait_for("an exhausted pool", Duration::from_secs(10), || async {
+        maitre_runtime::testkit::wait_for("an exhausted pool", Duration::from_secs(10), || async {
             let mut client = app.client.clone();
             let request = TestApp::message("", "pool-other", "starved", None);
             client

@@ -3,7 +3,8 @@
 //! another's.
 
 use futures::future::join_all;
-use maitre::{api::memory::v1 as pb, server::AuthMode};
+use maitre_api::memory::v1 as pb;
+use maitre_runtime::server::AuthMode;
 use tonic::{Code, Request};
 
 use crate::support::{TestApp, reason, spawn_app, spawn_app_with, violated_fields};

@@ -1,5 +1,5 @@
 use futures::future::join_all;
-use maitre::api::memory::v1 as pb;
+use maitre_api::memory::v1 as pb;
 use tonic::Code;
 
 use crate::support::{TestApp, reason, spawn_app};

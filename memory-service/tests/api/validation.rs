@@ -1,4 +1,4 @@
-use maitre::api::memory::v1 as pb;
+use maitre_api::memory::v1 as pb;
 use tonic::Code;
 
 use crate::support::{TestApp, reason, spawn_app, violated_fields};

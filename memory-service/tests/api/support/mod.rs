@@ -1,13 +1,11 @@
 //! Test harness: a real memory-service in-process on port 0, with its own
-//! fresh database (see `maitre::testkit`).
+//! fresh database (see `maitre_runtime::testkit`).
 #![allow(dead_code)]
 
 use std::{net::SocketAddr, time::Duration};
 
-use maitre::{
-    api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient},
-    testkit::fresh_database,
-};
+use maitre_api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
+use maitre_runtime::testkit::fresh_database;
 use memory_service::{config::Settings, startup::Application};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -31,7 +29,7 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the service with default settings adjusted by `tweak`.
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    maitre::telemetry::init_for_tests();
+    maitre_runtime::telemetry::init_for_tests();
     let database_url = fresh_database().await;
     let mut settings = Settings::for_database(&database_url);
     settings.grpc_addr = "127.0.0.1:0".parse().expect("address");

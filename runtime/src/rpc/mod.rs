@@ -70,7 +70,10 @@ pub struct Access {
 #[derive(Clone)]
 pub struct RpcPolicy {
     pub metrics: Arc<Metrics>,
-    /// Paths labelled as themselves in metrics; others are `unknown`.
+    /// The gRPC service this port serves (beside health and reflection).
+    pub service_name: &'static str,
+    /// Paths this port serves, labelled as themselves in metrics; any other
+    /// path is `unknown` and answered UNIMPLEMENTED here.
     pub known_methods: Arc<HashSet<String>>,
     /// Permits for calls in progress, shared by all connections.
     pub limiter: Arc<Semaphore>,
@@ -105,13 +108,24 @@ pub struct RpcLimits {
 }
 
 impl RpcPolicy {
-    pub fn new(metrics: Arc<Metrics>, limits: RpcLimits, access: Option<Access>) -> Self {
+    pub fn new(
+        service_name: &'static str,
+        metrics: Arc<Metrics>,
+        limits: RpcLimits,
+        access: Option<Access>,
+    ) -> Self {
+        let own = format!("{service_name}/");
+        let known_methods = methods::known_methods(&[
+            maitre_api::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ])
+        .into_iter()
+        .filter(|path| path.starts_with(&own) || path.starts_with("grpc."))
+        .collect();
         Self {
             metrics,
-            known_methods: Arc::new(methods::known_methods(&[
-                crate::api::FILE_DESCRIPTOR_SET,
-                tonic_health::pb::FILE_DESCRIPTOR_SET,
-            ])),
+            service_name,
+            known_methods: Arc::new(known_methods),
             limiter: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
             health_watchers: Arc::new(Semaphore::new(limits.max_health_watchers.max(1))),
             default_deadline: limits.default_deadline.min(limits.max_deadline),
@@ -291,7 +305,7 @@ where
             span.record("caller", caller.as_str());
             context.caller = Some(caller.clone());
             // Reflection describes the API, not data: any caller may use it.
-            // Paths this server does not serve fall through to UNIMPLEMENTED.
+            // Paths this server does not serve are answered below.
             let granted =
                 reflection || method == "unknown" || access.grants.allows(&caller, &method);
             if !granted {
@@ -313,6 +327,18 @@ where
                     &message,
                 );
             }
+        }
+
+        if method == "unknown" {
+            // Say what this port is, so a caller that dialled the wrong
+            // service (or mistyped a method) learns it from the status.
+            let message = format!(
+                "{} is not served on this port; it serves {} (plus grpc.health.v1.Health \
+                 and server reflection)",
+                request.uri().path(),
+                policy.service_name
+            );
+            return refuse(outcome, Code::Unimplemented, "METHOD_NOT_FOUND", &message);
         }
 
         // The client's deadline, capped; tonic's own timer for it answers

@@ -269,7 +269,7 @@ impl ServerArgs {
                     );
                 }
                 let served: std::collections::HashSet<String> =
-                    crate::rpc::methods::known_methods(&[crate::api::FILE_DESCRIPTOR_SET])
+                    crate::rpc::methods::known_methods(&[maitre_api::FILE_DESCRIPTOR_SET])
                         .into_iter()
                         .filter(|path| path.starts_with(&format!("{service_name}/")))
                         .collect();
@@ -421,9 +421,9 @@ where
         max_pending_request_bytes: args.max_pending_request_bytes,
     };
     let connection_metrics = metrics.connections.clone();
-    let policy = RpcPolicy::new(metrics, limits, access);
+    let policy = RpcPolicy::new(service_name, metrics, limits, access);
     let reflection = if args.reflection {
-        Some(crate::api::reflection_services()?)
+        Some(crate::reflection::services(service_name)?)
     } else {
         None
     };

@@ -35,7 +35,7 @@ mod tests {
     #[test]
     fn finds_our_methods_and_health() {
         let methods = super::known_methods(&[
-            crate::api::FILE_DESCRIPTOR_SET,
+            maitre_api::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
         ]);
         assert!(methods.contains("maitre.memory.v1.MemoryService/StoreMessage"));

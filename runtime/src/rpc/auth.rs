@@ -263,7 +263,7 @@ mod tests {
     use super::*;
 
     fn served() -> HashSet<String> {
-        crate::rpc::methods::known_methods(&[crate::api::FILE_DESCRIPTOR_SET])
+        crate::rpc::methods::known_methods(&[maitre_api::FILE_DESCRIPTOR_SET])
     }
 
     const MEMORY: &str = "maitre.memory.v1.MemoryService";
