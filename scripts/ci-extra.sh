@@ -9,7 +9,7 @@
 #     finds (dropped and created with psql)
 #  3. both services on high ports (55051/55052, admin 59101/59102; other free
 #     ports when those are taken), follow-ups due at once
-#     (FOLLOWUP_DELAY=0s, WORKER_POLL_INTERVAL=100ms); waits until both
+#     (BOOKING_FOLLOWUP_DELAY=0s, BOOKING_WORKER_POLL_INTERVAL=100ms); waits until both
 #     report SERVING
 #  4. scripts/grpcurl-journey.sh (the real grpcurl) against them
 #  5. scripts/python-client.sh (a Python backend) against them
@@ -139,18 +139,18 @@ start_stack() {
     echo "database        $url"
     # No auth (loopback only), no TLS: whatever the environment says.
     local -a clean_env=(env -u AUTH_TOKENS -u AUTH_TOKENS_FILE -u AUTH_GRANTS -u TLS_CERT_FILE -u TLS_KEY_FILE
-        -u TLS_CLIENT_CA_FILE -u MEMORY_SERVICE_TOKEN_FILE -u MEMORY_SERVICE_CA_FILE
-        -u MEMORY_SERVICE_CLIENT_CERT_FILE -u MEMORY_SERVICE_CLIENT_KEY_FILE
+        -u TLS_CLIENT_CA_FILE -u BOOKING_MEMORY_TOKEN_FILE -u BOOKING_MEMORY_CA_FILE
+        -u BOOKING_MEMORY_CLIENT_CERT_FILE -u BOOKING_MEMORY_CLIENT_KEY_FILE
         AUTH_MODE=none DATABASE_URL="$url" RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
 
-    "${clean_env[@]}" MEMORY_GRPC_ADDR="127.0.0.1:$memory_port" MEMORY_ADMIN_ADDR="127.0.0.1:$memory_admin" \
+    "${clean_env[@]}" GRPC_ADDR="127.0.0.1:$memory_port" ADMIN_ADDR="127.0.0.1:$memory_admin" \
         "$target_dir/release/memory-service" serve >"$log_dir/memory-service.log" 2>&1 &
     pids+=("$!"); names+=(memory-service); logs+=("$log_dir/memory-service.log")
     wait_serving memory-service "$memory_port" maitre.memory.v1.MemoryService 0 || return 1
 
-    "${clean_env[@]}" BOOKING_GRPC_ADDR="127.0.0.1:$booking_port" BOOKING_ADMIN_ADDR="127.0.0.1:$booking_admin" \
-        MEMORY_SERVICE_URL="http://127.0.0.1:$memory_port" \
-        FOLLOWUP_DELAY=0s WORKER_POLL_INTERVAL=100ms FOLLOWUP_RETRY_BASE=200ms FOLLOWUP_RETRY_MAX=2s \
+    "${clean_env[@]}" GRPC_ADDR="127.0.0.1:$booking_port" ADMIN_ADDR="127.0.0.1:$booking_admin" \
+        BOOKING_MEMORY_URL="http://127.0.0.1:$memory_port" \
+        BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms BOOKING_FOLLOWUP_RETRY_BASE=200ms BOOKING_FOLLOWUP_RETRY_MAX=2s \
         "$target_dir/release/booking-service" serve >"$log_dir/booking-service.log" 2>&1 &
     pids+=("$!"); names+=(booking-service); logs+=("$log_dir/booking-service.log")
     wait_serving booking-service "$booking_port" maitre.booking.v1.BookingService 1 || return 1

@@ -23,12 +23,12 @@ budget: the most PostgreSQL connections each render's pods can open, and
   match the computed figures, or the check fails and prints them. Each
   LABEL must state its totals at the HPA maxima and during a rollout.
 
-    per pod: memory-service   MEMORY_DB_MAX_CONNECTIONS + 1
-             booking-service  BOOKING_DB_MAX_CONNECTIONS + WORKER_DB_MAX_CONNECTIONS + 1
+    per pod: memory-service   DB_MAX_CONNECTIONS + 1
+             booking-service  DB_MAX_CONNECTIONS + BOOKING_WORKER_DB_MAX_CONNECTIONS + 1
   The +1 is the readiness check's own connection. booking-service's two
   queues (plan, deliver) each hold a LISTEN connection, but apalis takes it
   from the worker pool (PgListener::connect_with(pool)), so it is inside
-  WORKER_DB_MAX_CONNECTIONS, not on top. With BOOKING_DISABLE_WORKERS the
+  BOOKING_WORKER_DB_MAX_CONNECTIONS, not on top. With BOOKING_DISABLE_WORKERS the
   worker pool opens nothing. Pool sizes come from the container's env and
   ConfigMaps, else from the `default_value_t` next to `env = "NAME"` in the
   service's Rust code.
@@ -80,18 +80,18 @@ import yaml
 
 SERVICES = {
     "memory-service": {
-        "pools": ("MEMORY_DB_MAX_CONNECTIONS",),
+        "pools": ("DB_MAX_CONNECTIONS",),
         "code": ("memory-service/src", "runtime/src"),
         "proto": "proto/maitre/memory",
     },
     "booking-service": {
-        "pools": ("BOOKING_DB_MAX_CONNECTIONS", "WORKER_DB_MAX_CONNECTIONS"),
+        "pools": ("DB_MAX_CONNECTIONS", "BOOKING_WORKER_DB_MAX_CONNECTIONS"),
         "code": ("booking-service/src", "runtime/src"),
         "proto": "proto/maitre/booking",
     },
 }
 # A pool that a setting switches off.
-POOL_OFF = {"WORKER_DB_MAX_CONNECTIONS": "BOOKING_DISABLE_WORKERS"}
+POOL_OFF = {"BOOKING_WORKER_DB_MAX_CONNECTIONS": "BOOKING_DISABLE_WORKERS"}
 READINESS_PER_POD = 1  # the health check's own connection, outside the pools
 MIGRATION_PER_JOB = 2  # `migrate`: the database-exists check, then the migrations
 SUPERUSER_RESERVED = 3  # PostgreSQL's default superuser_reserved_connections
@@ -684,17 +684,17 @@ def check_render_auth(label, docs, root, report):
                     report.error(f"{where}: {var}={path} is not provided by any mounted volume")
                 elif var == "AUTH_TOKENS_FILE" and found[0] == "Secret" and found[2] is not None:
                     tokens[service] = (found, secret_value(secrets, found[1], found[2]))
-                elif var == "MEMORY_SERVICE_TOKEN_FILE" and found[0] == "Secret" and found[2] is not None:
+                elif var == "BOOKING_MEMORY_TOKEN_FILE" and found[0] == "Secret" and found[2] is not None:
                     client[service] = (found, secret_value(secrets, found[1], found[2]))
-        url = env.get("MEMORY_SERVICE_URL") or ""
+        url = env.get("BOOKING_MEMORY_URL") or ""
         if service == "booking-service":
-            tls = [v for v in ("MEMORY_SERVICE_CA_FILE", "MEMORY_SERVICE_CLIENT_CERT_FILE") if env.get(v)]
+            tls = [v for v in ("BOOKING_MEMORY_CA_FILE", "BOOKING_MEMORY_CLIENT_CERT_FILE") if env.get(v)]
             if tls and not url.startswith("https://"):
-                report.error(f"{where}: {' and '.join(tls)} with MEMORY_SERVICE_URL={url!r}: use https:// (a startup error)")
-            if env.get("MEMORY_SERVICE_CLIENT_CERT_FILE") and not env.get("MEMORY_SERVICE_CA_FILE"):
-                report.error(f"{where}: MEMORY_SERVICE_CLIENT_CERT_FILE without MEMORY_SERVICE_CA_FILE (a startup error)")
-            elif url.startswith("https://") and not env.get("MEMORY_SERVICE_CA_FILE"):
-                report.error(f"{where}: MEMORY_SERVICE_URL={url!r} without MEMORY_SERVICE_CA_FILE (a startup error)")
+                report.error(f"{where}: {' and '.join(tls)} with BOOKING_MEMORY_URL={url!r}: use https:// (a startup error)")
+            if env.get("BOOKING_MEMORY_CLIENT_CERT_FILE") and not env.get("BOOKING_MEMORY_CA_FILE"):
+                report.error(f"{where}: BOOKING_MEMORY_CLIENT_CERT_FILE without BOOKING_MEMORY_CA_FILE (a startup error)")
+            elif url.startswith("https://") and not env.get("BOOKING_MEMORY_CA_FILE"):
+                report.error(f"{where}: BOOKING_MEMORY_URL={url!r} without BOOKING_MEMORY_CA_FILE (a startup error)")
     for service, ((_, secret, key), text) in tokens.items():
         where = f"{label}: Secret {secret} key {key}"
         entries, problems = parse_token_list(text or "")
@@ -800,18 +800,18 @@ def self_test():
     def cm(name, **data):
         return {"kind": "ConfigMap", "metadata": {"name": name}, "data": data}
 
-    rust = {"memory-service": '#[arg(\n long,\n env = "MEMORY_DB_MAX_CONNECTIONS",\n default_value_t = 16,\n)]',
-            "booking-service": '#[arg(long, env = "BOOKING_DB_MAX_CONNECTIONS", default_value_t = 20, global = true)]\n'
+    rust = {"memory-service": '#[arg(\n long,\n env = "DB_MAX_CONNECTIONS",\n default_value_t = 16,\n)]',
+            "booking-service": '#[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20, global = true)]\n'
                                '#[arg(long, env = "OTHER", default_value_t = 99)]\n'
-                               '#[arg(long, env = "WORKER_DB_MAX_CONNECTIONS", default_value = "12")]'}
-    assert rust_default(rust["memory-service"], "MEMORY_DB_MAX_CONNECTIONS") == 16
-    assert rust_default(rust["booking-service"], "WORKER_DB_MAX_CONNECTIONS") == 12
+                               '#[arg(long, env = "BOOKING_WORKER_DB_MAX_CONNECTIONS", default_value = "12")]'}
+    assert rust_default(rust["memory-service"], "DB_MAX_CONNECTIONS") == 16
+    assert rust_default(rust["booking-service"], "BOOKING_WORKER_DB_MAX_CONNECTIONS") == 12
     assert rust_default(rust["booking-service"], "NOPE") is None
     job = {"kind": "Job", "metadata": {"name": "m"}, "spec": {"template": {"spec": {"containers": [
         {"name": "migrate", "command": ["memory-service"], "args": ["migrate"]}]}}}}
     docs = [deployment("memory-service", "memory-service", "mc"), hpa("memory-service", 6),
             deployment("booking-service", "booking-service", "bc"), hpa("booking-service", 4),
-            cm("mc", MEMORY_DB_MAX_CONNECTIONS="16"), cm("bc", BOOKING_DB_MAX_CONNECTIONS="20"), job,
+            cm("mc", DB_MAX_CONNECTIONS="16"), cm("bc", DB_MAX_CONNECTIONS="20"), job,
             dict(job, metadata={"name": "b"})]
     quiet = Report(io.StringIO())
     b = compute_budget(docs, rust, quiet)
@@ -821,9 +821,9 @@ def self_test():
     assert (b["steady"], b["rollout"], b["jobs"], b["recommended"]) == (234, 284, 4, 313), b
     # A percentage surge rounds up; Recreate has none; an env entry beats the ConfigMap; workers off.
     docs2 = [deployment("memory-service", "memory-service", "mc", surge="25%",
-                        env=[{"name": "MEMORY_DB_MAX_CONNECTIONS", "value": "10"}]), hpa("memory-service", 6),
+                        env=[{"name": "DB_MAX_CONNECTIONS", "value": "10"}]), hpa("memory-service", 6),
              deployment("booking-service", "booking-service", "bc", strategy={"type": "Recreate"}),
-             cm("mc", MEMORY_DB_MAX_CONNECTIONS="16"), cm("bc", BOOKING_DISABLE_WORKERS="true")]
+             cm("mc", DB_MAX_CONNECTIONS="16"), cm("bc", BOOKING_DISABLE_WORKERS="true")]
     b2 = compute_budget(docs2, rust, quiet)
     assert [(p["per_pod"], p["replicas"], p["surge"]) for p in b2["pods"]] == [(21, 1, 0), (11, 6, 2)], b2
     assert (b2["steady"], b2["rollout"]) == (6 * 11 + 21, 8 * 11 + 21)
@@ -834,15 +834,15 @@ def self_test():
         kinds = {check_claim_line(t, b, "t", r) for t in lines}
         return kinds, r.errors
 
-    ok = ["per memory-service pod: MEMORY_DB_MAX_CONNECTIONS 16 + readiness 1 = 17",
-          "per booking-service pod: BOOKING_DB_MAX_CONNECTIONS (20) + WORKER_DB_MAX_CONNECTIONS (12) + readiness (1) = 33",
+    ok = ["per memory-service pod: DB_MAX_CONNECTIONS 16 + readiness 1 = 17",
+          "per booking-service pod: DB_MAX_CONNECTIONS (20) + BOOKING_WORKER_DB_MAX_CONNECTIONS (12) + readiness (1) = 33",
           "at the HPA maxima: memory-service 6 x 17 + booking-service 4 x 33 = 234 connections",
           "during a rollout (maxSurge 1 each): memory-service 7 x 17 + booking-service 5 x 33 = 284",
           "PostgreSQL max_connections >= 313 (+10%)", "no figure here"]
     kinds, errors = claims(*ok)
     assert not errors and {"per pod", "steady", "rollout", "max_connections"} <= kinds, errors
     for bad in ("at the HPA maxima: memory-service 6 x 16 + booking-service 4 x 32 = 224",
-                "per booking-service pod: BOOKING_DB_MAX_CONNECTIONS 20 + readiness 1 = 21",
+                "per booking-service pod: DB_MAX_CONNECTIONS 20 + readiness 1 = 21",
                 "during a rollout: memory-service 6 x 17 + booking-service 4 x 33 = 234",
                 "at the HPA maxima: memory-service 6 x 17 = 102",
                 "max_connections >= 100", "PostgreSQL needs 176 in total = 176"):
@@ -862,15 +862,15 @@ def self_test():
           "  - target: {kind: Deployment}\n    patch: |-\n      - op: remove\n        path: /spec\n")
         w("over/comp/q.yaml", "kind: Deployment\nmetadata: {name: booking-service}\nspec:\n  template:\n    spec:\n"
           "      containers:\n        - name: booking-service\n          env:\n"
-          "            - {name: WORKER_DB_MAX_CONNECTIONS, value: '2'}\n")
+          "            - {name: BOOKING_WORKER_DB_MAX_CONNECTIONS, value: '2'}\n")
         notes = []
         r = render(os.path.join(tmp, "over"), notes=notes)
         b3 = compute_budget(r, rust, quiet)
         assert [(p["replicas"], p["per_pod"]) for p in b3["pods"]] == [(4, 23), (8, 17)], b3
         assert notes and r[2]["spec"]["template"]["spec"]["containers"][0]["envFrom"], r[2]
         assert owning_kustomization(os.path.join(tmp, "over", "comp", "q.yaml")) == os.path.join(tmp, "over")
-        w("README.md", "# x\n### Connection budget\n`MEMORY_DB_MAX_CONNECTIONS` (default 16)\n\n"
-          "- memory-service: `MEMORY_DB_MAX_CONNECTIONS` + 1\n  = 17\n\n"
+        w("README.md", "# x\n### Connection budget\n`DB_MAX_CONNECTIONS` (default 16)\n\n"
+          "- memory-service: `DB_MAX_CONNECTIONS` + 1\n  = 17\n\n"
           "| manifests | pods | max | rollout | max_connections |\n|---|---|---|---|---|\n"
           "| `deploy/k8s/base` | 6 memory-service + 4 booking-service | 234 | 284 | ≥ 313 |\n## next\n")
         r = Report(io.StringIO())
@@ -920,8 +920,8 @@ def self_test():
             served_pod("booking-service", "booking-service", [], ["auth-tokens", "memory-service-token"]),
             cm("memory-service-config", AUTH_TOKENS_FILE="/s/auth-tokens",
                AUTH_GRANTS="assistant=StoreMessage\nbooking-service=GetEmotionHistory,StoreMessage,DeleteUserData\nadmin=*"),
-            cm("booking-service-config", AUTH_TOKENS_FILE="/s/auth-tokens", MEMORY_SERVICE_TOKEN_FILE="/s/memory-service-token",
-               MEMORY_SERVICE_URL="http://memory-service:50051", AUTH_GRANTS="assistant=CreateBooking;admin=*"),
+            cm("booking-service-config", AUTH_TOKENS_FILE="/s/auth-tokens", BOOKING_MEMORY_TOKEN_FILE="/s/memory-service-token",
+               BOOKING_MEMORY_URL="http://memory-service:50051", AUTH_GRANTS="assistant=CreateBooking;admin=*"),
             secret("memory-service-secrets", **{"auth-tokens": f"booking-service:{mem_token}\nassistant:CHANGE-ME-assistant-0001\n"}),
             secret("booking-service-secrets", **{"auth-tokens": "assistant:CHANGE-ME-assistant-0002\n",
                                                  "memory-service-token": mem_token})]
@@ -937,8 +937,8 @@ def self_test():
     assert changed(2, lambda c: c["data"].update(AUTH_GRANTS="booking-service=GetEmotionHistory,StoreMessage,CreateBooking"))
     assert changed(2, lambda c: c["data"].pop("AUTH_TOKENS_FILE"))  # no credentials
     assert changed(3, lambda c: c["data"].pop("AUTH_GRANTS"))
-    assert changed(3, lambda c: c["data"].update(MEMORY_SERVICE_URL="https://memory-service:50051"))  # no CA
-    assert changed(3, lambda c: c["data"].update(MEMORY_SERVICE_TOKEN_FILE="/elsewhere/token"))
+    assert changed(3, lambda c: c["data"].update(BOOKING_MEMORY_URL="https://memory-service:50051"))  # no CA
+    assert changed(3, lambda c: c["data"].update(BOOKING_MEMORY_TOKEN_FILE="/elsewhere/token"))
     assert changed(5, lambda s: s["stringData"].update({"memory-service-token": "CHANGE-ME-another-token-0001"}))
     assert changed(5, lambda s: s["stringData"].update({"auth-tokens": "assistant:9f2c9f2c9f2c9f2c9f2c\n"}))  # usable example
     assert changed(5, lambda s: s["metadata"].update(annotations={}))  # placeholders in a real Secret

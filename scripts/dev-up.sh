@@ -18,10 +18,11 @@
 # Environment (all optional):
 #   DATABASE_URL       admin URL of a PostgreSQL server to use; the services
 #                      get the same URL with the database name set to `maitre`
-#   MEMORY_GRPC_ADDR   memory-service gRPC address   (127.0.0.1:50051)
-#   MEMORY_ADMIN_ADDR  memory-service admin address  (127.0.0.1:9101)
-#   BOOKING_GRPC_ADDR  booking-service gRPC address  (127.0.0.1:50052)
-#   BOOKING_ADMIN_ADDR booking-service admin address (127.0.0.1:9102)
+#   DEV_MEMORY_ADDR          memory-service gRPC address   (127.0.0.1:50051)
+#   DEV_MEMORY_ADMIN_ADDR    memory-service admin address  (127.0.0.1:9101)
+#   DEV_BOOKING_ADDR         booking-service gRPC address  (127.0.0.1:50052)
+#   DEV_BOOKING_ADMIN_ADDR   booking-service admin address (127.0.0.1:9102)
+#   (each service gets its pair as GRPC_ADDR / ADMIN_ADDR)
 #   AUTH_MODE          none (loopback, no credentials) or required (README, Security)
 #   MAITRE_PG_DIR, MAITRE_PG_PORT  see scripts/ensure-postgres.sh
 set -euo pipefail
@@ -46,10 +47,10 @@ done
 
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 log_dir="$root/target/dev-logs"
-memory_grpc="${MEMORY_GRPC_ADDR:-127.0.0.1:50051}"
-memory_admin="${MEMORY_ADMIN_ADDR:-127.0.0.1:9101}"
-booking_grpc="${BOOKING_GRPC_ADDR:-127.0.0.1:50052}"
-booking_admin="${BOOKING_ADMIN_ADDR:-127.0.0.1:9102}"
+memory_grpc="${DEV_MEMORY_ADDR:-127.0.0.1:50051}"
+memory_admin="${DEV_MEMORY_ADMIN_ADDR:-127.0.0.1:9101}"
+booking_grpc="${DEV_BOOKING_ADDR:-127.0.0.1:50052}"
+booking_admin="${DEV_BOOKING_ADMIN_ADDR:-127.0.0.1:9102}"
 
 # ------------------------------------------------------------ helpers
 # connect_host ADDR -> host to dial for a listen address (wildcards -> loopback)
@@ -166,26 +167,24 @@ mkdir -p "$log_dir"
 check_addrs=("$memory_grpc" "$memory_admin")
 [[ -z "$booking_bin" ]] || check_addrs+=("$booking_grpc" "$booking_admin")
 for addr in "${check_addrs[@]}"; do
-    addr_open "$addr" && die "something already listens on $addr (another dev-up running?); stop it or set the *_ADDR variables"
+    addr_open "$addr" && die "something already listens on $addr (another dev-up running?); stop it or set the DEV_*_ADDR variables"
 done
 
 export DATABASE_URL="$db_url"
-export MEMORY_GRPC_ADDR="$memory_grpc" MEMORY_ADMIN_ADDR="$memory_admin"
-export BOOKING_GRPC_ADDR="$booking_grpc" BOOKING_ADMIN_ADDR="$booking_admin"
-export MEMORY_SERVICE_URL="${MEMORY_SERVICE_URL:-http://$(dial_addr "$memory_grpc")}"
+export BOOKING_MEMORY_URL="${BOOKING_MEMORY_URL:-http://$(dial_addr "$memory_grpc")}"
 # A local stack on loopback needs no credentials; the services refuse to run
 # open on any other address unless told so (and then warn). Set AUTH_MODE=required
 # with AUTH_TOKENS_FILE to try authentication locally (README, Security).
 export AUTH_MODE="${AUTH_MODE:-none}"
 
 log "memory-service migrate"
-"$memory_bin" migrate 2>&1 | tee "$log_dir/memory-service-migrate.log" >&2 \
+GRPC_ADDR="$memory_grpc" ADMIN_ADDR="$memory_admin" "$memory_bin" migrate 2>&1 | tee "$log_dir/memory-service-migrate.log" >&2 \
     || die "memory-service migrate failed (log: $log_dir/memory-service-migrate.log)"
 
-# start NAME BIN LOG
+# start NAME BIN LOG GRPC_ADDR ADMIN_ADDR
 start() {
     log "starting $1 (log: $3)"
-    "$2" serve >"$3" 2>&1 &
+    GRPC_ADDR="$4" ADMIN_ADDR="$5" "$2" serve >"$3" 2>&1 &
     pids+=("$!")
     names+=("$1")
 }
@@ -210,10 +209,10 @@ wait_port() {
 
 memory_log="$log_dir/memory-service.log"
 booking_log="$log_dir/booking-service.log"
-start memory-service "$memory_bin" "$memory_log"
+start memory-service "$memory_bin" "$memory_log" "$memory_grpc" "$memory_admin"
 wait_port memory-service "$memory_grpc" "$memory_log" "${pids[0]}"
 if [[ -n "$booking_bin" ]]; then
-    start booking-service "$booking_bin" "$booking_log"
+    start booking-service "$booking_bin" "$booking_log" "$booking_grpc" "$booking_admin"
     wait_port booking-service "$booking_grpc" "$booking_log" "${pids[1]}"
 fi
 

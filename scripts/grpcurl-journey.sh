@@ -8,7 +8,7 @@
 #
 # Needs a running stack whose follow-ups go out right after the event:
 #
-#   FOLLOWUP_DELAY=0s WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh
+#   BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh
 #
 # Steps: reflection (list, describe) and health (readiness and liveness) of
 # both services; StoreMessage x3 with negative emotions into a new
@@ -217,7 +217,7 @@ while :; do
         && die "the follow-up ended $state (see last_error above)"
     if ((SECONDS >= deadline)); then
         scheduled="$(py '(d.get("followUps") or [{}])[0].get("scheduledTime", "")')"
-        die "no SENT follow-up after ${followup_wait} s (state '${state:-none}', scheduled '${scheduled:-?}'); does booking-service run with FOLLOWUP_DELAY=0s and a short WORKER_POLL_INTERVAL?"
+        die "no SENT follow-up after ${followup_wait} s (state '${state:-none}', scheduled '${scheduled:-?}'); does booking-service run with BOOKING_FOLLOWUP_DELAY=0s and a short BOOKING_WORKER_POLL_INTERVAL?"
     fi
     sleep 0.5
 done

@@ -42,8 +42,8 @@
 # 10. budget     the PostgreSQL connection budget of base and overlays/example,
 #                computed from the renders of step 5 (or, without kustomize,
 #                scripts/deploy_checks.py's own merge of resources and
-#                patches): per pod MEMORY_DB_MAX_CONNECTIONS + 1, or
-#                BOOKING_DB_MAX_CONNECTIONS + WORKER_DB_MAX_CONNECTIONS + 1
+#                patches): per pod DB_MAX_CONNECTIONS + 1, or
+#                DB_MAX_CONNECTIONS + BOOKING_WORKER_DB_MAX_CONNECTIONS + 1
 #                (readiness), from the ConfigMaps or the Rust defaults; x HPA
 #                maxReplicas, + maxSurge pods during a rollout. Every figure
 #                in the "Connection budget" comments and README.md's table
@@ -443,10 +443,10 @@ def cmd_compose(path):
                 fail(f"{name}: {prefix}_SKIP_MIGRATIONS should be true (the migrate services migrate)")
             if str(env.get("LOG_FORMAT")) != "json":
                 fail(f"{name}: LOG_FORMAT should be json")
-    url = (services["booking-service"].get("environment") or {}).get("MEMORY_SERVICE_URL", "")
+    url = (services["booking-service"].get("environment") or {}).get("BOOKING_MEMORY_URL", "")
     m = re.match(r"https?://([^:/]+):(\d+)", url)
     if not m or m.group(1) not in services:
-        fail(f"booking-service: MEMORY_SERVICE_URL {url!r} should name the memory-service service")
+        fail(f"booking-service: BOOKING_MEMORY_URL {url!r} should name the memory-service service")
     published = {str(p).rsplit(":", 1)[-1] for s in services.values() for p in s.get("ports", []) or []}
     for port in ("50051", "50052", "9101", "9102"):
         if port not in published:

@@ -114,7 +114,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
             floor: plan.floor,
             rounds: plan.rounds,
             service_settings: vec![
-                "defaults, plus FOLLOWUP_DELAY=0s WORKER_POLL_INTERVAL=100ms RUST_LOG=warn".into(),
+                "defaults, plus BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms RUST_LOG=warn".into(),
                 format!(
                     "booking-service follow-up workers {} during the closed-loop scenarios (always on for follow-ups)",
                     if plan.workers_during_load { "ON" } else { "OFF" }

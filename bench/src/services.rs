@@ -102,8 +102,8 @@ impl Launch {
             .env_remove("TLS_CERT_FILE")
             .env_remove("TLS_KEY_FILE")
             .env_remove("TLS_CLIENT_CA_FILE")
-            .env_remove("MEMORY_SERVICE_TOKEN_FILE")
-            .env_remove("MEMORY_SERVICE_CA_FILE")
+            .env_remove("BOOKING_MEMORY_TOKEN_FILE")
+            .env_remove("BOOKING_MEMORY_CA_FILE")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -132,9 +132,9 @@ impl Launch {
                 "memory-service",
                 memory_addr,
                 &[
-                    ("MEMORY_GRPC_ADDR", memory_addr.to_string()),
-                    ("MEMORY_ADMIN_ADDR", free_addr()?.to_string()),
-                    ("MEMORY_SKIP_MIGRATIONS", "true".into()),
+                    ("GRPC_ADDR", memory_addr.to_string()),
+                    ("ADMIN_ADDR", free_addr()?.to_string()),
+                    ("SKIP_MIGRATIONS", "true".into()),
                 ],
             )
             .await?;
@@ -145,12 +145,12 @@ impl Launch {
                 "booking-service",
                 booking_addr,
                 &[
-                    ("BOOKING_GRPC_ADDR", booking_addr.to_string()),
-                    ("BOOKING_ADMIN_ADDR", free_addr()?.to_string()),
-                    ("BOOKING_SKIP_MIGRATIONS", "true".into()),
-                    ("MEMORY_SERVICE_URL", format!("http://{memory_addr}")),
-                    ("FOLLOWUP_DELAY", "0s".into()),
-                    ("WORKER_POLL_INTERVAL", "100ms".into()),
+                    ("GRPC_ADDR", booking_addr.to_string()),
+                    ("ADMIN_ADDR", free_addr()?.to_string()),
+                    ("SKIP_MIGRATIONS", "true".into()),
+                    ("BOOKING_MEMORY_URL", format!("http://{memory_addr}")),
+                    ("BOOKING_FOLLOWUP_DELAY", "0s".into()),
+                    ("BOOKING_WORKER_POLL_INTERVAL", "100ms".into()),
                     ("BOOKING_DISABLE_WORKERS", (!workers).to_string()),
                 ],
             )

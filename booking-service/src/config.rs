@@ -1,17 +1,17 @@
 //! booking-service settings: flags with environment fallbacks and defaults
 //! that work on a laptop; `--help` lists them. Environment variables read:
-//! `BOOKING_GRPC_ADDR`, `BOOKING_ADMIN_ADDR`, `DATABASE_URL`, `MEMORY_SERVICE_URL`,
-//! `MEMORY_SERVICE_TOKEN_FILE`, `MEMORY_SERVICE_CA_FILE`,
-//! `MEMORY_SERVICE_CLIENT_CERT_FILE`, `MEMORY_SERVICE_CLIENT_KEY_FILE`,
-//! `MEMORY_CALL_TIMEOUT`, `BOOKING_DB_MAX_CONNECTIONS`,
-//! `WORKER_DB_MAX_CONNECTIONS`, `BOOKING_DB_ACQUIRE_TIMEOUT`, `BOOKING_DB_STATEMENT_TIMEOUT`,
-//! `BOOKING_SKIP_MIGRATIONS`, `BOOKING_HEALTH_INTERVAL`,
-//! `BOOKING_SHUTDOWN_TIMEOUT`, `BOOKING_MAX_PAGE_SIZE`, `FOLLOWUP_DELAY`,
-//! `FOLLOWUP_HISTORY_LEN`, `FOLLOWUP_PLAN_MAX_ATTEMPTS`,
-//! `FOLLOWUP_DELIVER_MAX_ATTEMPTS`, `FOLLOWUP_RETRY_BASE`,
-//! `FOLLOWUP_RETRY_MAX`, `WORKER_CONCURRENCY`, `WORKER_POLL_INTERVAL`,
-//! `WORKER_HEARTBEAT_INTERVAL`, `WORKER_MISSED_HEARTBEATS`,
-//! `JOB_RETENTION`, `JOB_PRUNE_INTERVAL`, `FOLLOWUP_SWEEP_GRACE`, `METRICS_REFRESH_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
+//! `GRPC_ADDR`, `ADMIN_ADDR`, `DATABASE_URL`, `BOOKING_MEMORY_URL`,
+//! `BOOKING_MEMORY_TOKEN_FILE`, `BOOKING_MEMORY_CA_FILE`,
+//! `BOOKING_MEMORY_CLIENT_CERT_FILE`, `BOOKING_MEMORY_CLIENT_KEY_FILE`,
+//! `BOOKING_MEMORY_CALL_TIMEOUT`, `DB_MAX_CONNECTIONS`,
+//! `BOOKING_WORKER_DB_MAX_CONNECTIONS`, `DB_ACQUIRE_TIMEOUT`, `DB_STATEMENT_TIMEOUT`,
+//! `SKIP_MIGRATIONS`, `HEALTH_INTERVAL`,
+//! `SHUTDOWN_TIMEOUT`, `MAX_PAGE_SIZE`, `BOOKING_FOLLOWUP_DELAY`,
+//! `BOOKING_FOLLOWUP_HISTORY_LEN`, `BOOKING_FOLLOWUP_PLAN_MAX_ATTEMPTS`,
+//! `BOOKING_FOLLOWUP_DELIVER_MAX_ATTEMPTS`, `BOOKING_FOLLOWUP_RETRY_BASE`,
+//! `BOOKING_FOLLOWUP_RETRY_MAX`, `BOOKING_WORKER_CONCURRENCY`, `BOOKING_WORKER_POLL_INTERVAL`,
+//! `BOOKING_WORKER_HEARTBEAT_INTERVAL`, `BOOKING_WORKER_MISSED_HEARTBEATS`,
+//! `BOOKING_JOB_RETENTION`, `BOOKING_JOB_PRUNE_INTERVAL`, `BOOKING_FOLLOWUP_SWEEP_GRACE`, `BOOKING_METRICS_REFRESH_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
 //! `LOG_FORMAT`, `RUST_LOG`, and those of [`maitre_runtime::server::ServerArgs`].
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -53,7 +53,7 @@ pub enum Command {
 }
 
 /// Retry defaults, chosen for a retry horizon longer than a night (see
-/// `FOLLOWUP_DELIVER_MAX_ATTEMPTS`'s help; a test keeps the figures true).
+/// `BOOKING_FOLLOWUP_DELIVER_MAX_ATTEMPTS`'s help; a test keeps the figures true).
 const DEFAULT_RETRY_BASE: &str = "5s";
 const DEFAULT_RETRY_MAX: &str = "30m";
 const DEFAULT_DELIVER_MAX_ATTEMPTS: u32 = 60;
@@ -67,7 +67,7 @@ pub struct Settings {
     /// Address the gRPC server listens on.
     #[arg(
         long,
-        env = "BOOKING_GRPC_ADDR",
+        env = "GRPC_ADDR",
         default_value = "0.0.0.0:50052",
         global = true
     )]
@@ -76,7 +76,7 @@ pub struct Settings {
     /// Address of the admin HTTP server (Prometheus `/metrics`, `/healthz`); `off` disables it.
     #[arg(
         long,
-        env = "BOOKING_ADMIN_ADDR",
+        env = "ADMIN_ADDR",
         default_value = "0.0.0.0:9102",
         global = true
     )]
@@ -95,24 +95,24 @@ pub struct Settings {
     /// Where memory-service answers gRPC.
     #[arg(
         long,
-        env = "MEMORY_SERVICE_URL",
+        env = "BOOKING_MEMORY_URL",
         default_value = "http://127.0.0.1:50051",
         global = true
     )]
     pub memory_service_url: String,
 
     /// File holding the bearer token booking-service presents to memory-service.
-    #[arg(long, env = "MEMORY_SERVICE_TOKEN_FILE", global = true)]
+    #[arg(long, env = "BOOKING_MEMORY_TOKEN_FILE", global = true)]
     pub memory_service_token_file: Option<PathBuf>,
 
     /// CA (PEM) of memory-service's certificate: turns TLS to memory-service on (use an https:// URL).
-    #[arg(long, env = "MEMORY_SERVICE_CA_FILE", global = true)]
+    #[arg(long, env = "BOOKING_MEMORY_CA_FILE", global = true)]
     pub memory_service_ca_file: Option<PathBuf>,
 
     /// Client certificate (PEM) presented to memory-service, for mTLS.
     #[arg(
         long,
-        env = "MEMORY_SERVICE_CLIENT_CERT_FILE",
+        env = "BOOKING_MEMORY_CLIENT_CERT_FILE",
         requires = "memory_service_client_key_file",
         global = true
     )]
@@ -121,71 +121,61 @@ pub struct Settings {
     /// Client private key (PEM) for mTLS to memory-service.
     #[arg(
         long,
-        env = "MEMORY_SERVICE_CLIENT_KEY_FILE",
+        env = "BOOKING_MEMORY_CLIENT_KEY_FILE",
         requires = "memory_service_client_cert_file",
         global = true
     )]
     pub memory_service_client_key_file: Option<PathBuf>,
 
     /// Deadline of each call to memory-service.
-    #[arg(long, env = "MEMORY_CALL_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_MEMORY_CALL_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
     pub memory_call_timeout: Duration,
 
-    /// Most database connections the API pool opens (the follow-up workers have their own pool, WORKER_DB_MAX_CONNECTIONS).
-    #[arg(
-        long,
-        env = "BOOKING_DB_MAX_CONNECTIONS",
-        default_value_t = 20,
-        global = true
-    )]
+    /// Most database connections the API pool opens (the follow-up workers have their own pool, BOOKING_WORKER_DB_MAX_CONNECTIONS).
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20, global = true)]
     pub db_max_connections: u32,
 
     /// Connections of the follow-up workers' own pool (each queue also holds one for LISTEN).
     #[arg(
         long,
-        env = "WORKER_DB_MAX_CONNECTIONS",
+        env = "BOOKING_WORKER_DB_MAX_CONNECTIONS",
         default_value_t = 12,
         global = true
     )]
     pub worker_db_max_connections: u32,
 
     /// How long a call waits for a free connection before failing UNAVAILABLE.
-    #[arg(long, env = "BOOKING_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
     pub db_acquire_timeout: Duration,
 
     /// PostgreSQL statement_timeout for every statement.
-    #[arg(long, env = "BOOKING_DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = duration, global = true)]
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = duration, global = true)]
     pub db_statement_timeout: Duration,
 
     /// Do not apply migrations when serving (run `migrate` separately).
-    #[arg(long, env = "BOOKING_SKIP_MIGRATIONS", global = true)]
+    #[arg(long, env = "SKIP_MIGRATIONS", global = true)]
     pub skip_migrations: bool,
 
     /// How often readiness re-checks the database.
-    #[arg(long, env = "BOOKING_HEALTH_INTERVAL", default_value = "2s", value_parser = duration, global = true)]
+    #[arg(long, env = "HEALTH_INTERVAL", default_value = "2s", value_parser = duration, global = true)]
     pub health_interval: Duration,
 
     /// Longest wait for in-flight calls and running jobs after SIGTERM.
-    #[arg(long, env = "BOOKING_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration, global = true)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration, global = true)]
     pub shutdown_timeout: Duration,
 
     /// Largest page a listing returns.
-    #[arg(
-        long,
-        env = "BOOKING_MAX_PAGE_SIZE",
-        default_value_t = 500,
-        global = true
-    )]
+    #[arg(long, env = "MAX_PAGE_SIZE", default_value_t = 500, global = true)]
     pub max_page_size: u32,
 
     /// When a follow-up is delivered: this long after the event ends.
-    #[arg(long, env = "FOLLOWUP_DELAY", default_value = "24h", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_FOLLOWUP_DELAY", default_value = "24h", value_parser = duration, global = true)]
     pub followup_delay: Duration,
 
     /// How many recent scored messages choose the follow-up's template.
     #[arg(
         long,
-        env = "FOLLOWUP_HISTORY_LEN",
+        env = "BOOKING_FOLLOWUP_HISTORY_LEN",
         default_value_t = 10,
         global = true
     )]
@@ -194,7 +184,7 @@ pub struct Settings {
     /// Planning attempts while memory-service is unreachable; then the neutral template is used.
     #[arg(
         long,
-        env = "FOLLOWUP_PLAN_MAX_ATTEMPTS",
+        env = "BOOKING_FOLLOWUP_PLAN_MAX_ATTEMPTS",
         default_value_t = 8,
         global = true
     )]
@@ -203,55 +193,60 @@ pub struct Settings {
     /// Delivery attempts before a follow-up is FAILED (the dead letter; RetryFollowUp re-drives it). With the default retry delays, 60 attempts keep a follow-up retrying for 12.9 h to 25.7 h (the retry horizon, by jitter): a night's outage of memory-service loses nothing. The horizon in force is logged at start-up.
     #[arg(
         long,
-        env = "FOLLOWUP_DELIVER_MAX_ATTEMPTS",
+        env = "BOOKING_FOLLOWUP_DELIVER_MAX_ATTEMPTS",
         default_value_t = DEFAULT_DELIVER_MAX_ATTEMPTS,
         global = true
     )]
     pub followup_deliver_max_attempts: u32,
 
     /// First retry delay; doubles each attempt, with jitter (each delay is random in [d/2, d]).
-    #[arg(long, env = "FOLLOWUP_RETRY_BASE", default_value = DEFAULT_RETRY_BASE, value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_FOLLOWUP_RETRY_BASE", default_value = DEFAULT_RETRY_BASE, value_parser = duration, global = true)]
     pub followup_retry_base: Duration,
 
     /// Longest retry delay: after an outage, a follow-up is retried within this long.
-    #[arg(long, env = "FOLLOWUP_RETRY_MAX", default_value = DEFAULT_RETRY_MAX, value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_FOLLOWUP_RETRY_MAX", default_value = DEFAULT_RETRY_MAX, value_parser = duration, global = true)]
     pub followup_retry_max: Duration,
 
     /// Jobs run at once, per queue (plan, deliver).
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16, global = true)]
+    #[arg(
+        long,
+        env = "BOOKING_WORKER_CONCURRENCY",
+        default_value_t = 16,
+        global = true
+    )]
     pub worker_concurrency: usize,
 
     /// How often workers poll besides LISTEN/NOTIFY (which misses scheduled jobs).
-    #[arg(long, env = "WORKER_POLL_INTERVAL", default_value = "1s", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_WORKER_POLL_INTERVAL", default_value = "1s", value_parser = duration, global = true)]
     pub worker_poll_interval: Duration,
 
     /// Worker heartbeat; a worker missing `missed-heartbeats` of them is dead and its jobs are re-enqueued.
-    #[arg(long, env = "WORKER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_WORKER_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = duration, global = true)]
     pub worker_heartbeat_interval: Duration,
 
     /// Missed heartbeats before a worker counts as dead (10s x 3 = jobs recovered within ~30-40 s).
     #[arg(
         long,
-        env = "WORKER_MISSED_HEARTBEATS",
+        env = "BOOKING_WORKER_MISSED_HEARTBEATS",
         default_value_t = 3,
         global = true
     )]
     pub worker_missed_heartbeats: usize,
 
     /// Dead job rows (Done, Killed — poison rows included — and Failed with no attempt left) and worker registrations are deleted after this long.
-    #[arg(long, env = "JOB_RETENTION", default_value = "7d", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_JOB_RETENTION", default_value = "7d", value_parser = duration, global = true)]
     pub job_retention: Duration,
 
     /// How often dead job rows are pruned and stranded plannings and deliveries swept (each sweep goes on, in short batches, until none is left).
-    #[arg(long, env = "JOB_PRUNE_INTERVAL", default_value = "10m", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_JOB_PRUNE_INTERVAL", default_value = "10m", value_parser = duration, global = true)]
     pub job_prune_interval: Duration,
 
     /// A planning or delivery overdue by this much with no live job (it died) is enqueued again, whatever its age.
-    #[arg(long, env = "FOLLOWUP_SWEEP_GRACE", default_value = "5m", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_FOLLOWUP_SWEEP_GRACE", default_value = "5m", value_parser = duration, global = true)]
     pub followup_sweep_grace: Duration,
 
     /// How often queue-depth and follow-up gauges are re-read for /metrics.
-    #[arg(long, env = "METRICS_REFRESH_INTERVAL", default_value = "15s", value_parser = duration, global = true)]
+    #[arg(long, env = "BOOKING_METRICS_REFRESH_INTERVAL", default_value = "15s", value_parser = duration, global = true)]
     pub metrics_refresh_interval: Duration,
 
     /// Serve gRPC only, without follow-up workers (another deployment runs them).
@@ -347,35 +342,35 @@ impl Settings {
         let client_certificate = self.memory_service_client_cert_file.is_some();
         if plaintext && (self.memory_service_ca_file.is_some() || client_certificate) {
             anyhow::bail!(
-                "MEMORY_SERVICE_URL {:?} is plaintext http:// but TLS is configured \
-                 (MEMORY_SERVICE_CA_FILE or a client certificate): use https://",
+                "BOOKING_MEMORY_URL {:?} is plaintext http:// but TLS is configured \
+                 (BOOKING_MEMORY_CA_FILE or a client certificate): use https://",
                 self.memory_service_url
             );
         }
         if client_certificate && self.memory_service_ca_file.is_none() {
             anyhow::bail!(
-                "MEMORY_SERVICE_CLIENT_CERT_FILE needs MEMORY_SERVICE_CA_FILE (the CA that \
+                "BOOKING_MEMORY_CLIENT_CERT_FILE needs BOOKING_MEMORY_CA_FILE (the CA that \
                  memory-service's certificate chains to): without it the certificate would be ignored"
             );
         }
         if !plaintext && self.memory_service_ca_file.is_none() {
             anyhow::bail!(
-                "MEMORY_SERVICE_URL {:?} asks for TLS: set MEMORY_SERVICE_CA_FILE to the CA \
+                "BOOKING_MEMORY_URL {:?} asks for TLS: set BOOKING_MEMORY_CA_FILE to the CA \
                  that memory-service's certificate chains to",
                 self.memory_service_url
             );
         }
         let token = match &self.memory_service_token_file {
             Some(path) => {
-                let token = String::from_utf8_lossy(&read(path, "MEMORY_SERVICE_TOKEN_FILE")?)
+                let token = String::from_utf8_lossy(&read(path, "BOOKING_MEMORY_TOKEN_FILE")?)
                     .trim()
                     .to_owned();
                 if token.is_empty() {
-                    anyhow::bail!("MEMORY_SERVICE_TOKEN_FILE {} is empty", path.display());
+                    anyhow::bail!("BOOKING_MEMORY_TOKEN_FILE {} is empty", path.display());
                 }
                 if maitre_runtime::rpc::auth::is_placeholder(&token) {
                     anyhow::bail!(
-                        "MEMORY_SERVICE_TOKEN_FILE {} holds a placeholder (e.g. CHANGE-ME): \
+                        "BOOKING_MEMORY_TOKEN_FILE {} holds a placeholder (e.g. CHANGE-ME): \
                          put booking-service's real token there",
                         path.display()
                     );
@@ -388,14 +383,14 @@ impl Settings {
             None => None,
             Some(ca) => {
                 let mut tls = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(read(ca, "MEMORY_SERVICE_CA_FILE")?));
+                    .ca_certificate(Certificate::from_pem(read(ca, "BOOKING_MEMORY_CA_FILE")?));
                 if let (Some(cert), Some(key)) = (
                     &self.memory_service_client_cert_file,
                     &self.memory_service_client_key_file,
                 ) {
                     tls = tls.identity(Identity::from_pem(
-                        read(cert, "MEMORY_SERVICE_CLIENT_CERT_FILE")?,
-                        read(key, "MEMORY_SERVICE_CLIENT_KEY_FILE")?,
+                        read(cert, "BOOKING_MEMORY_CLIENT_CERT_FILE")?,
+                        read(key, "BOOKING_MEMORY_CLIENT_KEY_FILE")?,
                     ));
                 }
                 Some(tls)
@@ -404,7 +399,7 @@ impl Settings {
         if token.is_some() && plaintext && !url_is_loopback(&self.memory_service_url) {
             tracing::warn!(
                 url = %self.memory_service_url,
-                "the memory-service token travels in clear over http://; use https:// with MEMORY_SERVICE_CA_FILE"
+                "the memory-service token travels in clear over http://; use https:// with BOOKING_MEMORY_CA_FILE"
             );
         }
         Ok(MemoryClientSettings {
@@ -486,12 +481,12 @@ mod tests {
         let mut s = settings("https://memory:50051");
         s.memory_service_client_cert_file = Some(temp_file("cert"));
         s.memory_service_client_key_file = Some(temp_file("key"));
-        assert!(refusal(&s).contains("needs MEMORY_SERVICE_CA_FILE"));
+        assert!(refusal(&s).contains("needs BOOKING_MEMORY_CA_FILE"));
     }
 
     #[test]
     fn https_without_a_ca_is_refused() {
-        assert!(refusal(&settings("https://memory:50051")).contains("MEMORY_SERVICE_CA_FILE"));
+        assert!(refusal(&settings("https://memory:50051")).contains("BOOKING_MEMORY_CA_FILE"));
     }
 
     #[test]

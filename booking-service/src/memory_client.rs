@@ -157,7 +157,7 @@ impl MemoryClient {
     /// Connects lazily: booking-service starts while memory-service is down.
     pub fn new(settings: &MemoryClientSettings) -> anyhow::Result<Self> {
         let mut endpoint = Channel::from_shared(settings.url.clone())
-            .map_err(|e| anyhow::anyhow!("MEMORY_SERVICE_URL {:?}: {e}", settings.url))?
+            .map_err(|e| anyhow::anyhow!("BOOKING_MEMORY_URL {:?}: {e}", settings.url))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .timeout(settings.timeout);

@@ -1,6 +1,6 @@
 //! booking-service's own metrics, beside the shared RPC and pool metrics:
 //! queue depth by state (from a cheap query of our own, refreshed every
-//! `METRICS_REFRESH_INTERVAL`, not apalis's heavy statistics), job runs and
+//! `BOOKING_METRICS_REFRESH_INTERVAL`, not apalis's heavy statistics), job runs and
 //! durations, follow-up and planning outcomes, the delay from booking to
 //! plan start, and what the safety nets did: rows dead-lettered as
 //! unreadable, work re-enqueued by the sweep, rows pruned, and
@@ -136,7 +136,7 @@ impl BookingMetrics {
         );
         registry.register(
             "pruned",
-            "Rows deleted by pruning past JOB_RETENTION, by kind (jobs, workers)",
+            "Rows deleted by pruning past BOOKING_JOB_RETENTION, by kind (jobs, workers)",
             metrics.pruned.clone(),
         );
         registry.register(

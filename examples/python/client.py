@@ -14,7 +14,7 @@ checking every answer:
   slot gives FAILED_PRECONDITION with ErrorInfo reason SLOT_FULL.
 
 The stack must deliver follow-ups right after the event
-(FOLLOWUP_DELAY=0s WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh).
+(BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh).
 
 Exit status 0 when every check passed, 1 (with the failed check) otherwise.
 """
@@ -307,7 +307,7 @@ def book_and_follow_up(c: Client, args, user: str, conversation: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"no SENT follow-up after {args.followup_wait} s ({follow_ups}); does "
-                "booking-service run with FOLLOWUP_DELAY=0s?"
+                "booking-service run with BOOKING_FOLLOWUP_DELAY=0s?"
             )
         time.sleep(0.25)
     follow_up = follow_ups[0]

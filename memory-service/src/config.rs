@@ -1,11 +1,11 @@
 //! memory-service settings: command-line flags, each with an environment
 //! variable fallback and a default that works on a laptop. `--help` lists
 //! them all. Environment variables read here:
-//! `MEMORY_GRPC_ADDR`, `MEMORY_ADMIN_ADDR`, `DATABASE_URL`, `MEMORY_DB_MAX_CONNECTIONS`,
-//! `MEMORY_DB_ACQUIRE_TIMEOUT`, `MEMORY_DB_STATEMENT_TIMEOUT`,
-//! `MEMORY_SKIP_MIGRATIONS`, `MEMORY_HEALTH_INTERVAL`, `MEMORY_SHUTDOWN_TIMEOUT`,
+//! `GRPC_ADDR`, `ADMIN_ADDR`, `DATABASE_URL`, `DB_MAX_CONNECTIONS`,
+//! `DB_ACQUIRE_TIMEOUT`, `DB_STATEMENT_TIMEOUT`,
+//! `SKIP_MIGRATIONS`, `HEALTH_INTERVAL`, `SHUTDOWN_TIMEOUT`,
 //! `LOG_FORMAT`, `RUST_LOG`, `MEMORY_MAX_CONTENT_BYTES`,
-//! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MEMORY_MAX_PAGE_SIZE`,
+//! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MAX_PAGE_SIZE`,
 //! `MEMORY_MAX_PAGE_BYTES`, `MEMORY_MAX_DISTINCT_LABELS`,
 //! `MEMORY_PURGE_BATCH_SIZE`, `MEMORY_PURGE_INTERVAL`, and those of [`maitre_runtime::server::ServerArgs`] (auth, TLS, limits, reflection).
 //!
@@ -55,7 +55,7 @@ pub struct Settings {
     /// Address the gRPC server listens on.
     #[arg(
         long,
-        env = "MEMORY_GRPC_ADDR",
+        env = "GRPC_ADDR",
         default_value = "0.0.0.0:50051",
         global = true
     )]
@@ -64,7 +64,7 @@ pub struct Settings {
     /// Address of the admin HTTP server (Prometheus `/metrics`, `/healthz`); `off` disables it.
     #[arg(
         long,
-        env = "MEMORY_ADMIN_ADDR",
+        env = "ADMIN_ADDR",
         default_value = "0.0.0.0:9101",
         global = true
     )]
@@ -81,32 +81,27 @@ pub struct Settings {
     pub database_url: String,
 
     /// Most database connections the pool opens.
-    #[arg(
-        long,
-        env = "MEMORY_DB_MAX_CONNECTIONS",
-        default_value_t = 16,
-        global = true
-    )]
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
     pub db_max_connections: u32,
 
     /// How long a call waits for a free connection before failing UNAVAILABLE.
-    #[arg(long, env = "MEMORY_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub db_acquire_timeout: Duration,
 
     /// PostgreSQL statement_timeout for every statement.
-    #[arg(long, env = "MEMORY_DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     pub db_statement_timeout: Duration,
 
     /// Do not apply migrations when serving (run `migrate` separately).
-    #[arg(long, env = "MEMORY_SKIP_MIGRATIONS", global = true)]
+    #[arg(long, env = "SKIP_MIGRATIONS", global = true)]
     pub skip_migrations: bool,
 
     /// How often readiness re-checks the database.
-    #[arg(long, env = "MEMORY_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub health_interval: Duration,
 
     /// Longest wait for in-flight calls to finish after SIGTERM.
-    #[arg(long, env = "MEMORY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_timeout: Duration,
 
     /// Log line format.
@@ -140,12 +135,7 @@ pub struct Settings {
     pub max_label_chars: usize,
 
     /// Largest page a listing returns.
-    #[arg(
-        long,
-        env = "MEMORY_MAX_PAGE_SIZE",
-        default_value_t = 500,
-        global = true
-    )]
+    #[arg(long, env = "MAX_PAGE_SIZE", default_value_t = 500, global = true)]
     pub max_page_size: u32,
 
     /// Largest encoded ListMessages / ListConversations page, in bytes: a page

@@ -141,7 +141,7 @@ pub fn render(r: &Results) -> String {
         let t = &f.throughput;
         let _ = writeln!(
             out,
-            "\n== follow-ups (FOLLOWUP_DELAY=0, WORKER_POLL_INTERVAL=100ms) =="
+            "\n== follow-ups (BOOKING_FOLLOWUP_DELAY=0, BOOKING_WORKER_POLL_INTERVAL=100ms) =="
         );
         let _ = writeln!(
             out,

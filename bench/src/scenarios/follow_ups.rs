@@ -1,5 +1,5 @@
 //! follow-ups: the apalis pipeline under booking-service, measured from
-//! the database (booking-service runs with FOLLOWUP_DELAY=0 and 100 ms
+//! the database (booking-service runs with BOOKING_FOLLOWUP_DELAY=0 and 100 ms
 //! polling).
 //!
 //! 1. Plan start on an idle queue: bookings made one at a time; for each,

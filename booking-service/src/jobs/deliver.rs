@@ -18,7 +18,7 @@
 //! stays CANCELLED and gets the stored `message_id`, `sent_at` and a
 //! `last_error` starting with `SENT_AFTER_CANCEL` (metric outcome
 //! `sent_after_cancel`), so a message that did reach memory-service is never
-//! unaccounted for. The window is one call (≤ 2 × `MEMORY_CALL_TIMEOUT`). We
+//! unaccounted for. The window is one call (≤ 2 × `BOOKING_MEMORY_CALL_TIMEOUT`). We
 //! chose this over making the cancel wait for the lease because a cancel
 //! waiting on a slow memory-service would hold the booking and slot rows and
 //! stall every CreateBooking of the slot — the very stall this design removes.
@@ -206,7 +206,7 @@ async fn record_failure(
             .is_some_and(|last| last.contains(&format!("failed: {code}")));
         if !repeated {
             tracing::error!(%error, "memory-service refuses booking-service's credentials or set-up; \
-                the follow-up keeps retrying on the long schedule: fix MEMORY_SERVICE_TOKEN_FILE / \
+                the follow-up keeps retrying on the long schedule: fix BOOKING_MEMORY_TOKEN_FILE / \
                 memory-service's AUTH_GRANTS, then RetryFollowUps re-drives any that FAILED meanwhile");
         }
     }

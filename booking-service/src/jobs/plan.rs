@@ -6,7 +6,7 @@
 //! one. Whatever fails when, some live job holds its newest plan attempt or
 //! the sweep enqueues the next one: a retry is taken by compare-and-set on
 //! the booking's `plan_attempt`, never restarts at 1, and after
-//! `FOLLOWUP_PLAN_MAX_ATTEMPTS` the neutral template is used.
+//! `BOOKING_FOLLOWUP_PLAN_MAX_ATTEMPTS` the neutral template is used.
 
 use apalis::prelude::{BoxDynError, Data};
 use chrono::Utc;

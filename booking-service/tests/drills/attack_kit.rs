@@ -41,7 +41,7 @@ impl Target {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("admin address");
-        let mut memory_env = vec![("MEMORY_ADMIN_ADDR", admin.to_string())];
+        let mut memory_env = vec![("ADMIN_ADDR", admin.to_string())];
         memory_env.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let stack = Stack::start(
             drill,

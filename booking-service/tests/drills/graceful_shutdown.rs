@@ -15,7 +15,7 @@ use crate::{
     harness::{Options, Stack},
 };
 
-/// BOOKING_SHUTDOWN_TIMEOUT as the harness sets it.
+/// SHUTDOWN_TIMEOUT as the harness sets it.
 const GRACE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

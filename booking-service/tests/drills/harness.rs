@@ -486,10 +486,7 @@ impl Stack {
 
         let memory_port = free_port();
         let mut memory_env = common("MEMORY");
-        memory_env.push((
-            "MEMORY_GRPC_ADDR".to_owned(),
-            format!("127.0.0.1:{memory_port}"),
-        ));
+        memory_env.push(("GRPC_ADDR".to_owned(), format!("127.0.0.1:{memory_port}")));
         memory_env.extend(
             options
                 .memory_env
@@ -510,19 +507,19 @@ impl Stack {
             let port = free_port();
             let mut env = common("BOOKING");
             let quick = [
-                ("BOOKING_GRPC_ADDR", format!("127.0.0.1:{port}")),
+                ("GRPC_ADDR", format!("127.0.0.1:{port}")),
                 (
-                    "MEMORY_SERVICE_URL",
+                    "BOOKING_MEMORY_URL",
                     format!("http://127.0.0.1:{memory_port}"),
                 ),
-                ("FOLLOWUP_DELAY", "0s".into()),
-                ("WORKER_POLL_INTERVAL", "100ms".into()),
-                ("WORKER_HEARTBEAT_INTERVAL", "1s".into()),
-                ("WORKER_MISSED_HEARTBEATS", "3".into()),
-                ("FOLLOWUP_RETRY_BASE", "200ms".into()),
-                ("FOLLOWUP_RETRY_MAX", "1s".into()),
-                ("FOLLOWUP_DELIVER_MAX_ATTEMPTS", "100".into()),
-                ("BOOKING_SHUTDOWN_TIMEOUT", "20s".into()),
+                ("BOOKING_FOLLOWUP_DELAY", "0s".into()),
+                ("BOOKING_WORKER_POLL_INTERVAL", "100ms".into()),
+                ("BOOKING_WORKER_HEARTBEAT_INTERVAL", "1s".into()),
+                ("BOOKING_WORKER_MISSED_HEARTBEATS", "3".into()),
+                ("BOOKING_FOLLOWUP_RETRY_BASE", "200ms".into()),
+                ("BOOKING_FOLLOWUP_RETRY_MAX", "1s".into()),
+                ("BOOKING_FOLLOWUP_DELIVER_MAX_ATTEMPTS", "100".into()),
+                ("SHUTDOWN_TIMEOUT", "20s".into()),
             ];
             env.extend(quick.into_iter().map(|(k, v)| (k.to_owned(), v)));
             env.extend(

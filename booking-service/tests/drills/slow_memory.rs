@@ -169,13 +169,13 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
         "slow_memory",
         Options {
             booking_env: vec![
-                ("MEMORY_SERVICE_URL", format!("http://{}", proxy.addr)),
+                ("BOOKING_MEMORY_URL", format!("http://{}", proxy.addr)),
                 // Each call takes 3 s: a deadline well above it.
-                ("MEMORY_CALL_TIMEOUT", "10s".into()),
+                ("BOOKING_MEMORY_CALL_TIMEOUT", "10s".into()),
                 // 100 deliveries in flight at once, on the default 12
                 // worker connections: only possible if no delivery holds a
                 // connection across its call.
-                ("WORKER_CONCURRENCY", "100".into()),
+                ("BOOKING_WORKER_CONCURRENCY", "100".into()),
             ],
             ..Options::default()
         },
