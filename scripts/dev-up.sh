@@ -90,7 +90,7 @@ pids=()
 names=()
 private_data=""      # set when this script started a private cluster
 cleaned=0
-# shellcheck disable=SC2317,SC2012  # called from the EXIT trap; ls | sort -V picks the version
+# shellcheck disable=SC2317,SC2329,SC2012  # called from the EXIT trap; ls | sort -V picks the version
 cleanup() {
     ((cleaned)) && return 0
     cleaned=1
