@@ -1,28 +1,18 @@
 //! booking-service settings: flags with environment fallbacks and defaults
-//! that work on a laptop; `--help` lists them. Environment variables read:
-//! `GRPC_ADDR`, `ADMIN_ADDR`, `DATABASE_URL`, `BOOKING_MEMORY_URL`,
-//! `BOOKING_MEMORY_TOKEN_FILE`, `BOOKING_MEMORY_CA_FILE`,
-//! `BOOKING_MEMORY_CLIENT_CERT_FILE`, `BOOKING_MEMORY_CLIENT_KEY_FILE`,
-//! `BOOKING_MEMORY_CALL_TIMEOUT`, `DB_MAX_CONNECTIONS`,
-//! `BOOKING_WORKER_DB_MAX_CONNECTIONS`, `DB_ACQUIRE_TIMEOUT`, `DB_STATEMENT_TIMEOUT`,
-//! `SKIP_MIGRATIONS`, `HEALTH_INTERVAL`,
-//! `SHUTDOWN_TIMEOUT`, `MAX_PAGE_SIZE`, `BOOKING_FOLLOWUP_DELAY`,
-//! `BOOKING_FOLLOWUP_HISTORY_LEN`, `BOOKING_FOLLOWUP_PLAN_MAX_ATTEMPTS`,
-//! `BOOKING_FOLLOWUP_DELIVER_MAX_ATTEMPTS`, `BOOKING_FOLLOWUP_RETRY_BASE`,
-//! `BOOKING_FOLLOWUP_RETRY_MAX`, `BOOKING_WORKER_CONCURRENCY`, `BOOKING_WORKER_POLL_INTERVAL`,
-//! `BOOKING_WORKER_HEARTBEAT_INTERVAL`, `BOOKING_WORKER_MISSED_HEARTBEATS`,
-//! `BOOKING_JOB_RETENTION`, `BOOKING_JOB_PRUNE_INTERVAL`, `BOOKING_FOLLOWUP_SWEEP_GRACE`, `BOOKING_METRICS_REFRESH_INTERVAL`, `BOOKING_DISABLE_WORKERS`,
-//! `LOG_FORMAT`, `RUST_LOG`, and those of [`maitre_runtime::server::ServerArgs`].
+//! that work on a laptop. `--help` lists them all; README.md's Configuration
+//! tables explain them. The settings both services share are [`CommonArgs`]
+//! and [`ServerArgs`]; booking-service's own are read from `BOOKING_*`
+//! variables.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Subcommand};
 use maitre_runtime::{
+    config::{CommonArgs, RenamedVariables, ServiceDefaults},
     db::PoolSettings,
-    server::{AdminAddr, ServerArgs},
-    telemetry::LogFormat,
+    server::ServerArgs,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
@@ -35,14 +25,109 @@ use crate::{
 /// maitre booking-service: books customers into time slots of limited
 /// capacity and schedules a post-event follow-up for every booking through an
 /// apalis job queue in PostgreSQL.
-#[derive(Debug, Parser)]
-#[command(name = "booking-service", version)]
+#[derive(Debug, Args)]
+#[command(version)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub settings: Settings,
 }
+
+/// booking-service's defaults for the settings both services share.
+const DEFAULTS: ServiceDefaults = ServiceDefaults {
+    grpc_addr: "0.0.0.0:50052",
+    admin_addr: "0.0.0.0:9102",
+    db_max_connections: "20",
+    log_filter: "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn",
+};
+
+/// By hand rather than derived, to apply booking-service's [`DEFAULTS`] (and
+/// its own wording of two shared flags): `Cli::parse()` and `--help` both
+/// see them.
+impl CommandFactory for Cli {
+    fn command() -> clap::Command {
+        own_wording(DEFAULTS.apply(Self::augment_args(clap::Command::new("booking-service"))))
+    }
+
+    fn command_for_update() -> clap::Command {
+        own_wording(
+            DEFAULTS.apply(Self::augment_args_for_update(clap::Command::new(
+                "booking-service",
+            ))),
+        )
+    }
+}
+
+impl clap::Parser for Cli {}
+
+/// The shared flags whose meaning booking-service widens: two pools, and
+/// running jobs that shutdown waits for.
+fn own_wording(command: clap::Command) -> clap::Command {
+    command
+        .mut_arg("db_max_connections", |arg| {
+            arg.help(
+                "Most database connections the API pool opens (the follow-up workers have \
+                 their own pool, BOOKING_WORKER_DB_MAX_CONNECTIONS)",
+            )
+        })
+        .mut_arg("shutdown_timeout", |arg| {
+            arg.help("Longest wait for in-flight calls and running jobs after SIGTERM")
+        })
+}
+
+/// Variables booking-service read before the naming scheme of issue 11: it
+/// refuses to start while one is set (see [`RenamedVariables`]).
+pub const RENAMED_VARIABLES: RenamedVariables = RenamedVariables {
+    shared_prefix: "BOOKING_",
+    own: &[
+        ("MEMORY_SERVICE_URL", "BOOKING_MEMORY_URL"),
+        ("MEMORY_CALL_TIMEOUT", "BOOKING_MEMORY_CALL_TIMEOUT"),
+        ("MEMORY_SERVICE_TOKEN_FILE", "BOOKING_MEMORY_TOKEN_FILE"),
+        ("MEMORY_SERVICE_CA_FILE", "BOOKING_MEMORY_CA_FILE"),
+        (
+            "MEMORY_SERVICE_CLIENT_CERT_FILE",
+            "BOOKING_MEMORY_CLIENT_CERT_FILE",
+        ),
+        (
+            "MEMORY_SERVICE_CLIENT_KEY_FILE",
+            "BOOKING_MEMORY_CLIENT_KEY_FILE",
+        ),
+        (
+            "WORKER_DB_MAX_CONNECTIONS",
+            "BOOKING_WORKER_DB_MAX_CONNECTIONS",
+        ),
+        ("FOLLOWUP_DELAY", "BOOKING_FOLLOWUP_DELAY"),
+        ("FOLLOWUP_HISTORY_LEN", "BOOKING_FOLLOWUP_HISTORY_LEN"),
+        (
+            "FOLLOWUP_PLAN_MAX_ATTEMPTS",
+            "BOOKING_FOLLOWUP_PLAN_MAX_ATTEMPTS",
+        ),
+        (
+            "FOLLOWUP_DELIVER_MAX_ATTEMPTS",
+            "BOOKING_FOLLOWUP_DELIVER_MAX_ATTEMPTS",
+        ),
+        ("FOLLOWUP_RETRY_BASE", "BOOKING_FOLLOWUP_RETRY_BASE"),
+        ("FOLLOWUP_RETRY_MAX", "BOOKING_FOLLOWUP_RETRY_MAX"),
+        ("FOLLOWUP_SWEEP_GRACE", "BOOKING_FOLLOWUP_SWEEP_GRACE"),
+        ("WORKER_CONCURRENCY", "BOOKING_WORKER_CONCURRENCY"),
+        ("WORKER_POLL_INTERVAL", "BOOKING_WORKER_POLL_INTERVAL"),
+        (
+            "WORKER_HEARTBEAT_INTERVAL",
+            "BOOKING_WORKER_HEARTBEAT_INTERVAL",
+        ),
+        (
+            "WORKER_MISSED_HEARTBEATS",
+            "BOOKING_WORKER_MISSED_HEARTBEATS",
+        ),
+        ("JOB_RETENTION", "BOOKING_JOB_RETENTION"),
+        ("JOB_PRUNE_INTERVAL", "BOOKING_JOB_PRUNE_INTERVAL"),
+        (
+            "METRICS_REFRESH_INTERVAL",
+            "BOOKING_METRICS_REFRESH_INTERVAL",
+        ),
+    ],
+};
 
 #[derive(Debug, Clone, Copy, Subcommand)]
 pub enum Command {
@@ -64,33 +149,8 @@ fn duration(value: &str) -> Result<Duration, humantime::DurationError> {
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// Address the gRPC server listens on.
-    #[arg(
-        long,
-        env = "GRPC_ADDR",
-        default_value = "0.0.0.0:50052",
-        global = true
-    )]
-    pub grpc_addr: SocketAddr,
-
-    /// Address of the admin HTTP server (Prometheus `/metrics`, `/healthz`); `off` disables it.
-    #[arg(
-        long,
-        env = "ADMIN_ADDR",
-        default_value = "0.0.0.0:9102",
-        global = true
-    )]
-    pub admin_addr: AdminAddr,
-
-    /// PostgreSQL URL of the database holding schemas `booking` and `apalis`.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/maitre",
-        hide_env_values = true,
-        global = true
-    )]
-    pub database_url: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
 
     /// Where memory-service answers gRPC.
     #[arg(
@@ -131,10 +191,6 @@ pub struct Settings {
     #[arg(long, env = "BOOKING_MEMORY_CALL_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
     pub memory_call_timeout: Duration,
 
-    /// Most database connections the API pool opens (the follow-up workers have their own pool, BOOKING_WORKER_DB_MAX_CONNECTIONS).
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20, global = true)]
-    pub db_max_connections: u32,
-
     /// Connections of the follow-up workers' own pool (each queue also holds one for LISTEN).
     #[arg(
         long,
@@ -143,30 +199,6 @@ pub struct Settings {
         global = true
     )]
     pub worker_db_max_connections: u32,
-
-    /// How long a call waits for a free connection before failing UNAVAILABLE.
-    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
-    pub db_acquire_timeout: Duration,
-
-    /// PostgreSQL statement_timeout for every statement.
-    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = duration, global = true)]
-    pub db_statement_timeout: Duration,
-
-    /// Do not apply migrations when serving (run `migrate` separately).
-    #[arg(long, env = "SKIP_MIGRATIONS", global = true)]
-    pub skip_migrations: bool,
-
-    /// How often readiness re-checks the database.
-    #[arg(long, env = "HEALTH_INTERVAL", default_value = "2s", value_parser = duration, global = true)]
-    pub health_interval: Duration,
-
-    /// Longest wait for in-flight calls and running jobs after SIGTERM.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration, global = true)]
-    pub shutdown_timeout: Duration,
-
-    /// Largest page a listing returns.
-    #[arg(long, env = "MAX_PAGE_SIZE", default_value_t = 500, global = true)]
-    pub max_page_size: u32,
 
     /// When a follow-up is delivered: this long after the event ends.
     #[arg(long, env = "BOOKING_FOLLOWUP_DELAY", default_value = "24h", value_parser = duration, global = true)]
@@ -255,26 +287,13 @@ pub struct Settings {
 
     #[command(flatten)]
     pub server: ServerArgs,
-
-    /// Log line format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-
-    /// Log filter, in tracing's EnvFilter syntax.
-    #[arg(
-        long,
-        env = "RUST_LOG",
-        default_value = "info,sqlx=warn,apalis=warn,apalis_core=warn,apalis_postgres=warn",
-        global = true
-    )]
-    pub log_filter: String,
 }
 
 impl Settings {
     /// Defaults for everything, with the given database and memory-service (tests).
     pub fn for_database(database_url: &str, memory_service_url: &str) -> Self {
-        let mut settings = Cli::parse_from(["booking-service"]).settings;
-        settings.database_url = database_url.to_owned();
+        let mut settings = <Cli as clap::Parser>::parse_from(["booking-service"]).settings;
+        settings.common.database_url = database_url.to_owned();
         settings.memory_service_url = memory_service_url.to_owned();
         // Tests bind loopback and opt into authentication where they test it.
         settings.server.auth_mode = maitre_runtime::server::AuthMode::None;
@@ -282,14 +301,7 @@ impl Settings {
     }
 
     pub fn pool(&self) -> PoolSettings {
-        PoolSettings {
-            url: self.database_url.clone(),
-            max_connections: self.db_max_connections,
-            acquire_timeout: self.db_acquire_timeout,
-            statement_timeout: self.db_statement_timeout,
-            application_name: "booking-service".into(),
-            asynchronous_commit: false,
-        }
+        self.common.pool("booking-service")
     }
 
     /// The follow-up workers' own pool. Its commits do not wait for the WAL

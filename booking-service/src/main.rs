@@ -1,25 +1,22 @@
 use booking_service::{
-    config::{Cli, Command},
+    config::{Cli, Command, RENAMED_VARIABLES},
     startup::{self, Application},
 };
 use clap::Parser;
+use maitre_runtime::{launch, shutdown};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Cli { command, settings } = Cli::parse();
-    maitre_runtime::telemetry::init(settings.log_format, &settings.log_filter);
-    let result = match command.unwrap_or(Command::Serve) {
-        Command::Migrate => startup::migrate(&settings).await,
-        Command::Serve => match Application::build(settings).await {
-            Ok(app) => {
-                app.run_until_stopped(maitre_runtime::shutdown::signal())
-                    .await
+    let log = settings.common.log.clone();
+    launch::run_main("booking-service", log, &RENAMED_VARIABLES, async move {
+        match command.unwrap_or(Command::Serve) {
+            Command::Migrate => startup::migrate(&settings).await,
+            Command::Serve => {
+                let app = Application::build(settings).await?;
+                app.run_until_stopped(shutdown::signal()).await
             }
-            Err(e) => Err(e),
-        },
-    };
-    if let Err(error) = &result {
-        tracing::error!(error = format!("{error:#}"), "booking-service failed");
-    }
-    result
+        }
+    })
+    .await
 }

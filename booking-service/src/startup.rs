@@ -1,7 +1,9 @@
-//! Building and running booking-service: pool, migrations (apalis's, then
-//! ours), the follow-up workers, and the shared server assembly
-//! (`maitre_runtime::server`): health, reflection, the RPC layer, TLS, the admin
-//! port, graceful shutdown that lets running jobs finish.
+//! Building and running booking-service: what is its own (its gRPC service,
+//! the client of memory-service, its migrations after apalis's, the
+//! follow-up workers and the metrics refresher) on top of the shared start-up
+//! (`maitre_runtime::launch`: ports, pool, migrations) and server assembly
+//! (`maitre_runtime::server`: health, reflection, the RPC layer, TLS, the
+//! admin port, graceful shutdown that lets running jobs finish).
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -9,11 +11,10 @@ use anyhow::Context;
 use apalis_postgres::PostgresStorage;
 use maitre_api::booking::v1::booking_service_server::BookingServiceServer;
 use maitre_runtime::{
+    launch::{self, Bound},
     metrics::Metrics,
     server::{ServeSpec, serve},
 };
-use sqlx::PgPool;
-use tokio::net::TcpListener;
 
 use crate::{
     config::Settings,
@@ -41,10 +42,7 @@ const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 /// A booking-service bound to its ports, ready to serve.
 pub struct Application {
-    /// Bound before serving so tests can ask for port 0 and learn it.
-    listener: TcpListener,
-    admin_listener: Option<TcpListener>,
-    pool: PgPool,
+    bound: Bound,
     memory: MemoryClient,
     metrics: Arc<Metrics>,
     booking_metrics: Arc<BookingMetrics>,
@@ -56,21 +54,11 @@ impl Application {
         // Fail on bad auth/TLS configuration before binding anything.
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
         let memory = MemoryClient::new(&settings.memory_client()?)?;
-        let listener = TcpListener::bind(settings.grpc_addr)
-            .await
-            .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
-        let admin_listener = settings.admin_addr.bind().await?;
-        let pool =
-            maitre_runtime::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
-        if !settings.skip_migrations {
-            migrate(&settings).await?;
-        }
+        let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("booking-service");
         let booking_metrics = BookingMetrics::register(metrics.registry_mut());
         Ok(Self {
-            listener,
-            admin_listener,
-            pool,
+            bound,
             memory,
             metrics: Arc::new(metrics),
             booking_metrics,
@@ -79,16 +67,12 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.settings.grpc_addr)
+        self.bound.grpc_addr(self.settings.common.grpc_addr)
     }
 
     /// Where `/metrics` is served, if anywhere.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.bound.admin_addr()
     }
 
     /// Serves and runs the workers until `shutdown`; then NOT_SERVING, drain
@@ -98,32 +82,31 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self {
-            listener,
-            admin_listener,
-            pool,
+            bound,
             memory,
             metrics,
             booking_metrics,
             settings,
         } = self;
+        let Bound { grpc, admin, pool } = bound;
         let api = BookingServiceServer::new(BookingApi::new(
             pool.clone(),
-            settings.max_page_size,
+            settings.common.max_page_size,
             memory.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let spec = ServeSpec {
             service_name: SERVICE_NAME,
-            listener,
-            admin_listener,
+            listener: grpc,
+            admin_listener: admin,
             pool: pool.clone(),
             metrics,
             args: settings.server.clone(),
             default_grants: DEFAULT_GRANTS,
             max_request_bytes: MAX_REQUEST_BYTES + 1024,
-            health_interval: settings.health_interval,
-            shutdown_timeout: settings.shutdown_timeout,
+            health_interval: settings.common.health_interval,
+            shutdown_timeout: settings.common.shutdown_timeout,
         };
         let worker_pool = maitre_runtime::db::connect_lazy(&settings.worker_pool())
             .context("parsing DATABASE_URL")?;
@@ -172,18 +155,14 @@ impl Application {
 /// `apalis`) and booking-service's (schema `booking`, which indexes apalis's
 /// job table and so must come second).
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    maitre_runtime::db::create_database_if_missing(&settings.database_url)
-        .await
-        .context("creating the database (is PostgreSQL running? see DATABASE_URL)")?;
-    let pool = maitre_runtime::db::connect_lazy(&settings.pool())?;
-    PostgresStorage::setup(&pool)
-        .await
-        .context("applying apalis's migrations")?;
-    store::migrator()
-        .run(&pool)
-        .await
-        .context("applying booking-service migrations")?;
-    pool.close().await;
-    tracing::info!("booking-service migrations applied");
-    Ok(())
+    launch::migrate("booking-service", &settings.pool(), async |pool| {
+        PostgresStorage::setup(pool)
+            .await
+            .context("applying apalis's migrations")?;
+        store::migrator()
+            .run(pool)
+            .await
+            .context("applying booking-service migrations")
+    })
+    .await
 }

@@ -1,30 +1,40 @@
 //! memory-service settings: command-line flags, each with an environment
 //! variable fallback and a default that works on a laptop. `--help` lists
-//! them all. Environment variables read here:
-//! `GRPC_ADDR`, `ADMIN_ADDR`, `DATABASE_URL`, `DB_MAX_CONNECTIONS`,
-//! `DB_ACQUIRE_TIMEOUT`, `DB_STATEMENT_TIMEOUT`,
-//! `SKIP_MIGRATIONS`, `HEALTH_INTERVAL`, `SHUTDOWN_TIMEOUT`,
-//! `LOG_FORMAT`, `RUST_LOG`, `MEMORY_MAX_CONTENT_BYTES`,
-//! `MEMORY_MAX_METADATA_BYTES`, `MEMORY_MAX_LABEL_CHARS`, `MAX_PAGE_SIZE`,
-//! `MEMORY_MAX_PAGE_BYTES`, `MEMORY_MAX_DISTINCT_LABELS`,
-//! `MEMORY_PURGE_BATCH_SIZE`, `MEMORY_PURGE_INTERVAL`, and those of [`maitre_runtime::server::ServerArgs`] (auth, TLS, limits, reflection).
+//! them all; README.md's Configuration tables explain them. The settings both
+//! services share are [`CommonArgs`] and [`ServerArgs`]; memory-service's own
+//! are read from `MEMORY_*` variables.
 //!
 //! [`Settings::check_limits`] refuses, at start-up, limits under which an
 //! answer could outgrow [`MAX_RESPONSE_BYTES`]: such a call would fail only
 //! after its work was done.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Subcommand};
 use maitre_runtime::{
+    config::{CommonArgs, RenamedVariables, ServiceDefaults},
     db::PoolSettings,
-    server::{AdminAddr, ServerArgs},
-    telemetry::LogFormat,
+    server::ServerArgs,
 };
 
 use anyhow::ensure;
 
 use crate::{domain::Limits, erasure::PurgeSettings, startup::MAX_RESPONSE_BYTES};
+
+/// memory-service's defaults for the settings both services share.
+const DEFAULTS: ServiceDefaults = ServiceDefaults {
+    grpc_addr: "0.0.0.0:50051",
+    admin_addr: "0.0.0.0:9101",
+    db_max_connections: "16",
+    log_filter: "info,sqlx=warn",
+};
+
+/// Variables memory-service read before the naming scheme of issue 11: it
+/// refuses to start while one is set (see [`RenamedVariables`]).
+pub const RENAMED_VARIABLES: RenamedVariables = RenamedVariables {
+    shared_prefix: "MEMORY_",
+    own: &[],
+};
 
 /// What a response wrapping one item adds to the item's own encoding, at
 /// most: field tags and lengths, ids and a timestamp the request did not
@@ -33,14 +43,30 @@ const ENVELOPE_BYTES: usize = 1024;
 
 /// maitre memory-service: stores every chat message with its emotion score
 /// and keeps per-conversation emotion statistics and history, over gRPC.
-#[derive(Debug, Parser)]
-#[command(name = "memory-service", version)]
+#[derive(Debug, Args)]
+#[command(version)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub settings: Settings,
 }
+
+/// By hand rather than derived, to apply memory-service's [`DEFAULTS`] to
+/// the shared flags: `Cli::parse()` and `--help` both see them.
+impl CommandFactory for Cli {
+    fn command() -> clap::Command {
+        DEFAULTS.apply(Self::augment_args(clap::Command::new("memory-service")))
+    }
+
+    fn command_for_update() -> clap::Command {
+        DEFAULTS.apply(Self::augment_args_for_update(clap::Command::new(
+            "memory-service",
+        )))
+    }
+}
+
+impl clap::Parser for Cli {}
 
 #[derive(Debug, Clone, Copy, Subcommand)]
 pub enum Command {
@@ -52,70 +78,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// Address the gRPC server listens on.
-    #[arg(
-        long,
-        env = "GRPC_ADDR",
-        default_value = "0.0.0.0:50051",
-        global = true
-    )]
-    pub grpc_addr: SocketAddr,
-
-    /// Address of the admin HTTP server (Prometheus `/metrics`, `/healthz`); `off` disables it.
-    #[arg(
-        long,
-        env = "ADMIN_ADDR",
-        default_value = "0.0.0.0:9101",
-        global = true
-    )]
-    pub admin_addr: AdminAddr,
-
-    /// PostgreSQL URL of the database holding schema `memory`.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/maitre",
-        hide_env_values = true,
-        global = true
-    )]
-    pub database_url: String,
-
-    /// Most database connections the pool opens.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 16, global = true)]
-    pub db_max_connections: u32,
-
-    /// How long a call waits for a free connection before failing UNAVAILABLE.
-    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
-    pub db_acquire_timeout: Duration,
-
-    /// PostgreSQL statement_timeout for every statement.
-    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
-    pub db_statement_timeout: Duration,
-
-    /// Do not apply migrations when serving (run `migrate` separately).
-    #[arg(long, env = "SKIP_MIGRATIONS", global = true)]
-    pub skip_migrations: bool,
-
-    /// How often readiness re-checks the database.
-    #[arg(long, env = "HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
-    pub health_interval: Duration,
-
-    /// Longest wait for in-flight calls to finish after SIGTERM.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration, global = true)]
-    pub shutdown_timeout: Duration,
-
-    /// Log line format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-
-    /// Log filter, in tracing's EnvFilter syntax.
-    #[arg(
-        long,
-        env = "RUST_LOG",
-        default_value = "info,sqlx=warn",
-        global = true
-    )]
-    pub log_filter: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
 
     /// Largest message content accepted, in bytes.
     #[arg(long, env = "MEMORY_MAX_CONTENT_BYTES", default_value_t = 32 * 1024, global = true)]
@@ -133,10 +97,6 @@ pub struct Settings {
         global = true
     )]
     pub max_label_chars: usize,
-
-    /// Largest page a listing returns.
-    #[arg(long, env = "MAX_PAGE_SIZE", default_value_t = 500, global = true)]
-    pub max_page_size: u32,
 
     /// Largest encoded ListMessages / ListConversations page, in bytes: a page
     /// holds fewer than page_size items when the next would pass this (never
@@ -177,22 +137,15 @@ pub struct Settings {
 impl Settings {
     /// Defaults for everything, with the given database (used by tests).
     pub fn for_database(database_url: &str) -> Self {
-        let mut settings = Cli::parse_from(["memory-service"]).settings;
-        settings.database_url = database_url.to_owned();
+        let mut settings = <Cli as clap::Parser>::parse_from(["memory-service"]).settings;
+        settings.common.database_url = database_url.to_owned();
         // Tests bind loopback and opt into authentication where they test it.
         settings.server.auth_mode = maitre_runtime::server::AuthMode::None;
         settings
     }
 
     pub fn pool(&self) -> PoolSettings {
-        PoolSettings {
-            url: self.database_url.clone(),
-            max_connections: self.db_max_connections,
-            acquire_timeout: self.db_acquire_timeout,
-            statement_timeout: self.db_statement_timeout,
-            application_name: "memory-service".into(),
-            asynchronous_commit: false,
-        }
+        self.common.pool("memory-service")
     }
 
     pub fn purge(&self) -> PurgeSettings {
@@ -207,7 +160,7 @@ impl Settings {
             max_content_bytes: self.max_content_bytes,
             max_metadata_bytes: self.max_metadata_bytes,
             max_label_chars: self.max_label_chars,
-            max_page_size: self.max_page_size,
+            max_page_size: self.common.max_page_size,
             max_page_bytes: self.max_page_bytes,
             max_distinct_labels: self.max_distinct_labels,
             ..Limits::default()

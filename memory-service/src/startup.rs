@@ -1,18 +1,19 @@
-//! Building and running memory-service: pool, migrations, then the shared
-//! server assembly (`maitre_runtime::server`): health, reflection, the RPC layer,
-//! TLS, the admin port, graceful shutdown, and the background purger that
-//! finishes erasures ([`crate::erasure::Purger`]).
+//! Building and running memory-service: what is its own (its gRPC service,
+//! its limits, its migrations, the background purger that finishes erasures,
+//! [`crate::erasure::Purger`]) on top of the shared start-up
+//! (`maitre_runtime::launch`: ports, pool, migrations) and server assembly
+//! (`maitre_runtime::server`: health, reflection, the RPC layer, TLS, the
+//! admin port, graceful shutdown).
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use maitre_api::memory::v1::memory_service_server::MemoryServiceServer;
 use maitre_runtime::{
+    launch::{self, Bound},
     metrics::Metrics,
     server::{ServeSpec, serve},
 };
-use sqlx::PgPool;
-use tokio::net::TcpListener;
 
 use crate::{config::Settings, erasure::Purger, grpc::MemoryApi, store};
 
@@ -37,10 +38,7 @@ pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 /// A memory-service bound to its ports, ready to serve.
 pub struct Application {
-    /// Bound before serving so that tests can ask for port 0 and learn it.
-    listener: TcpListener,
-    admin_listener: Option<TcpListener>,
-    pool: PgPool,
+    bound: Bound,
     metrics: Arc<Metrics>,
     settings: Settings,
 }
@@ -52,36 +50,22 @@ impl Application {
         // Fail on bad limits, auth or TLS configuration before binding anything.
         settings.check_limits()?;
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
-        let listener = TcpListener::bind(settings.grpc_addr)
-            .await
-            .with_context(|| format!("binding gRPC address {}", settings.grpc_addr))?;
-        let admin_listener = settings.admin_addr.bind().await?;
-        let pool =
-            maitre_runtime::db::connect_lazy(&settings.pool()).context("parsing DATABASE_URL")?;
-        if !settings.skip_migrations {
-            migrate(&settings).await?;
-        }
+        let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let metrics = Arc::new(Metrics::new("memory-service"));
         Ok(Self {
-            listener,
-            admin_listener,
-            pool,
+            bound,
             metrics,
             settings,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or(self.settings.grpc_addr)
+        self.bound.grpc_addr(self.settings.common.grpc_addr)
     }
 
     /// Where `/metrics` is served, if anywhere.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.bound.admin_addr()
     }
 
     /// Serves until `shutdown`; then NOT_SERVING, in-flight calls finish (at
@@ -91,12 +75,11 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self {
-            listener,
-            admin_listener,
-            pool,
+            bound,
             metrics,
             settings,
         } = self;
+        let Bound { grpc, admin, pool } = bound;
         // Finishes erasures that DeleteUserData left unfinished, on every
         // replica; stops with the server (between two batches).
         let purger = Purger::new(pool.clone(), settings.purge());
@@ -111,16 +94,16 @@ impl Application {
             .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let spec = ServeSpec {
             service_name: SERVICE_NAME,
-            listener,
-            admin_listener,
+            listener: grpc,
+            admin_listener: admin,
             pool,
             metrics,
             args: settings.server.clone(),
             default_grants: DEFAULT_GRANTS,
             // Framing and a little slack over the decoder's own limit.
             max_request_bytes: settings.max_request_bytes() + 1024,
-            health_interval: settings.health_interval,
-            shutdown_timeout: settings.shutdown_timeout,
+            health_interval: settings.common.health_interval,
+            shutdown_timeout: settings.common.shutdown_timeout,
         };
         serve(spec, api, shutdown, move |stopping| {
             Some(tokio::spawn(purger.run(stopping)))
@@ -131,15 +114,11 @@ impl Application {
 
 /// Creates the database if missing and applies memory-service's migrations.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    maitre_runtime::db::create_database_if_missing(&settings.database_url)
-        .await
-        .context("creating the database (is PostgreSQL running? see DATABASE_URL)")?;
-    let pool = maitre_runtime::db::connect_lazy(&settings.pool())?;
-    store::migrator()
-        .run(&pool)
-        .await
-        .context("applying memory-service migrations")?;
-    pool.close().await;
-    tracing::info!("memory-service migrations applied");
-    Ok(())
+    launch::migrate("memory-service", &settings.pool(), async |pool| {
+        store::migrator()
+            .run(pool)
+            .await
+            .context("applying memory-service migrations")
+    })
+    .await
 }

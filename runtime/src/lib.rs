@@ -1,6 +1,10 @@
 //! maitre's server runtime: what both services run the same way, so each
 //! service's own crate holds only its domain, storage and handlers.
 //!
+//! - [`config`]: the settings both services read alike (one clap struct
+//!   each flattens), and the refusal of renamed environment variables.
+//! - [`launch`]: each `main`'s body, binding the ports and the database,
+//!   running migrations.
 //! - [`telemetry`]: tracing set-up.
 //! - [`rpc`]: the tower layer every call passes: request id and trace
 //!   context, authentication and grants, load shedding, deadlines, metrics,
@@ -24,9 +28,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod config;
 pub mod db;
 pub mod fields;
 pub mod health;
+pub mod launch;
 pub mod listener;
 pub mod metrics;
 pub mod pagination;

@@ -3,14 +3,9 @@
 //! shedding, deadlines, metrics, logs), optional TLS/mTLS, connection limits,
 //! the admin HTTP port, background tasks, and graceful shutdown.
 //!
-//! Environment variables read here (shared by both services): `REFLECTION`,
-//! `MAX_CONCURRENT_RPCS`, `RPC_TIMEOUT`, `MAX_RPC_TIMEOUT`,
-//! `REQUEST_READ_TIMEOUT`, `MAX_PENDING_REQUEST_BYTES`, `AUTH_MODE`, `AUTH_TOKENS`, `AUTH_TOKENS_FILE`,
-//! `AUTH_GRANTS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_CLIENT_CA_FILE`,
-//! `MAX_CONNECTIONS`, `MAX_CONCURRENT_STREAMS`, `HANDSHAKE_TIMEOUT`,
-//! `HTTP2_KEEPALIVE_INTERVAL`, `HTTP2_KEEPALIVE_TIMEOUT`, `TCP_KEEPALIVE`,
-//! `MAX_CONNECTION_AGE`, `MAX_CONNECTION_AGE_GRACE`, `MAX_HEALTH_WATCHERS`,
-//! `HTTP2_MAX_PENDING_RESET_STREAMS`, `HTTP2_MAX_LOCAL_ERROR_RESETS`.
+//! [`ServerArgs`] are the flags of all this (auth, TLS, limits, reflection),
+//! the same in both services: `--help` lists them with their environment
+//! variables, README.md's Configuration section explains them.
 
 use std::{
     convert::Infallible, future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration,

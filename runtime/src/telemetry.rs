@@ -1,7 +1,8 @@
 //! Tracing set-up shared by both services.
 //!
-//! Reads `RUST_LOG` (filter, default `info`) through the caller's settings;
-//! `--log-format json` switches to one JSON object per line for log shippers.
+//! [`LogArgs`] are the two logging flags both services take: `RUST_LOG`
+//! (the filter, whose default each service sets) and `--log-format json`,
+//! one JSON object per line for log shippers.
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -13,6 +14,25 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, with span fields.
     Json,
+}
+
+/// How a service logs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, env = "RUST_LOG", global = true)]
+    pub log_filter: String,
+}
+
+impl LogArgs {
+    /// Installs the global subscriber these flags describe (see [`init`]).
+    pub fn init(&self) {
+        init(self.log_format, &self.log_filter);
+    }
 }
 
 /// Installs the global subscriber. Safe to call more than once: later calls

@@ -64,7 +64,7 @@ pub fn quick(settings: &mut BookingSettings) {
     settings.followup_retry_base = Duration::from_millis(200);
     settings.followup_retry_max = Duration::from_secs(1);
     settings.worker_heartbeat_interval = Duration::from_secs(2);
-    settings.health_interval = Duration::from_millis(200);
+    settings.common.health_interval = Duration::from_millis(200);
     settings.metrics_refresh_interval = Duration::from_millis(200);
 }
 
@@ -89,8 +89,8 @@ pub async fn spawn_stack_with_memory(
     let mut servers = Vec::new();
 
     let mut memory_settings = MemorySettings::for_database(&database_url);
-    memory_settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
-    memory_settings.admin_addr = "127.0.0.1:0".parse().expect("addr");
+    memory_settings.common.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    memory_settings.common.admin_addr = "127.0.0.1:0".parse().expect("addr");
     tweak_memory(&mut memory_settings);
     let memory_app = memory_service::startup::Application::build(memory_settings)
         .await
@@ -106,8 +106,8 @@ pub async fn spawn_stack_with_memory(
     let memory_link = TcpProxy::start(memory_addr).await;
     let mut booking_settings =
         BookingSettings::for_database(&database_url, &format!("http://{}", memory_link.addr));
-    booking_settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
-    booking_settings.admin_addr = "127.0.0.1:0".parse().expect("addr");
+    booking_settings.common.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    booking_settings.common.admin_addr = "127.0.0.1:0".parse().expect("addr");
     quick(&mut booking_settings);
     tweak(&mut booking_settings);
     let booking_app = booking_service::startup::Application::build(booking_settings)
@@ -325,8 +325,8 @@ impl Stack {
             &self.database_url,
             &format!("http://{}", self.memory_link.addr),
         );
-        settings.grpc_addr = "127.0.0.1:0".parse().expect("addr");
-        settings.admin_addr = "127.0.0.1:0".parse().expect("addr");
+        settings.common.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+        settings.common.admin_addr = "127.0.0.1:0".parse().expect("addr");
         quick(&mut settings);
         tweak(&mut settings);
         let app = booking_service::startup::Application::build(settings)

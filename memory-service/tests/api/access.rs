@@ -267,8 +267,8 @@ async fn client_certificates_name_their_caller_and_unknown_names_get_nothing() {
 /// Why `Application::build` refused `settings`, or a panic if it started.
 async fn refusal(tweak: impl FnOnce(&mut Settings)) -> String {
     let mut settings = Settings::for_database(&fresh_database().await);
-    settings.grpc_addr = "127.0.0.1:0".parse().expect("address");
-    settings.admin_addr = "off".parse().expect("off");
+    settings.common.grpc_addr = "127.0.0.1:0".parse().expect("address");
+    settings.common.admin_addr = "off".parse().expect("off");
     settings.server.auth_mode = AuthMode::Required;
     tweak(&mut settings);
     match Application::build(settings).await {
@@ -358,8 +358,8 @@ async fn no_authentication_is_an_explicit_choice_that_still_starts_anywhere() {
     // here), but it starts, as the operator asked.
     for addr in ["127.0.0.1:0", "0.0.0.0:0"] {
         let mut settings = Settings::for_database(&fresh_database().await);
-        settings.grpc_addr = addr.parse().expect("address");
-        settings.admin_addr = "off".parse().expect("off");
+        settings.common.grpc_addr = addr.parse().expect("address");
+        settings.common.admin_addr = "off".parse().expect("off");
         settings.server.auth_mode = AuthMode::None;
         Application::build(settings).await.expect("explicitly open");
     }

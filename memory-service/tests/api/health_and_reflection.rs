@@ -13,8 +13,9 @@ async fn health_follows_the_database_and_liveness_does_not() {
     let proxy = TcpProxy::start(database.parse().expect("DATABASE_URL host:port")).await;
     let app = spawn_app_with(|settings| {
         // Same database, reached through the proxy.
-        settings.database_url = with_host(&settings.database_url, &proxy.addr.to_string());
-        settings.db_acquire_timeout = Duration::from_millis(500);
+        settings.common.database_url =
+            with_host(&settings.common.database_url, &proxy.addr.to_string());
+        settings.common.db_acquire_timeout = Duration::from_millis(500);
     })
     .await;
     let service = memory_service::startup::SERVICE_NAME;

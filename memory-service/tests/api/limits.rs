@@ -405,8 +405,8 @@ async fn no_caller_can_send_the_overflow_label() {
 async fn build_error(tweak: impl FnOnce(&mut Settings)) -> String {
     // Never reaches the database: limits are checked first.
     let mut settings = Settings::for_database("postgres://nobody@127.0.0.1:1/none");
-    settings.grpc_addr = "127.0.0.1:0".parse().expect("address");
-    settings.admin_addr = "off".parse().expect("address");
+    settings.common.grpc_addr = "127.0.0.1:0".parse().expect("address");
+    settings.common.admin_addr = "off".parse().expect("address");
     tweak(&mut settings);
     match Application::build(settings).await {
         Ok(_) => panic!("limits accepted"),
@@ -452,7 +452,7 @@ async fn limits_that_would_outgrow_the_response_limit_are_refused_at_start_up() 
 
 #[tokio::test]
 async fn conversations_stored_before_the_cap_are_folded_by_the_migration() {
-    let app = spawn_app_with(|s| s.skip_migrations = true).await;
+    let app = spawn_app_with(|s| s.common.skip_migrations = true).await;
     let migrator = memory_service::store::migrator();
     migrator
         .run_to(20261123000001, &app.db)

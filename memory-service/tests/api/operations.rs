@@ -398,8 +398,8 @@ async fn a_saturated_pool_does_not_turn_readiness_off() {
     // Two pooled connections, both held by calls waiting on a row lock: the
     // pool is exhausted, the database is fine, and readiness must say so.
     let app = spawn_app_with(|s| {
-        s.db_max_connections = 2;
-        s.db_acquire_timeout = Duration::from_millis(300);
+        s.common.db_max_connections = 2;
+        s.common.db_acquire_timeout = Duration::from_millis(300);
     })
     .await;
     let conversation = uuid::Uuid::now_v7().to_string();

@@ -32,9 +32,9 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     maitre_runtime::telemetry::init_for_tests();
     let database_url = fresh_database().await;
     let mut settings = Settings::for_database(&database_url);
-    settings.grpc_addr = "127.0.0.1:0".parse().expect("address");
-    settings.admin_addr = "127.0.0.1:0".parse().expect("address");
-    settings.health_interval = Duration::from_millis(200);
+    settings.common.grpc_addr = "127.0.0.1:0".parse().expect("address");
+    settings.common.admin_addr = "127.0.0.1:0".parse().expect("address");
+    settings.common.health_interval = Duration::from_millis(200);
     tweak(&mut settings);
     let app = Application::build(settings).await.expect("build app");
     let addr = app.local_addr();
