@@ -14,7 +14,7 @@
   from the worker pool (PgListener::connect_with(pool)), so it is inside
   BOOKING_WORKER_DB_MAX_CONNECTIONS, not on top. With BOOKING_DISABLE_WORKERS the
   worker pool opens nothing. Pool sizes come from the container's env and
-  ConfigMaps, else from the `default_value_t` next to `env = "NAME"` in the
+  ConfigMaps, else from README.md's configuration tables (kept equal to the code by tests/config) for the
   service's Rust code.
     pods: the HPA's maxReplicas (else spec.replicas); during a rollout
           maxSurge more (RollingUpdate; 25% when unset; 0 for Recreate)
@@ -37,7 +37,7 @@ import math
 import os
 import re
 
-from .common import SERVICES, Report, effective_env, kustomization_of, load_render, objects, read_text, render, rust_default, rust_text, \
+from .common import SERVICES, Report, effective_env, kustomization_of, load_render, objects, read_text, render, pool_default, documented_defaults, \
     service_containers, truthy
 
 # A pool that a setting switches off.
@@ -48,7 +48,7 @@ SUPERUSER_RESERVED = 3  # PostgreSQL's default superuser_reserved_connections
 HEADROOM = 0.10
 
 
-def compute_budget(docs, rust, report):
+def compute_budget(docs, defaults, report):
     """{'pods': [...], 'steady', 'rollout', 'jobs', 'recommended'} for one render."""
     cms = objects(docs, "ConfigMap")
     hpas = list(objects(docs, "HorizontalPodAutoscaler").values())
@@ -63,9 +63,9 @@ def compute_budget(docs, rust, report):
                 continue
             raw = env.get(var)
             if raw is None:
-                raw = rust_default(rust[service], var)
+                raw = pool_default(defaults[service], var)
                 if raw is None:
-                    report.error(f"{name}: {var} is not set and no default_value_t for it was found in {service}'s Rust code")
+                    report.error(f"{name}: {var} is not set and no default for it is documented for {service} in README.md's configuration tables")
                     raw = 0
             try:
                 pools[var] = int(str(raw).strip())
@@ -214,7 +214,7 @@ def readme_section(path, title="Connection budget"):
     return None
 
 
-def check_readme(path, budgets, rust, report):
+def check_readme(path, budgets, defaults, report):
     section = readme_section(path)
     if section is None:
         report.error(f"{path}: no \"Connection budget\" section")
@@ -229,7 +229,7 @@ def check_readme(path, budgets, rust, report):
             service_of_line = bullet.group(1) if bullet and bullet.group(1) in SERVICES else None
         for var, default in re.findall(r"`?([A-Z][A-Z0-9_]*_CONNECTIONS)`?\s*\(default\s+(\d+)\b", line):
             readers = [service_of_line] if service_of_line else [s for s, v in SERVICES.items() if var in v["pools"]]
-            code = {rust_default(rust[s], var) for s in readers if var in SERVICES[s]["pools"]} - {None}
+            code = {pool_default(defaults[s], var) for s in readers if var in SERVICES[s]["pools"]} - {None}
             if not code:
                 report.error(f"{path}:{n}: {var} is not a pool size the code reads")
             elif int(default) not in code:
@@ -240,7 +240,7 @@ def check_readme(path, budgets, rust, report):
         fig = FIGURE.search(bullet.strip())
         if m and m.group(1) in SERVICES and fig:
             pools = SERVICES[m.group(1)]["pools"]
-            want = sum(rust_default(rust[m.group(1)], v) or 0 for v in pools) + READINESS_PER_POD
+            want = sum(pool_default(defaults[m.group(1)], v) or 0 for v in pools) + READINESS_PER_POD
             if int(fig.group(1)) != want or any(v not in bullet for v in pools):
                 report.error(f"{path}: per {m.group(1)} pod with the defaults: " + " + ".join(pools)
                              + f" + readiness = {want}, the bullet says {fig.group(1)}")
@@ -274,18 +274,18 @@ def check_readme(path, budgets, rust, report):
 
 def check_budget(renders, report, root=".", readme="README.md"):
     """renders: [(LABEL, kustomize's output file or the kustomization directory)]."""
-    rust = {s: rust_text(s, root) for s in SERVICES}
+    defaults = documented_defaults(root)
     budgets = {}
     for label, path in renders:
         notes = []
-        b = compute_budget(load_render(path, notes), rust, report)
+        b = compute_budget(load_render(path, notes), defaults, report)
         report.info(f"{label}:")
         for line in describe(b):
             report.info("  " + line)
         if os.path.isfile(path) and kustomization_of(label) is not None:
             # kustomize rendered it: the built-in renderer must agree, since
             # it is what this check falls back to without kustomize.
-            mine = compute_budget(render(label, notes=notes), rust, Report(io.StringIO()))
+            mine = compute_budget(render(label, notes=notes), defaults, Report(io.StringIO()))
             if mine != b:
                 report.warn(f"{label}: the built-in renderer computes {describe(mine)[-1]}; kustomize's render differs")
         if kustomization_of(label) is not None:
@@ -309,7 +309,7 @@ def check_budget(renders, report, root=".", readme="README.md"):
             if kind not in kinds:
                 report.error(f"{label}: no connection budget comment states the total {what} "
                              f"(computed {budgets[label][kind]})")
-    check_readme(os.path.normpath(os.path.join(root, readme)), budgets, rust, report)
+    check_readme(os.path.normpath(os.path.join(root, readme)), budgets, defaults, report)
     if not report.errors:
         report.info(f"every stated figure matches ({', '.join(sorted(budgets))}, {readme})")
 

@@ -13,12 +13,10 @@ import yaml
 SERVICES = {
     "memory-service": {
         "pools": ("DB_MAX_CONNECTIONS",),
-        "code": ("memory-service/src", "runtime/src"),
         "proto": "proto/maitre/memory",
     },
     "booking-service": {
         "pools": ("DB_MAX_CONNECTIONS", "BOOKING_WORKER_DB_MAX_CONNECTIONS"),
-        "code": ("booking-service/src", "runtime/src"),
         "proto": "proto/maitre/booking",
     },
 }
@@ -164,25 +162,35 @@ def load_render(path, notes=None):
     return render(path, notes=notes) if os.path.isdir(path) else load_docs(path)
 
 
-def rust_text(service, root="."):
-    out = []
-    for d in SERVICES[service]["code"]:
-        for p in sorted(glob.glob(os.path.join(root, d, "**", "*.rs"), recursive=True)):
-            with open(p, errors="replace") as f:
-                out.append(f.read())
-    return "\n".join(out)
+def documented_defaults(root="."):
+    """{service: {VARIABLE: default}} from README.md's configuration tables.
+
+    The README, not the Rust source, is read: the Rust test `tests/config`
+    keeps those tables equal to what each service's clap command declares,
+    so the defaults here are the code's without parsing Rust."""
+    defaults = {s: {} for s in SERVICES}
+    section = None
+    for line in read_text(os.path.join(root, "README.md")).splitlines():
+        heading = re.match(r"#{2,3} (.*)", line)
+        if heading:
+            title = heading.group(1).strip()
+            section = "both" if title == "Both services" else title if title in SERVICES else None
+            continue
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if section is None or not line.startswith("| `") or len(cells) < 3:
+            continue
+        if section == "both":
+            defaults["memory-service"][cells[0]] = cells[1]
+            defaults["booking-service"][cells[0]] = cells[2]
+        else:
+            defaults[section][cells[0]] = cells[1]
+    return defaults
 
 
-def rust_default(text, name):
-    """The integer default of the flag read from environment variable `name`."""
-    for m in re.finditer(r'env\s*=\s*"' + re.escape(name) + '"', text):
-        start = text.rfind("#[", 0, m.start())
-        end = text.find(")]", m.end())
-        attr = text[start if start >= 0 else m.start():end if end >= 0 else len(text)]
-        d = re.search(r"default_value_t\s*=\s*(\d+)\b", attr) or re.search(r'default_value\s*=\s*"(\d+)"', attr)
-        if d:
-            return int(d.group(1))
-    return None
+def pool_default(defaults, name):
+    """The integer default of variable `name`, or None when not documented."""
+    value = defaults.get(name)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def objects(docs, kind):

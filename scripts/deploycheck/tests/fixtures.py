@@ -28,10 +28,9 @@ def cm(name, **data):
 
 
 # Rust sources as the budget check reads them: clap attributes.
-RUST = {"memory-service": '#[arg(\n long,\n env = "DB_MAX_CONNECTIONS",\n default_value_t = 16,\n)]',
-        "booking-service": '#[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 20, global = true)]\n'
-                           '#[arg(long, env = "OTHER", default_value_t = 99)]\n'
-                           '#[arg(long, env = "BOOKING_WORKER_DB_MAX_CONNECTIONS", default_value = "12")]'}
+DEFAULTS = {"memory-service": {"DB_MAX_CONNECTIONS": "16"},
+            "booking-service": {"DB_MAX_CONNECTIONS": "20", "OTHER": "99",
+                                "BOOKING_WORKER_DB_MAX_CONNECTIONS": "12", "BOOKING_MEMORY_URL": "http://x"}}
 
 
 def hardened_workload(kind="Deployment", name="memory-service", args=("serve",)):

@@ -6,8 +6,8 @@ import unittest
 import yaml
 
 from deploycheck.budget import SUPERUSER_RESERVED, check_claim_line, check_readme, compute_budget, owning_kustomization
-from deploycheck.common import Report, render, rust_default
-from deploycheck.tests.fixtures import RUST, cm, deployment, hpa
+from deploycheck.common import Report, documented_defaults, pool_default, render
+from deploycheck.tests.fixtures import DEFAULTS, cm, deployment, hpa
 
 JOB = {"kind": "Job", "metadata": {"name": "m"}, "spec": {"template": {"spec": {"containers": [
     {"name": "migrate", "command": ["memory-service"], "args": ["migrate"]}]}}}}
@@ -30,16 +30,28 @@ README = ("# x\n### Connection budget\n`DB_MAX_CONNECTIONS` (default 16)\n\n"
 
 def budget(docs):
     report = Report(io.StringIO())
-    b = compute_budget(docs, RUST, report)
+    b = compute_budget(docs, DEFAULTS, report)
     assert not report.errors, report.errors
     return b
 
 
 class ComputeBudget(unittest.TestCase):
-    def test_rust_default(self):
-        self.assertEqual(rust_default(RUST["memory-service"], "DB_MAX_CONNECTIONS"), 16)
-        self.assertEqual(rust_default(RUST["booking-service"], "BOOKING_WORKER_DB_MAX_CONNECTIONS"), 12)
-        self.assertIsNone(rust_default(RUST["booking-service"], "NOPE"))
+    def test_pool_default(self):
+        self.assertEqual(pool_default(DEFAULTS["memory-service"], "DB_MAX_CONNECTIONS"), 16)
+        self.assertEqual(pool_default(DEFAULTS["booking-service"], "BOOKING_WORKER_DB_MAX_CONNECTIONS"), 12)
+        self.assertIsNone(pool_default(DEFAULTS["booking-service"], "NOPE"))
+        self.assertIsNone(pool_default(DEFAULTS["booking-service"], "BOOKING_MEMORY_URL"))
+
+    def test_documented_defaults_read_the_readme_tables(self):
+        with tempfile.TemporaryDirectory() as root:
+            with open(os.path.join(root, "README.md"), "w") as f:
+                f.write("## Configuration\n\n### Both services\n\n| variable | m | b | meaning |\n|---|---|---|---|\n"
+                        "| `DB_MAX_CONNECTIONS` | `16` | `20` | pool |\n\n### booking-service\n\n"
+                        "| variable | default | meaning |\n|---|---|---|\n| `BOOKING_WORKER_DB_MAX_CONNECTIONS` | `12` | x |\n"
+                        "\n## Errors\n\n| `NOT_A_SETTING` | `1` | x |\n")
+            found = documented_defaults(root)
+        self.assertEqual(found["memory-service"], {"DB_MAX_CONNECTIONS": "16"})
+        self.assertEqual(found["booking-service"], {"DB_MAX_CONNECTIONS": "20", "BOOKING_WORKER_DB_MAX_CONNECTIONS": "12"})
 
     def test_hpa_maxima_and_rollout(self):
         b = budget(DOCS)
@@ -55,7 +67,7 @@ class ComputeBudget(unittest.TestCase):
 
     def test_pool_size_not_a_number_fails(self):
         report = Report(io.StringIO())
-        compute_budget(DOCS[:4] + [cm("mc", DB_MAX_CONNECTIONS="many"), cm("bc")], RUST, report)
+        compute_budget(DOCS[:4] + [cm("mc", DB_MAX_CONNECTIONS="many"), cm("bc")], DEFAULTS, report)
         self.assertTrue(report.errors)
 
 
@@ -118,16 +130,16 @@ class BuiltInRendererAndReadme(unittest.TestCase):
     def test_readme(self):
         path = self.write("README.md", README)
         r = Report(io.StringIO())
-        check_readme(path, {"deploy/k8s/base": budget(DOCS)}, RUST, r)
+        check_readme(path, {"deploy/k8s/base": budget(DOCS)}, DEFAULTS, r)
         self.assertEqual(r.errors, [])
-        check_readme(path, {"deploy/k8s/base": budget(DOCS2)}, RUST, r)
+        check_readme(path, {"deploy/k8s/base": budget(DOCS2)}, DEFAULTS, r)
         self.assertEqual(len(r.errors), 4, r.errors)
 
     def test_readme_default_belongs_to_its_bullets_service(self):
         # 16 is memory-service's default, not booking-service's.
         path = self.write("README.md", README.replace("(default 20)", "(default 16)"))
         r = Report(io.StringIO())
-        check_readme(path, {"deploy/k8s/base": budget(DOCS)}, RUST, r)
+        check_readme(path, {"deploy/k8s/base": budget(DOCS)}, DEFAULTS, r)
         self.assertEqual(len(r.errors), 1, r.errors)
         self.assertIn("defaults to 16, the code says 20", r.errors[0])
 
