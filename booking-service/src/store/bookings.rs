@@ -7,10 +7,10 @@ use uuid::Uuid;
 use super::{jobs, rows::BookingRow};
 use crate::domain::{
     booking::{BookingPage, CONFIRMED, NewBooking, PAYMENT_PENDING},
+    followup_jobs::{PLAN_QUEUE, PlanFollowUp},
     idempotency::same_request,
     slot::stored_time_zone,
 };
-use crate::jobs::{PLAN_QUEUE, PlanFollowUp};
 
 /// What CreateBooking did.
 #[derive(Debug, Clone)]
