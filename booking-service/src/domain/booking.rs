@@ -18,6 +18,8 @@ pub const CONFIRMED: i16 = pb::BookingState::Confirmed as i16;
 pub const CANCELLED: i16 = pb::BookingState::Cancelled as i16;
 /// Payment state of a fresh booking's deposit.
 pub const PAYMENT_PENDING: i16 = pb::PaymentState::Pending as i16;
+/// Payment state of a cancelled booking's deposit.
+pub const PAYMENT_VOIDED: i16 = pb::PaymentState::Voided as i16;
 
 /// A validated CreateBooking request.
 #[derive(Debug, Clone, PartialEq)]

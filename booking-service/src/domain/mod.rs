@@ -1,7 +1,7 @@
 //! Validated inputs and the rules of booking-service. The domain parses
 //! requests as decoded from the wire (the generated `pb` types) into domain
-//! values; it knows nothing of tonic or the transport, runs no SQL and
-//! enqueues nothing.
+//! values; it knows nothing of tonic or the transport, of sqlx or of the
+//! job runner.
 
 pub mod backoff;
 pub mod booking;
