@@ -23,5 +23,7 @@ pub mod grpc;
 pub mod startup;
 pub mod store;
 
+// One import check for both services, kept beside booking-service's.
 #[cfg(test)]
+#[path = "../../booking-service/src/layering.rs"]
 mod layering;
