@@ -196,6 +196,19 @@ impl MemoryClient {
         request
     }
 
+    /// Calls `rpc` with `message` as a full request ([`Self::request`]),
+    /// once more if it fails UNAVAILABLE; answers the response's message.
+    async fn call<M, R, F, Fut>(&self, message: M, rpc: F) -> Result<R, tonic::Status>
+    where
+        M: Clone,
+        F: Fn(MemoryServiceClient<Channel>, Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        once_more_if_unavailable(|| rpc(self.client.clone(), self.request(message.clone())))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// Scores of the last `limit` scored messages, oldest first.
     pub async fn emotion_scores(
         &self,
@@ -206,17 +219,12 @@ impl MemoryClient {
             conversation_id: conversation_id.to_string(),
             limit,
         };
-        let response = once_more_if_unavailable(|| {
-            let (mut client, request) = (self.client.clone(), self.request(message.clone()));
-            async move { client.get_emotion_history(request).await }
-        })
-        .await?;
-        Ok(response
-            .into_inner()
-            .points
-            .into_iter()
-            .map(|p| p.score)
-            .collect())
+        let response = self
+            .call(message, |mut client, request| async move {
+                client.get_emotion_history(request).await
+            })
+            .await?;
+        Ok(response.points.into_iter().map(|p| p.score).collect())
     }
 
     /// Stores a follow-up as an assistant message. `request_id` makes a retry
@@ -225,25 +233,19 @@ impl MemoryClient {
         &self,
         message: pb::StoreMessageRequest,
     ) -> Result<Uuid, MemoryError> {
-        let response = once_more_if_unavailable(|| {
-            let (mut client, request) = (self.client.clone(), self.request(message.clone()));
-            async move { client.store_message(request).await }
-        })
-        .await?;
-        let id = response
-            .into_inner()
-            .message
-            .map(|m| m.message_id)
-            .unwrap_or_default();
+        let response = self
+            .call(message, |mut client, request| async move {
+                client.store_message(request).await
+            })
+            .await?;
+        let id = response.message.map(|m| m.message_id).unwrap_or_default();
         Uuid::try_parse(&id).map_err(|_| MemoryError::Failed {
             code: Code::Internal,
             reason: String::new(),
             message: format!("memory-service returned a bad message id {id:?}"),
         })
     }
-}
 
-impl MemoryClient {
     /// Erases everything memory-service stores for `user_id`. Idempotent on
     /// memory-service's side, so the one retry of an UNAVAILABLE call is
     /// safe even if the first call did reach it.
@@ -254,12 +256,11 @@ impl MemoryClient {
         let message = pb::DeleteUserDataRequest {
             user_id: user_id.to_owned(),
         };
-        let response = once_more_if_unavailable(|| {
-            let (mut client, request) = (self.client.clone(), self.request(message.clone()));
-            async move { client.delete_user_data(request).await }
+        self.call(message, |mut client, request| async move {
+            client.delete_user_data(request).await
         })
-        .await?;
-        Ok(response.into_inner())
+        .await
+        .map_err(MemoryError::from)
     }
 }
 

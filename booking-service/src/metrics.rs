@@ -1,6 +1,7 @@
 //! booking-service's own metrics, beside the shared RPC and pool metrics:
-//! queue depth by state (from a cheap query of our own, refreshed every
-//! `BOOKING_METRICS_REFRESH_INTERVAL`, not apalis's heavy statistics), job runs and
+//! queue depth by state (set by `jobs::gauges` from a cheap query of our
+//! own, not apalis's heavy statistics; this module never reads the
+//! database), job runs and
 //! durations, follow-up and planning outcomes, the delay from booking to
 //! plan start, and what the safety nets did: rows dead-lettered as
 //! unreadable, work re-enqueued by the sweep, rows pruned, and
@@ -14,11 +15,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use sqlx::PgPool;
-use tokio::sync::watch;
-
-use crate::store;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueState {
     queue: String,
@@ -198,10 +194,9 @@ impl BookingMetrics {
         self.plan_start_delay.observe(waited.as_secs_f64());
     }
 
-    /// Re-reads queue depth and follow-up gauges.
-    pub async fn refresh(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let depth = store::jobs::depth(pool).await?;
-        // States absent from the query are zero, not stale.
+    /// Sets the job gauges from a fresh count per (queue, apalis status);
+    /// states absent from `depth` are zero, not stale.
+    pub fn set_queue_depth(&self, depth: impl IntoIterator<Item = (String, String, i64)>) {
         self.jobs.clear();
         for (queue, status, count) in depth {
             let state = match status.as_str() {
@@ -217,31 +212,15 @@ impl BookingMetrics {
                 .get_or_create(&QueueState { queue, state })
                 .inc_by(count);
         }
-        let (pending, failed) = store::followups::pending_and_failed(pool).await?;
+    }
+
+    /// Sets the follow-up gauges.
+    pub fn set_followups(&self, pending: i64, failed: i64) {
         self.followups
             .get_or_create(&State { state: "pending" })
             .set(pending);
         self.followups
             .get_or_create(&State { state: "failed" })
             .set(failed);
-        Ok(())
-    }
-
-    /// Refreshes every `interval` until `stop`.
-    pub async fn refresh_until(
-        self: Arc<Self>,
-        pool: PgPool,
-        interval: Duration,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        loop {
-            if let Err(error) = self.refresh(&pool).await {
-                tracing::debug!(%error, "could not refresh queue metrics");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
     }
 }

@@ -112,7 +112,8 @@ impl Application {
             .context("parsing DATABASE_URL")?;
         let worker_pool_handle = worker_pool.clone();
         let background = |stopping: tokio::sync::watch::Receiver<bool>| {
-            let refresher = booking_metrics.clone().refresh_until(
+            let refresher = jobs::gauges::refresh_until(
+                booking_metrics.clone(),
                 pool.clone(),
                 settings.metrics_refresh_interval,
                 stopping.clone(),

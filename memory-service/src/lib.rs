@@ -4,10 +4,15 @@
 //! - [`config`]: flags and environment, `--help`.
 //! - [`startup`]: [`startup::Application`] binds, migrates and serves.
 //! - [`grpc`]: thin handlers; [`grpc::convert`] turns rows into protos.
-//! - [`domain`]: validated requests and the emotion rules (no SQL, no gRPC).
+//! - [`domain`]: validated requests (parsed from the decoded `pb` types) and
+//!   the emotion rules; no SQL, no tonic.
 //! - [`store`]: every SQL statement, next to the migrations' schema.
 //! - [`erasure`]: DeleteUserData's batched purge and the background purger.
 //! - [`error`]: the one error type and its one mapping to gRPC status.
+//!
+//! Imports point one way: [`grpc`] and [`erasure`] → [`domain`] and
+//! [`store`]; [`store`] → [`domain`]; nothing back up (the `layering` test
+//! checks it).
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -17,3 +22,8 @@ pub mod error;
 pub mod grpc;
 pub mod startup;
 pub mod store;
+
+// One import check for both services, kept beside booking-service's.
+#[cfg(test)]
+#[path = "../../booking-service/src/layering.rs"]
+mod layering;

@@ -10,6 +10,8 @@
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::status::FieldViolations;
+
 /// Why a page token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PageTokenError {
@@ -51,6 +53,36 @@ pub fn decode<K: DeserializeOwned>(query: &str, token: &str) -> Result<K, PageTo
     Ok(envelope.k)
 }
 
+/// Decodes the request field `field`, a token issued for `query`: none for
+/// an empty token (the first page) or for a refused one, which is recorded
+/// in `violations` as INVALID_PAGE_TOKEN.
+pub fn decode_field<K: DeserializeOwned>(
+    violations: &mut FieldViolations,
+    field: &str,
+    query: &str,
+    token: &str,
+) -> Option<K> {
+    if token.is_empty() {
+        return None;
+    }
+    decode(query, token)
+        .map_err(|e| violations.add(field, "INVALID_PAGE_TOKEN", e.to_string()))
+        .ok()
+}
+
+/// Cuts `rows`, read with one row more than `page_size`, to the page, and
+/// answers the next page's token: `token` of the last row kept when a row
+/// followed, else empty (the last page).
+pub fn next_page<T>(rows: &mut Vec<T>, page_size: u32, token: impl FnOnce(&T) -> String) -> String {
+    let page_size = page_size as usize;
+    if rows.len() > page_size {
+        rows.truncate(page_size);
+        rows.last().map(token).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 /// FNV-1a: stable across processes and Rust versions, unlike `DefaultHasher`.
 fn fingerprint(query: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -79,6 +111,34 @@ mod tests {
             decode::<i64>("messages|c2|asc", &token),
             Err(PageTokenError::OtherQuery)
         );
+    }
+
+    #[test]
+    fn a_page_with_a_row_more_has_a_next_token_for_its_last_row() {
+        let mut rows = vec![1, 2, 3];
+        assert_eq!(next_page(&mut rows, 2, |last| last.to_string()), "2");
+        assert_eq!(rows, [1, 2]);
+        let mut last_page = vec![1, 2];
+        assert_eq!(next_page(&mut last_page, 2, |last| last.to_string()), "");
+        assert_eq!(last_page, [1, 2]);
+    }
+
+    #[test]
+    fn a_refused_page_token_is_a_field_violation() {
+        let mut v = FieldViolations::new();
+        assert_eq!(decode_field::<i64>(&mut v, "page_token", "q", ""), None);
+        assert!(v.into_result().is_ok());
+        let token = encode("q", &7_i64);
+        let mut v = FieldViolations::new();
+        assert_eq!(
+            decode_field::<i64>(&mut v, "page_token", "q", &token),
+            Some(7)
+        );
+        assert_eq!(
+            decode_field::<i64>(&mut v, "page_token", "other", &token),
+            None
+        );
+        assert!(v.into_result().is_err());
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub const CONFIRMED: i16 = pb::BookingState::Confirmed as i16;
 pub const CANCELLED: i16 = pb::BookingState::Cancelled as i16;
 /// Payment state of a fresh booking's deposit.
 pub const PAYMENT_PENDING: i16 = pb::PaymentState::Pending as i16;
+/// Payment state of a cancelled booking's deposit.
+pub const PAYMENT_VOIDED: i16 = pb::PaymentState::Voided as i16;
 
 /// A validated CreateBooking request.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,18 +146,14 @@ impl BookingPage {
         let mut v = FieldViolations::new();
         let customer_id = fields::identifier(&mut v, "customer_id", &customer_id);
         let page_size = fields::page_size(&mut v, "page_size", page_size, 50, max_page_size);
-        let after = match (&customer_id, page_token.is_empty()) {
-            (Some(customer), false) => {
-                match pagination::decode(&Self::token_query(customer), &page_token) {
-                    Ok(id) => Some(id),
-                    Err(e) => {
-                        v.add("page_token", "INVALID_PAGE_TOKEN", e.to_string());
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
+        let after = customer_id.as_ref().and_then(|customer| {
+            pagination::decode_field(
+                &mut v,
+                "page_token",
+                &Self::token_query(customer),
+                &page_token,
+            )
+        });
         v.into_result()?;
         let customer_id = customer_id.ok_or_else(FieldViolations::new)?;
         Ok(Self {
@@ -209,17 +207,15 @@ impl FollowUpPage {
             }
         };
         let page_size = fields::page_size(&mut v, "page_size", page_size, 50, max_page_size);
-        let after = if page_token.is_empty() || (booking_id.is_none() && conversation_id.is_none())
-        {
+        let after = if booking_id.is_none() && conversation_id.is_none() {
             None
         } else {
-            match pagination::decode(&Self::token_query(booking_id, conversation_id), &page_token) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    v.add("page_token", "INVALID_PAGE_TOKEN", e.to_string());
-                    None
-                }
-            }
+            pagination::decode_field(
+                &mut v,
+                "page_token",
+                &Self::token_query(booking_id, conversation_id),
+                &page_token,
+            )
         };
         v.into_result()?;
         Ok(Self {

@@ -1,8 +1,12 @@
-//! Validated inputs and the rules of booking-service, free of SQL and gRPC.
+//! Validated inputs and the rules of booking-service. The domain parses
+//! requests as decoded from the wire (the generated `pb` types) into domain
+//! values; it knows nothing of tonic or the transport, of sqlx or of the
+//! job runner.
 
 pub mod backoff;
 pub mod booking;
 pub mod erasure;
+pub mod followup_jobs;
 pub mod idempotency;
 pub mod redrive;
 pub mod slot;

@@ -188,16 +188,13 @@ impl AvailabilityQuery {
             max_page_size,
         );
         let min_seats = min_available_seats.max(1);
-        let after = match (from, until, page_token.is_empty()) {
-            (Some(from), Some(until), false) => {
-                match pagination::decode(&Self::token_query(from, until, min_seats), &page_token) {
-                    Ok(cursor) => Some(cursor),
-                    Err(e) => {
-                        v.add("page_token", "INVALID_PAGE_TOKEN", e.to_string());
-                        None
-                    }
-                }
-            }
+        let after = match (from, until) {
+            (Some(from), Some(until)) => pagination::decode_field(
+                &mut v,
+                "page_token",
+                &Self::token_query(from, until, min_seats),
+                &page_token,
+            ),
             _ => None,
         };
         v.into_result()?;

@@ -8,7 +8,7 @@ use chrono::DateTime;
 use chrono_tz::Tz;
 
 /// One row of `booking.followup_templates`.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     pub key: String,
     pub priority: i32,

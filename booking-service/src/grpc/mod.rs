@@ -46,16 +46,6 @@ impl BookingApi {
 
 type Reply<T> = Result<Response<T>, Status>;
 
-/// Cuts the extra row a store listing returns and makes the next token.
-fn paginate<T>(rows: &mut Vec<T>, page_size: u32, token: impl Fn(&T) -> String) -> String {
-    if rows.len() > page_size as usize {
-        rows.truncate(page_size as usize);
-        rows.last().map(token).unwrap_or_default()
-    } else {
-        String::new()
-    }
-}
-
 #[tonic::async_trait]
 impl BookingService for BookingApi {
     async fn create_slot(
@@ -89,7 +79,7 @@ impl BookingService for BookingApi {
         let mut rows = store::slots::availability(&self.pool, &query)
             .await
             .map_err(Error::from)?;
-        let next_page_token = paginate(&mut rows, query.page_size, |last| {
+        let next_page_token = pagination::next_page(&mut rows, query.page_size, |last| {
             pagination::encode(
                 &AvailabilityQuery::token_query(query.from, query.until, query.min_seats),
                 &SlotCursor {
@@ -173,7 +163,7 @@ impl BookingService for BookingApi {
         let mut rows = store::bookings::list_for_customer(&self.pool, &page)
             .await
             .map_err(Error::from)?;
-        let next_page_token = paginate(&mut rows, page.page_size, |last| {
+        let next_page_token = pagination::next_page(&mut rows, page.page_size, |last| {
             pagination::encode(&BookingPage::token_query(&page.customer_id), &last.id)
         });
         Ok(Response::new(pb::ListBookingsResponse {
@@ -220,7 +210,8 @@ impl BookingService for BookingApi {
         let mut rows = store::followups::list(&self.pool, &page)
             .await
             .map_err(Error::from)?;
-        let next_page_token = paginate(&mut rows, page.page_size, |last| page.next_token(last.id));
+        let next_page_token =
+            pagination::next_page(&mut rows, page.page_size, |last| page.next_token(last.id));
         Ok(Response::new(pb::ListFollowUpsResponse {
             follow_ups: rows.into_iter().map(convert::follow_up).collect(),
             next_page_token,

@@ -24,6 +24,7 @@
 //! apalis cannot read, pruning deletes every kind of dead row.
 
 pub mod deliver;
+pub mod gauges;
 pub mod plan;
 pub mod poison;
 pub mod templates;
@@ -39,44 +40,13 @@ use apalis::prelude::BoxDynError;
 use tracing::Instrument;
 
 use maitre_runtime::rpc::context::{CallContext, TraceParent};
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+// The payloads and queue names live in the domain, where the store that
+// enqueues them can read them too; re-exported here, where callers look.
+pub use crate::domain::followup_jobs::{DELIVER_QUEUE, DeliverFollowUp, PLAN_QUEUE, PlanFollowUp};
 use crate::{domain::backoff::Backoff, memory_client::MemoryClient, metrics::BookingMetrics};
-
-/// Queue of plan jobs (explicit, never apalis's default type name).
-pub const PLAN_QUEUE: &str = "maitre.followup.plan";
-/// Queue of deliver jobs.
-pub const DELIVER_QUEUE: &str = "maitre.followup.deliver";
-
-fn first_attempt() -> u32 {
-    1
-}
-
-/// Plan the follow-up of one booking. Payload changes must stay readable by
-/// older rows: a payload apalis cannot decode stops the worker (the poison
-/// guard then dead-letters the row, `poison`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PlanFollowUp {
-    pub booking_id: Uuid,
-    #[serde(default = "first_attempt")]
-    pub attempt: u32,
-    /// W3C `traceparent` of the CreateBooking call, so the trace goes on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace_parent: Option<String>,
-}
-
-/// Deliver one planned follow-up.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeliverFollowUp {
-    pub follow_up_id: Uuid,
-    #[serde(default = "first_attempt")]
-    pub attempt: u32,
-    /// W3C `traceparent` of the planning run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace_parent: Option<String>,
-}
 
 /// How follow-ups are planned and retried.
 #[derive(Debug, Clone)]

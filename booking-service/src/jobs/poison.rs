@@ -48,33 +48,44 @@ pub const CANDIDATES: i64 = 1000;
 
 /// The rows `apalis.get_jobs` would fetch next, in its order, locked
 /// (rows another worker is fetching right now are skipped). Through apalis's
-/// `idx_apalis_jobs_fetch_partial`.
-const HEAD_OF_QUEUE: &str = "SELECT id, job, metadata FROM apalis.jobs \
-    WHERE job_type = $1 AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts)) \
-      AND run_at < now() \
-    ORDER BY priority DESC, run_at ASC LIMIT $2 \
-    FOR UPDATE SKIP LOCKED";
+/// `idx_apalis_jobs_fetch_partial`. These four stay raw strings run with
+/// `sqlx::query`: the rows carry apalis's `hstore` metadata, a type sqlx's
+/// macros do not map. The status literals are apalis's own.
+const HEAD_OF_QUEUE: &str = r#"
+SELECT id, job, metadata FROM apalis.jobs
+WHERE job_type = $1 AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
+  AND run_at < now()
+ORDER BY priority DESC, run_at ASC
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"#;
 
 /// The rows a stopped worker held (fetched, maybe started). Through
 /// apalis's `idx_apalis_jobs_lock_by`.
-const HELD_BY: &str = "SELECT id, job, metadata FROM apalis.jobs \
-    WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running') \
-    FOR UPDATE SKIP LOCKED";
+const HELD_BY: &str = r#"
+SELECT id, job, metadata FROM apalis.jobs
+WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running')
+FOR UPDATE SKIP LOCKED
+"#;
 
 /// Dead-letters one row, in apalis's own terms: Killed, done, its error as
 /// the result (`{"Err": ...}`, as apalis records failures).
-const KILL: &str = "UPDATE apalis.jobs \
-    SET status = 'Killed', done_at = now(), lock_by = NULL, lock_at = NULL, \
-        last_result = jsonb_build_object('Err', $3::text) \
-    WHERE id = $1 AND job_type = $2";
+const KILL: &str = r#"
+UPDATE apalis.jobs
+SET status = 'Killed', done_at = now(), lock_by = NULL, lock_at = NULL,
+    last_result = jsonb_build_object('Err', $3::text)
+WHERE id = $1 AND job_type = $2
+"#;
 
 /// Puts a stopped worker's readable rows back in the queue (as apalis's own
 /// orphan recovery does, a started one with its attempt counted).
-const RELEASE: &str = "UPDATE apalis.jobs \
-    SET attempts = attempts + CASE WHEN status = 'Running' THEN 1 ELSE 0 END, \
-        status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL, \
-        last_result = '{\"Err\": \"Re-enqueued: its worker stopped on an error\"}'::jsonb \
-    WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running') AND id <> ALL($3)";
+const RELEASE: &str = r#"
+UPDATE apalis.jobs
+SET attempts = attempts + CASE WHEN status = 'Running' THEN 1 ELSE 0 END,
+    status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL,
+    last_result = '{"Err": "Re-enqueued: its worker stopped on an error"}'::jsonb
+WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running') AND id <> ALL($3)
+"#;
 
 #[derive(sqlx::FromRow)]
 struct RawJob {

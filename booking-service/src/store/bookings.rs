@@ -7,10 +7,10 @@ use uuid::Uuid;
 use super::{jobs, rows::BookingRow};
 use crate::domain::{
     booking::{BookingPage, CONFIRMED, NewBooking, PAYMENT_PENDING},
+    followup_jobs::{PLAN_QUEUE, PlanFollowUp},
     idempotency::same_request,
     slot::stored_time_zone,
 };
-use crate::jobs::{PLAN_QUEUE, PlanFollowUp};
 
 /// What CreateBooking did.
 #[derive(Debug, Clone)]
@@ -51,7 +51,10 @@ pub enum CreateOutcome {
 /// columns, status, ULID id, JSON payload), inserted here so that the booking
 /// and its job commit together without four more round trips; the test
 /// `the_plan_job_row_matches_what_apalis_writes` keeps the two in step.
-pub const CREATE: &str = "
+///
+/// A `pub const` run with `sqlx::query`, not a macro: the bench runs this
+/// very text.
+pub const CREATE: &str = r#"
 WITH replay AS (
     SELECT request_fingerprint FROM booking.bookings WHERE customer_id = $2 AND request_id = $9
 ),
@@ -69,7 +72,7 @@ new_booking AS (
     INSERT INTO booking.bookings
         (id, slot_id, customer_id, customer_name, conversation_id, party_size, state, request_id,
          created_at, request_fingerprint)
-    SELECT $1, seats.id, $2, $3, $4, $6, 1, $9, $10, $17 FROM seats
+    SELECT $1, seats.id, $2, $3, $4, $6, 1 /* booking::CONFIRMED */, $9, $10, $17 FROM seats
     RETURNING id
 ),
 claim AS (
@@ -80,7 +83,7 @@ claim AS (
 ),
 payment AS (
     INSERT INTO booking.payments (id, booking_id, state, currency, amount_minor, created_at, updated_at)
-    SELECT $11, new_booking.id, 1, $7, $8, $10, $10 FROM new_booking
+    SELECT $11, new_booking.id, 1 /* booking::PAYMENT_PENDING */, $7, $8, $10, $10 FROM new_booking
     RETURNING id
 ),
 plan_job AS (
@@ -99,53 +102,57 @@ FROM replay
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, 'foreign_conversation'
 FROM owner WHERE owner.customer_id <> $2 AND NOT EXISTS (SELECT 1 FROM replay)
-";
+"#;
 
 /// The constraint that fails a booking whose conversation another
 /// customer's concurrent booking claimed first.
 const CONVERSATION_OWNER_FKEY: &str = "bookings_conversation_owner_fkey";
 
 /// Why no seats were taken: unknown slot, full, or already started.
-const SLOT_STATE: &str = "SELECT capacity - booked, starts_at FROM booking.slots WHERE id = $1";
+const SLOT_STATE: &str = r#"
+SELECT capacity - booked, starts_at FROM booking.slots WHERE id = $1
+"#;
 
-/// The columns of a [`BookingRow`], and where they come from.
-macro_rules! booking_columns {
-    () => {
-        "b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.party_size, \
-         b.state, b.request_id, b.created_at, b.cancelled_at, \
-         s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label, \
-         s.time_zone AS slot_time_zone, \
-         p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor"
-    };
-}
-macro_rules! booking_from {
-    () => {
-        " FROM booking.bookings b \
-         JOIN booking.slots s ON s.id = b.slot_id \
-         JOIN booking.payments p ON p.booking_id = b.id "
-    };
-}
-
-const GET: &str = concat!(
-    "SELECT ",
-    booking_columns!(),
-    booking_from!(),
-    "WHERE b.id = $1"
-);
+// The three reads of a [`BookingRow`] keep `sqlx::query_as` with raw
+// strings: the row is read by hand (`BookingRow`'s `FromRow`, for the slot's
+// time zone), which the macros cannot call.
+const GET: &str = r#"
+SELECT b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.party_size,
+       b.state, b.request_id, b.created_at, b.cancelled_at,
+       s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label,
+       s.time_zone AS slot_time_zone,
+       p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor
+FROM booking.bookings b
+JOIN booking.slots s ON s.id = b.slot_id
+JOIN booking.payments p ON p.booking_id = b.id
+WHERE b.id = $1
+"#;
 /// The customer's booking for a key, and the fingerprint it was made with.
-const BY_REQUEST_ID: &str = concat!(
-    "SELECT ",
-    booking_columns!(),
-    ", b.request_fingerprint",
-    booking_from!(),
-    "WHERE b.customer_id = $1 AND b.request_id = $2"
-);
-const LIST_FOR_CUSTOMER: &str = concat!(
-    "SELECT ",
-    booking_columns!(),
-    booking_from!(),
-    "WHERE b.customer_id = $1 AND b.id < $2 ORDER BY b.id DESC LIMIT $3"
-);
+const BY_REQUEST_ID: &str = r#"
+SELECT b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.party_size,
+       b.state, b.request_id, b.created_at, b.cancelled_at,
+       s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label,
+       s.time_zone AS slot_time_zone,
+       p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor,
+       b.request_fingerprint
+FROM booking.bookings b
+JOIN booking.slots s ON s.id = b.slot_id
+JOIN booking.payments p ON p.booking_id = b.id
+WHERE b.customer_id = $1 AND b.request_id = $2
+"#;
+const LIST_FOR_CUSTOMER: &str = r#"
+SELECT b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.party_size,
+       b.state, b.request_id, b.created_at, b.cancelled_at,
+       s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label,
+       s.time_zone AS slot_time_zone,
+       p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor
+FROM booking.bookings b
+JOIN booking.slots s ON s.id = b.slot_id
+JOIN booking.payments p ON p.booking_id = b.id
+WHERE b.customer_id = $1 AND b.id < $2
+ORDER BY b.id DESC
+LIMIT $3
+"#;
 
 /// What the CreateBooking statement answers: the slot's values when it
 /// booked, else only why not.
@@ -307,17 +314,19 @@ pub async fn list_for_customer(
 /// event began changes nothing at all (the seats were used, the deposit is
 /// owed, the follow-up is due). Answers whether the booking exists, its
 /// slot, whether it was refused for having started, and how many follow-ups
-/// were cancelled.
-const CANCEL: &str = "
+/// were cancelled. (Raw, not a macro: the data-modifying CTEs' columns infer
+/// as nullable.)
+const CANCEL: &str = r#"
 WITH target AS (
-    SELECT b.id, b.slot_id, b.state = 1 AND s.starts_at <= $2 AS started
+    SELECT b.id, b.slot_id, b.state = 1 /* booking::CONFIRMED */ AND s.starts_at <= $2 AS started
     FROM booking.bookings b JOIN booking.slots s ON s.id = b.slot_id
     WHERE b.id = $1
 ),
 cancelled AS (
-    UPDATE booking.bookings b SET state = 2, cancelled_at = $2, cancel_reason = NULLIF($3, '')
+    UPDATE booking.bookings b
+    SET state = 2 /* booking::CANCELLED */, cancelled_at = $2, cancel_reason = NULLIF($3, '')
     FROM target t
-    WHERE b.id = t.id AND b.state = 1 AND NOT t.started
+    WHERE b.id = t.id AND b.state = 1 /* booking::CONFIRMED */ AND NOT t.started
     RETURNING b.id, b.slot_id, b.party_size
 ),
 seats AS (
@@ -326,18 +335,18 @@ seats AS (
     RETURNING s.id
 ),
 payment AS (
-    UPDATE booking.payments p SET state = 3, updated_at = $2
-    FROM cancelled c WHERE p.booking_id = c.id AND p.state = 1
+    UPDATE booking.payments p SET state = 3 /* booking::PAYMENT_VOIDED */, updated_at = $2
+    FROM cancelled c WHERE p.booking_id = c.id AND p.state = 1 /* booking::PAYMENT_PENDING */
     RETURNING p.id
 ),
 followups AS (
-    UPDATE booking.scheduled_followups f SET state = 3, updated_at = $2
-    FROM cancelled c WHERE f.booking_id = c.id AND f.state = 1
+    UPDATE booking.scheduled_followups f SET state = 3 /* followups::CANCELLED */, updated_at = $2
+    FROM cancelled c WHERE f.booking_id = c.id AND f.state = 1 /* followups::PENDING */
     RETURNING f.id
 )
 SELECT t.slot_id, t.started, (SELECT count(*) FROM followups)::int
 FROM target t
-";
+"#;
 
 /// What CancelBooking did.
 #[derive(Debug, Clone, PartialEq)]

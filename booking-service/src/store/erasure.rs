@@ -22,15 +22,6 @@ use uuid::Uuid;
 
 use crate::domain::erasure::{ERASED_REASON, pseudonym};
 
-/// The database's pseudonym salt (one row, made by the migration).
-const SALT: &str = "SELECT salt FROM booking.erasure_salt";
-
-/// The customer's bookings, locked in id order (two erasures of one
-/// customer queue up instead of deadlocking); through
-/// `bookings_customer_idx`.
-const LOCK_BOOKINGS: &str = "SELECT id, conversation_id FROM booking.bookings \
-    WHERE customer_id = $1 ORDER BY id FOR UPDATE";
-
 /// Everything else, in one statement over the locked bookings ($1):
 /// - follow-ups (through `scheduled_followups_booking_idx`): undelivered
 ///   ones (PENDING, or FAILED and so re-drivable) CANCELLED with the reason,
@@ -42,7 +33,7 @@ const LOCK_BOOKINGS: &str = "SELECT id, conversation_id FROM booking.bookings \
 ///   cleared, the customer id pseudonymised, the erasure time recorded.
 ///   Slot, party size, state, payment, amounts and timestamps stay;
 /// - the customer's conversation ownerships (through the primary key).
-const ERASE: &str = "
+const ERASE: &str = r#"
 WITH old AS (
     SELECT f.id, f.state FROM booking.scheduled_followups f
     WHERE f.booking_id = ANY($1)
@@ -50,8 +41,10 @@ WITH old AS (
 ),
 followups AS (
     UPDATE booking.scheduled_followups f
-    SET state = CASE WHEN old.state IN (1, 4) THEN 3 ELSE f.state END,
-        last_error = CASE WHEN old.state IN (1, 4) THEN $4 ELSE f.last_error END,
+    SET state = CASE WHEN old.state IN (1 /* followups::PENDING */, 4 /* followups::FAILED */)
+                     THEN 3 /* followups::CANCELLED */ ELSE f.state END,
+        last_error = CASE WHEN old.state IN (1 /* followups::PENDING */, 4 /* followups::FAILED */)
+                          THEN $4 ELSE f.last_error END,
         customer_id = $2, conversation_id = NULL, rendered_text = '', updated_at = $3
     FROM old WHERE f.id = old.id
     RETURNING old.state AS was
@@ -69,17 +62,9 @@ owners AS (
     RETURNING o.conversation_id
 )
 SELECT (SELECT count(*) FROM bookings),
-       (SELECT count(*) FROM followups WHERE was IN (1, 4)),
+       (SELECT count(*) FROM followups WHERE was IN (1 /* followups::PENDING */, 4 /* followups::FAILED */)),
        (SELECT count(*) FROM followups)
-";
-
-/// Deliveries of the erased customer's follow-ups whose claim is still
-/// running (`claimed_until` is cleared when a delivery finishes), found
-/// through the pseudonym (`bookings_customer_idx`, then
-/// `scheduled_followups_booking_idx`).
-const IN_FLIGHT: &str = "SELECT count(*) FROM booking.bookings b \
-    JOIN booking.scheduled_followups f ON f.booking_id = b.id \
-    WHERE b.customer_id = $1 AND f.claimed_until > now()";
+"#;
 
 /// The constraint a booking of the customer committed between the lock and
 /// the ownership delete trips (its conversation's owner row is still
@@ -127,11 +112,21 @@ async fn erase_once(
     now: DateTime<Utc>,
 ) -> Result<Erased, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let locked = sqlx::query_as::<_, (Uuid, Option<Uuid>)>(LOCK_BOOKINGS)
-        .bind(customer_id)
-        .fetch_all(&mut *tx)
-        .await?;
-    let salt = sqlx::query_scalar::<_, Vec<u8>>(SALT)
+    // The customer's bookings, locked in id order (two erasures of one
+    // customer queue up instead of deadlocking); through `bookings_customer_idx`.
+    let locked = sqlx::query!(
+        r#"
+SELECT id, conversation_id FROM booking.bookings
+WHERE customer_id = $1
+ORDER BY id
+FOR UPDATE
+"#,
+        customer_id
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    // The database's pseudonym salt (one row, made by the migration).
+    let salt = sqlx::query_scalar!("SELECT salt FROM booking.erasure_salt")
         .fetch_one(&mut *tx)
         .await?;
     let pseudonym = pseudonym(&salt, customer_id);
@@ -141,8 +136,12 @@ async fn erase_once(
             ..Erased::default()
         });
     }
-    let (bookings, conversations): (Vec<Uuid>, Vec<Option<Uuid>>) = locked.into_iter().unzip();
-    let conversations: Vec<Uuid> = conversations.into_iter().flatten().collect();
+    let bookings: Vec<Uuid> = locked.iter().map(|row| row.id).collect();
+    let conversations: Vec<Uuid> = locked
+        .iter()
+        .filter_map(|row| row.conversation_id)
+        .collect();
+    // A macro does not fit: count(*) of a CTE infers as nullable.
     let (bookings, follow_ups_cancelled, follow_ups_cleared) =
         sqlx::query_as::<_, (i64, i64, i64)>(ERASE)
             .bind(&bookings)
@@ -163,11 +162,20 @@ async fn erase_once(
 }
 
 /// How many deliveries of the erased customer's follow-ups may still store
-/// a message (see the module's notes).
+/// a message (see the module's notes): claims still running (`claimed_until`
+/// is cleared when a delivery finishes), found through the pseudonym
+/// (`bookings_customer_idx`, then `scheduled_followups_booking_idx`).
 #[tracing::instrument(skip_all)]
 pub async fn deliveries_in_flight(pool: &PgPool, pseudonym: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar::<_, i64>(IN_FLIGHT)
-        .bind(pseudonym)
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar!(
+        r#"
+SELECT count(*) AS "count!"
+FROM booking.bookings b
+JOIN booking.scheduled_followups f ON f.booking_id = b.id
+WHERE b.customer_id = $1 AND f.claimed_until > now()
+"#,
+        pseudonym
+    )
+    .fetch_one(pool)
+    .await
 }

@@ -19,9 +19,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::jobs::{DELIVER_QUEUE, DeliverFollowUp, PLAN_QUEUE, PlanFollowUp};
-
-use super::sweeps::live_job;
+use crate::domain::followup_jobs::{DELIVER_QUEUE, DeliverFollowUp, PLAN_QUEUE, PlanFollowUp};
 
 /// apalis's own retries (immediate, no backoff) are only a safety net for
 /// unexpected errors; planned retries are re-scheduled jobs (see `jobs`).
@@ -161,13 +159,6 @@ pub async fn push_deliver(
     .await
 }
 
-/// Deletes the dead rows holding any of `keys` in the deliver queue (one
-/// statement), so a batch of fresh attempts can be pushed at once.
-const DELETE_DEAD_DELIVER_KEYS: &str = concat!(
-    "DELETE FROM apalis.jobs j WHERE j.job_type = $1 AND j.idempotency_key = ANY($2) AND NOT ",
-    live_job!()
-);
-
 /// Enqueues many first attempts after a re-drive, due now, in two
 /// statements: leftover dead rows holding the keys go first. A live row
 /// holding one of the keys fails the whole batch (it cannot exist: the
@@ -183,11 +174,20 @@ pub async fn push_delivers_now(
         .iter()
         .map(|j| deliver_key(j.follow_up_id, j.attempt))
         .collect();
-    sqlx::query(DELETE_DEAD_DELIVER_KEYS)
-        .bind(DELIVER_QUEUE)
-        .bind(&keys)
-        .execute(&mut *tx)
-        .await?;
+    // The dead rows holding any of the keys, in one statement, so the batch
+    // can be pushed at once (the live-job test as in `sweeps::LIVE_JOB`).
+    sqlx::query!(
+        r#"
+DELETE FROM apalis.jobs j
+WHERE j.job_type = $1 AND j.idempotency_key = ANY($2)
+  AND NOT (j.status IN ('Pending', 'Queued', 'Running')
+           OR (j.status = 'Failed' AND j.attempts < j.max_attempts))
+"#,
+        DELIVER_QUEUE,
+        &keys
+    )
+    .execute(&mut *tx)
+    .await?;
     let tasks = jobs
         .iter()
         .zip(keys)
@@ -204,15 +204,25 @@ pub async fn push_delivers_now(
 /// Jobs per queue and state, from our index on (job_type, status): cheap,
 /// unlike apalis's own statistics query. States: Pending (due), Scheduled
 /// (Pending, due later), Queued/Running, Done, Failed, Killed.
-const DEPTH: &str = "SELECT job_type, \
-    CASE WHEN status = 'Pending' AND run_at > now() THEN 'Scheduled' ELSE status END AS state, \
-    count(*) FROM apalis.jobs WHERE job_type = ANY($1) GROUP BY 1, 2";
-
 pub async fn depth(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
-    sqlx::query_as::<_, (String, String, i64)>(DEPTH)
-        .bind(vec![PLAN_QUEUE, DELIVER_QUEUE])
-        .fetch_all(pool)
-        .await
+    let rows = sqlx::query!(
+        r#"
+SELECT job_type AS "job_type!",
+       CASE WHEN status = 'Pending' AND run_at > now() THEN 'Scheduled' ELSE status END
+           AS "state!",
+       count(*) AS "count!"
+FROM apalis.jobs
+WHERE job_type = ANY($1)
+GROUP BY 1, 2
+"#,
+        &[PLAN_QUEUE.to_owned(), DELIVER_QUEUE.to_owned()]
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.job_type, row.state, row.count))
+        .collect())
 }
 
 /// Rows deleted per statement while pruning, so that a large backlog never
@@ -223,22 +233,28 @@ const PRUNE_BATCH_SIZE: u64 = 1000;
 /// Killed (dead-lettered by us or apalis), and Failed with no attempt left
 /// (apalis gave up; a Failed row with attempts left is still live). Through
 /// `maitre_jobs_finished_idx`. Deleting a dead row also frees its
-/// idempotency key, which nothing reuses (see the module docs).
-const PRUNE_JOBS: &str = "DELETE FROM apalis.jobs WHERE id IN ( \
-    SELECT id FROM apalis.jobs \
-    WHERE status IN ('Done', 'Killed', 'Failed') AND done_at < now() - make_interval(secs => $1) \
-      AND (status <> 'Failed' OR attempts >= max_attempts) \
-      AND job_type = ANY($2) \
-    LIMIT 1000)";
+/// idempotency key, which nothing reuses (see the module docs). Raw, like
+/// `PRUNE_WORKERS`: `prune` runs both through one loop. The status literals
+/// are apalis's and match `maitre_jobs_finished_idx`'s predicate.
+const PRUNE_JOBS: &str = r#"
+DELETE FROM apalis.jobs WHERE id IN (
+    SELECT id FROM apalis.jobs
+    WHERE status IN ('Done', 'Killed', 'Failed') AND done_at < now() - make_interval(secs => $1)
+      AND (status <> 'Failed' OR attempts >= max_attempts)
+      AND job_type = ANY($2)
+    LIMIT $3)
+"#;
 
 /// Deletes worker registrations (one per worker start) unseen for longer
 /// than the retention and no longer named by any job row (`lock_by` is a
 /// foreign key to them; apalis's index on it answers the NOT EXISTS).
-const PRUNE_WORKERS: &str = "DELETE FROM apalis.workers WHERE id IN ( \
-    SELECT w.id FROM apalis.workers w \
-    WHERE w.last_seen < now() - make_interval(secs => $1) AND w.worker_type = ANY($2) \
-      AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id) \
-    LIMIT 1000)";
+const PRUNE_WORKERS: &str = r#"
+DELETE FROM apalis.workers WHERE id IN (
+    SELECT w.id FROM apalis.workers w
+    WHERE w.last_seen < now() - make_interval(secs => $1) AND w.worker_type = ANY($2)
+      AND NOT EXISTS (SELECT 1 FROM apalis.jobs j WHERE j.lock_by = w.id)
+    LIMIT $3)
+"#;
 
 /// What one pruning pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -258,6 +274,7 @@ pub async fn prune(pool: &PgPool, retention: Duration) -> Result<Pruned, sqlx::E
             let batch = sqlx::query(sql)
                 .bind(retention.as_secs_f64())
                 .bind(vec![PLAN_QUEUE, DELIVER_QUEUE])
+                .bind(PRUNE_BATCH_SIZE as i64)
                 .execute(pool)
                 .await?
                 .rows_affected();

@@ -11,63 +11,72 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// Planning progress of one booking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlanProgress {
     pub planned_at: Option<DateTime<Utc>>,
     /// The newest plan attempt enqueued.
     pub plan_attempt: i32,
 }
 
-const PROGRESS: &str =
-    "SELECT followup_planned_at AS planned_at, plan_attempt FROM booking.bookings WHERE id = $1";
-
 pub async fn progress(
     pool: &PgPool,
     booking_id: Uuid,
 ) -> Result<Option<PlanProgress>, sqlx::Error> {
-    sqlx::query_as::<_, PlanProgress>(PROGRESS)
-        .bind(booking_id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as!(
+        PlanProgress,
+        r#"
+SELECT followup_planned_at AS planned_at, plan_attempt
+FROM booking.bookings
+WHERE id = $1
+"#,
+        booking_id
+    )
+    .fetch_optional(pool)
+    .await
 }
 
-/// Takes plan attempt `$2` for the booking: only while `$2 - 1` is the newest
-/// attempt, the booking still confirmed and not yet planned. Two runs of
-/// one attempt (jobs run at least once), or a run and the sweep, race here:
-/// exactly one wins, so the retry chain never forks and never restarts.
-const ADVANCE: &str = "UPDATE booking.bookings SET plan_attempt = $2 \
-    WHERE id = $1 AND plan_attempt = $2 - 1 AND state = 1 AND followup_planned_at IS NULL";
-
-/// True when this caller now holds attempt `next` (and must enqueue it).
+/// Takes plan attempt `next` for the booking: only while `next - 1` is the
+/// newest attempt, the booking still confirmed and not yet planned. Two runs
+/// of one attempt (jobs run at least once), or a run and the sweep, race
+/// here: exactly one wins, so the retry chain never forks and never
+/// restarts. True when this caller now holds attempt `next` (and must
+/// enqueue it).
 pub async fn advance(
     tx: &mut PgConnection,
     booking_id: Uuid,
     next: u32,
 ) -> Result<bool, sqlx::Error> {
     let next = i32::try_from(next).unwrap_or(i32::MAX);
-    Ok(sqlx::query(ADVANCE)
-        .bind(booking_id)
-        .bind(next)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-        == 1)
+    let advanced = sqlx::query!(
+        r#"
+UPDATE booking.bookings SET plan_attempt = $2
+WHERE id = $1 AND plan_attempt = $2 - 1
+  AND state = 1 /* booking::CONFIRMED */ AND followup_planned_at IS NULL
+"#,
+        booking_id,
+        next
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(advanced.rows_affected() == 1)
 }
 
 /// Records that planning is over for the booking (a follow-up was inserted,
 /// or one was there already): it leaves the unplanned index.
-const MARK_PLANNED: &str = "UPDATE booking.bookings SET followup_planned_at = $2 \
-    WHERE id = $1 AND followup_planned_at IS NULL";
-
 pub async fn mark_planned(
     tx: &mut PgConnection,
     booking_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(MARK_PLANNED)
-        .bind(booking_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        r#"
+UPDATE booking.bookings SET followup_planned_at = $2
+WHERE id = $1 AND followup_planned_at IS NULL
+"#,
+        booking_id,
+        now
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }

@@ -10,41 +10,14 @@ use crate::domain::{
     slot::{AvailabilityQuery, NewSlot},
 };
 
-/// The columns of a [`SlotRow`].
-macro_rules! slot_columns {
-    () => {
-        "id, starts_at, ends_at, capacity, booked, label, created_at, time_zone"
-    };
-}
-
-/// Inserts the slot unless this caller already used the key (the partial
-/// unique index on (caller, request_id) decides, not a lookup).
-const CREATE: &str = concat!(
-    "INSERT INTO booking.slots \
-     (id, starts_at, ends_at, capacity, label, request_id, created_at, time_zone, caller, request_fingerprint) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-     ON CONFLICT (caller, request_id) WHERE request_id IS NOT NULL DO NOTHING \
-     RETURNING ",
-    slot_columns!()
-);
-
-/// The caller's earlier slot for a key, and the fingerprint it was made with.
-const BY_REQUEST_ID: &str = concat!(
-    "SELECT ",
-    slot_columns!(),
-    ", request_fingerprint FROM booking.slots WHERE caller = $1 AND request_id = $2"
-);
-
-/// Slots starting in [from, until) with at least `min_seats` free, in start
-/// order, after the cursor; one extra row tells whether a page follows.
-const AVAILABILITY: &str = concat!(
-    "SELECT ",
-    slot_columns!(),
-    " FROM booking.slots \
-     WHERE starts_at >= $1 AND starts_at < $2 AND capacity - booked >= $3 \
-       AND (starts_at, id) > ($4, $5) \
-     ORDER BY starts_at, id LIMIT $6"
-);
+/// The caller's earlier slot for a key, and the fingerprint it was made
+/// with. Raw, not a macro: the row nests a [`SlotRow`] (`#[sqlx(flatten)]`).
+const BY_REQUEST_ID: &str = r#"
+SELECT id, starts_at, ends_at, capacity, booked, label, created_at, time_zone,
+       request_fingerprint
+FROM booking.slots
+WHERE caller = $1 AND request_id = $2
+"#;
 
 /// What CreateSlot did.
 #[derive(Debug, Clone)]
@@ -73,19 +46,31 @@ pub async fn create(
     caller: &str,
     now: DateTime<Utc>,
 ) -> Result<CreateOutcome, sqlx::Error> {
-    let created = sqlx::query_as::<_, SlotRow>(CREATE)
-        .bind(id)
-        .bind(slot.starts_at)
-        .bind(slot.ends_at)
-        .bind(slot.capacity)
-        .bind(&slot.label)
-        .bind(slot.request_id.as_deref())
-        .bind(now)
-        .bind(slot.time_zone.name())
-        .bind(caller)
-        .bind(slot.request_id.as_ref().map(|_| &slot.fingerprint))
-        .fetch_optional(pool)
-        .await?;
+    // Inserted unless this caller already used the key (the partial unique
+    // index on (caller, request_id) decides, not a lookup).
+    let created = sqlx::query_as!(
+        SlotRow,
+        r#"
+INSERT INTO booking.slots
+    (id, starts_at, ends_at, capacity, label, request_id, created_at, time_zone, caller,
+     request_fingerprint)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (caller, request_id) WHERE request_id IS NOT NULL DO NOTHING
+RETURNING id, starts_at, ends_at, capacity, booked, label, created_at, time_zone
+"#,
+        id,
+        slot.starts_at,
+        slot.ends_at,
+        slot.capacity,
+        slot.label,
+        slot.request_id.as_deref(),
+        now,
+        slot.time_zone.name(),
+        caller,
+        slot.request_id.as_ref().map(|_| &slot.fingerprint[..])
+    )
+    .fetch_optional(pool)
+    .await?;
     if let Some(row) = created {
         return Ok(CreateOutcome::Created(row));
     }
@@ -113,13 +98,25 @@ pub async fn availability(
         .after
         .map(|c| (c.starts_at, c.id))
         .unwrap_or((DateTime::<Utc>::UNIX_EPOCH, Uuid::nil()));
-    sqlx::query_as::<_, SlotRow>(AVAILABILITY)
-        .bind(query.from)
-        .bind(query.until)
-        .bind(query.min_seats)
-        .bind(after_start)
-        .bind(after_id)
-        .bind(i64::from(query.page_size) + 1)
-        .fetch_all(pool)
-        .await
+    // Slots starting in [from, until) with at least `min_seats` free, in
+    // start order, after the cursor; one extra row tells whether a page follows.
+    sqlx::query_as!(
+        SlotRow,
+        r#"
+SELECT id, starts_at, ends_at, capacity, booked, label, created_at, time_zone
+FROM booking.slots
+WHERE starts_at >= $1 AND starts_at < $2 AND capacity - booked >= $3
+  AND (starts_at, id) > ($4, $5)
+ORDER BY starts_at, id
+LIMIT $6
+"#,
+        query.from,
+        query.until,
+        query.min_seats,
+        after_start,
+        after_id,
+        i64::from(query.page_size) + 1
+    )
+    .fetch_all(pool)
+    .await
 }

@@ -13,103 +13,119 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-/// A job that can still run: waiting, taken, or failed with attempts left.
-macro_rules! live_job {
-    () => {
-        "(j.status IN ('Pending', 'Queued', 'Running') \
-          OR (j.status = 'Failed' AND j.attempts < j.max_attempts))"
-    };
-}
-pub(crate) use live_job;
+use crate::domain::followup_jobs::{DELIVER_QUEUE, PLAN_QUEUE};
+
+/// A job that can still run: waiting, taken, or failed with attempts left
+/// (apalis's own status names). Written out in each statement that needs it,
+/// so each pastes into psql whole; a test checks that every copy is this one.
+#[cfg(test)]
+pub(crate) const LIVE_JOB: &str = r#"(j.status IN ('Pending', 'Queued', 'Running')
+           OR (j.status = 'Failed' AND j.attempts < j.max_attempts))"#;
 
 /// Rows per sweep statement.
 pub const SWEEP_BATCH: i64 = 500;
-
-/// Pending follow-ups due more than `$1` seconds ago, not claimed by a
-/// running delivery, whose next delivery attempt has no live job; after the
-/// keyset (`$2`, `$3`). The pending partial index, then apalis's unique
-/// index on the idempotency key.
-const STRANDED_DELIVERIES: &str = concat!(
-    "SELECT f.id, f.attempts, f.scheduled_at FROM booking.scheduled_followups f \
-     WHERE f.state = 1 AND f.scheduled_at < now() - make_interval(secs => $1) \
-       AND f.scheduled_at >= $2 AND (f.scheduled_at, f.id) > ($2, $3) \
-       AND (f.claimed_until IS NULL OR f.claimed_until < now()) \
-       AND NOT EXISTS (SELECT 1 FROM apalis.jobs j \
-           WHERE j.job_type = 'maitre.followup.deliver' \
-             AND j.idempotency_key = f.id::text || '/' || (f.attempts + 1) \
-             AND ",
-    live_job!(),
-    ") \
-     ORDER BY f.scheduled_at, f.id LIMIT $4"
-);
-
-/// Confirmed bookings not yet planned, created before `$1` (a UUIDv7 floor:
-/// older than the grace), after the keyset `$2`, whose newest plan attempt
-/// has no live job. Only `bookings_unplanned_idx`, whatever their age.
-const STRANDED_PLANS: &str = concat!(
-    "SELECT b.id, b.plan_attempt FROM booking.bookings b \
-     WHERE b.state = 1 AND b.followup_planned_at IS NULL AND b.id < $1 AND b.id > $2 \
-       AND NOT EXISTS (SELECT 1 FROM apalis.jobs j \
-           WHERE j.job_type = 'maitre.followup.plan' \
-             AND j.idempotency_key = b.id::text || '/' || b.plan_attempt \
-             AND ",
-    live_job!(),
-    ") \
-     ORDER BY b.id LIMIT $3"
-);
-
-/// Removes a dead job so that its idempotency key can be used again.
-const DELETE_DEAD_JOB: &str = concat!(
-    "DELETE FROM apalis.jobs j WHERE j.job_type = $1 AND j.idempotency_key = $2 AND NOT ",
-    live_job!()
-);
 
 /// A stranded delivery: (follow-up id, attempts made, scheduled at). The
 /// last one's (scheduled at, id) is the next page's keyset.
 pub type StrandedDelivery = (Uuid, i32, chrono::DateTime<chrono::Utc>);
 
-/// One page of stranded deliveries after `after` (scheduled at, id).
+/// One page of stranded deliveries after `after` (scheduled at, id):
+/// pending follow-ups due more than `grace_secs` ago, not claimed by a
+/// running delivery, whose next delivery attempt has no live job. The
+/// pending partial index, then apalis's unique index on the idempotency key.
 pub async fn stranded_deliveries(
     pool: &PgPool,
     grace_secs: f64,
     after: (chrono::DateTime<chrono::Utc>, Uuid),
 ) -> Result<Vec<StrandedDelivery>, sqlx::Error> {
-    sqlx::query_as::<_, StrandedDelivery>(STRANDED_DELIVERIES)
-        .bind(grace_secs)
-        .bind(after.0)
-        .bind(after.1)
-        .bind(SWEEP_BATCH)
-        .fetch_all(pool)
-        .await
+    let rows = sqlx::query!(
+        r#"
+SELECT f.id, f.attempts, f.scheduled_at
+FROM booking.scheduled_followups f
+WHERE f.state = 1 /* followups::PENDING */
+  AND f.scheduled_at < now() - make_interval(secs => $1)
+  AND f.scheduled_at >= $2 AND (f.scheduled_at, f.id) > ($2, $3)
+  AND (f.claimed_until IS NULL OR f.claimed_until < now())
+  AND NOT EXISTS (
+      SELECT 1 FROM apalis.jobs j
+      WHERE j.job_type = $5
+        AND j.idempotency_key = f.id::text || '/' || (f.attempts + 1)
+        AND (j.status IN ('Pending', 'Queued', 'Running')
+           OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))
+ORDER BY f.scheduled_at, f.id
+LIMIT $4
+"#,
+        grace_secs,
+        after.0,
+        after.1,
+        SWEEP_BATCH,
+        DELIVER_QUEUE
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.id, row.attempts, row.scheduled_at))
+        .collect())
 }
 
 /// One page of (booking id, newest plan attempt) of stranded plannings:
-/// bookings created before `created_before`, ids after `after`.
+/// confirmed bookings not yet planned, created before `created_before` (a
+/// UUIDv7 floor: older than the grace), ids after `after`, whose newest plan
+/// attempt has no live job. Only `bookings_unplanned_idx`, whatever their age.
 pub async fn stranded_plans(
     pool: &PgPool,
     created_before: chrono::DateTime<chrono::Utc>,
     after: Uuid,
 ) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
-    sqlx::query_as::<_, (Uuid, i32)>(STRANDED_PLANS)
-        .bind(v7_floor(created_before))
-        .bind(after)
-        .bind(SWEEP_BATCH)
-        .fetch_all(pool)
-        .await
+    let rows = sqlx::query!(
+        r#"
+SELECT b.id, b.plan_attempt
+FROM booking.bookings b
+WHERE b.state = 1 /* booking::CONFIRMED */ AND b.followup_planned_at IS NULL
+  AND b.id < $1 AND b.id > $2
+  AND NOT EXISTS (
+      SELECT 1 FROM apalis.jobs j
+      WHERE j.job_type = $4
+        AND j.idempotency_key = b.id::text || '/' || b.plan_attempt
+        AND (j.status IN ('Pending', 'Queued', 'Running')
+           OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))
+ORDER BY b.id
+LIMIT $3
+"#,
+        v7_floor(created_before),
+        after,
+        SWEEP_BATCH,
+        PLAN_QUEUE
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.id, row.plan_attempt))
+        .collect())
 }
 
-/// Deletes the dead job holding `key`, if any; returns how many went (0 or 1).
+/// Deletes the dead job holding `key`, if any, so that the key can be used
+/// again; returns how many went (0 or 1).
 pub async fn delete_dead_job(
     tx: &mut PgConnection,
     queue: &str,
     key: &str,
 ) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(DELETE_DEAD_JOB)
-        .bind(queue)
-        .bind(key)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected())
+    let deleted = sqlx::query!(
+        r#"
+DELETE FROM apalis.jobs j
+WHERE j.job_type = $1 AND j.idempotency_key = $2
+  AND NOT (j.status IN ('Pending', 'Queued', 'Running')
+           OR (j.status = 'Failed' AND j.attempts < j.max_attempts))
+"#,
+        queue,
+        key
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(deleted.rows_affected())
 }
 
 /// The smallest UUIDv7 of a millisecond: ids sort by creation time.

@@ -1,4 +1,6 @@
-//! Validated inputs and the rules of memory-service, free of SQL and gRPC.
+//! Validated inputs and the rules of memory-service. The domain parses
+//! requests as decoded from the wire (the generated `pb` types) into domain
+//! values; it knows nothing of tonic or the transport and runs no SQL.
 //!
 //! Every request is parsed into one of these types before anything touches
 //! the database; parsing collects one violation per bad field.

@@ -58,18 +58,14 @@ impl MessagePage {
             Some(pb::SortOrder::NewestFirst) => Order::NewestFirst,
             _ => Order::OldestFirst,
         };
-        let after = match (conversation_id, page_token.is_empty()) {
-            (_, true) | (None, _) => None,
-            (Some(id), false) => {
-                match pagination::decode::<i64>(&Self::token_query(id, order), &page_token) {
-                    Ok(seq) => Some(seq),
-                    Err(e) => {
-                        v.add("page_token", "INVALID_PAGE_TOKEN", e.to_string());
-                        None
-                    }
-                }
-            }
-        };
+        let after = conversation_id.and_then(|id| {
+            pagination::decode_field::<i64>(
+                &mut v,
+                "page_token",
+                &Self::token_query(id, order),
+                &page_token,
+            )
+        });
         v.into_result()?;
         let conversation_id = conversation_id.ok_or_else(FieldViolations::new)?;
         Ok(Self {
@@ -163,18 +159,14 @@ impl ConversationPage {
             DEFAULT_PAGE_SIZE,
             limits.max_page_size,
         );
-        let after = match (&user_id, page_token.is_empty()) {
-            (_, true) | (None, _) => None,
-            (Some(user), false) => {
-                match pagination::decode(&Self::token_query(user, active_only), &page_token) {
-                    Ok(cursor) => Some(cursor),
-                    Err(e) => {
-                        v.add("page_token", "INVALID_PAGE_TOKEN", e.to_string());
-                        None
-                    }
-                }
-            }
-        };
+        let after = user_id.as_ref().and_then(|user| {
+            pagination::decode_field(
+                &mut v,
+                "page_token",
+                &Self::token_query(user, active_only),
+                &page_token,
+            )
+        });
         v.into_result()?;
         let user_id = user_id.ok_or_else(FieldViolations::new)?;
         Ok(Self {

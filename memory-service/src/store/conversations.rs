@@ -10,18 +10,15 @@ use uuid::Uuid;
 use super::rows::ConversationRow;
 use crate::domain::queries::ConversationPage;
 
-macro_rules! columns {
-    () => {
-        "id, seq, user_id, channel, created_at, last_message_at, closed_at, \
-         message_count, scored_count, score_sum, label_counts, recent_scores, last_score"
-    };
-}
-
-const GET: &str = concat!(
-    "SELECT ",
-    columns!(),
-    " FROM memory.conversations WHERE id = $1 AND erased_at IS NULL"
-);
+// Raw strings run with `sqlx::query_as`, not macros: `label_counts` is read
+// as `Json<BTreeMap<..>>`, which the macros only map with a per-column
+// override, and `list_for_user` streams its rows.
+const GET: &str = r#"
+SELECT id, seq, user_id, channel, created_at, last_message_at, closed_at,
+       message_count, scored_count, score_sum, label_counts, recent_scores, last_score
+FROM memory.conversations
+WHERE id = $1 AND erased_at IS NULL
+"#;
 
 /// Active conversations, newest first by creation (`seq`, server-assigned),
 /// through the partial index `conversations_user_active_idx`, then, unless
@@ -30,26 +27,32 @@ const GET: &str = concat!(
 /// `seq`; `$6`: where the closed branch starts when the cursor is still among
 /// the active ones. One statement: the UNION ALL stops once LIMIT rows are
 /// found.
-const LIST_FOR_USER: &str = concat!(
-    "SELECT * FROM ( (SELECT ",
-    columns!(),
-    " FROM memory.conversations \
-       WHERE user_id = $1 AND closed_at IS NULL AND erased_at IS NULL AND NOT $2 AND seq < $3 \
-       ORDER BY seq DESC LIMIT $5) \
-     UNION ALL \
-     (SELECT ",
-    columns!(),
-    " FROM memory.conversations \
-       WHERE user_id = $1 AND closed_at IS NOT NULL AND erased_at IS NULL AND NOT $4 \
-         AND seq < CASE WHEN $2 THEN $3 ELSE $6 END \
-       ORDER BY seq DESC LIMIT $5) ) page LIMIT $5"
-);
+const LIST_FOR_USER: &str = r#"
+SELECT * FROM (
+    (SELECT id, seq, user_id, channel, created_at, last_message_at, closed_at,
+            message_count, scored_count, score_sum, label_counts, recent_scores, last_score
+     FROM memory.conversations
+     WHERE user_id = $1 AND closed_at IS NULL AND erased_at IS NULL AND NOT $2 AND seq < $3
+     ORDER BY seq DESC
+     LIMIT $5)
+    UNION ALL
+    (SELECT id, seq, user_id, channel, created_at, last_message_at, closed_at,
+            message_count, scored_count, score_sum, label_counts, recent_scores, last_score
+     FROM memory.conversations
+     WHERE user_id = $1 AND closed_at IS NOT NULL AND erased_at IS NULL AND NOT $4
+       AND seq < CASE WHEN $2 THEN $3 ELSE $6 END
+     ORDER BY seq DESC
+     LIMIT $5)
+) page
+LIMIT $5
+"#;
 
-const CLOSE: &str = concat!(
-    "UPDATE memory.conversations SET closed_at = COALESCE(closed_at, $2) \
-     WHERE id = $1 AND erased_at IS NULL RETURNING ",
-    columns!()
-);
+const CLOSE: &str = r#"
+UPDATE memory.conversations SET closed_at = COALESCE(closed_at, $2)
+WHERE id = $1 AND erased_at IS NULL
+RETURNING id, seq, user_id, channel, created_at, last_message_at, closed_at,
+          message_count, scored_count, score_sum, label_counts, recent_scores, last_score
+"#;
 
 #[tracing::instrument(skip(pool))]
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<ConversationRow>, sqlx::Error> {
@@ -60,10 +63,13 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<ConversationRow>, sql
 }
 
 pub async fn exists(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM memory.conversations WHERE id = $1 AND erased_at IS NULL)",
+    sqlx::query_scalar!(
+        r#"
+SELECT EXISTS (SELECT 1 FROM memory.conversations WHERE id = $1 AND erased_at IS NULL)
+    AS "exists!"
+"#,
+        id
     )
-    .bind(id)
     .fetch_one(pool)
     .await
 }

@@ -7,7 +7,7 @@
 //! them. The data itself goes afterwards, in [`PURGE_BATCH`] statements of a
 //! bounded number of messages, each its own short transaction, so that no
 //! statement runs into the statement timeout however many messages a user
-//! has, and no other writer waits long for a lock; then [`DELETE_PURGED`]
+//! has, and no other writer waits long for a lock; then [`delete_purged`]
 //! removes the empty conversation row. The tombstone stays.
 
 use chrono::{DateTime, Utc};
@@ -23,7 +23,10 @@ use uuid::Uuid;
 /// The OR of the two `closed_at` arms is always true; it is spelled out so
 /// that the planner reads the two partial listing indexes (a BitmapOr)
 /// instead of scanning the table.
-pub const BEGIN: &str = "\
+///
+/// A `pub const` run with `sqlx::query`, not a macro: an API test runs this
+/// very text alone.
+pub const BEGIN: &str = r#"
 WITH marked AS (
     UPDATE memory.conversations SET erased_at = $2
     WHERE user_id = $1 AND erased_at IS NULL
@@ -35,27 +38,8 @@ tombstones AS (
     SELECT id, $2 FROM marked
     ON CONFLICT (conversation_id) DO NOTHING
 )
-SELECT count(*) FROM marked";
-
-/// The user's conversations that are erased but not yet purged.
-pub const PENDING_FOR_USER: &str = "\
-SELECT id FROM memory.conversations
-WHERE user_id = $1 AND erased_at IS NOT NULL
-ORDER BY erased_at, id";
-
-/// Erased conversations not yet purged, of any user, oldest erasure first
-/// (the background purger's work list).
-pub const PENDING: &str = "\
-SELECT id FROM memory.conversations
-WHERE erased_at IS NOT NULL
-ORDER BY erased_at, id LIMIT $1";
-
-/// What is left of a user's erasure: conversations not yet purged and the
-/// messages they still hold (`message_count` is decremented by each batch).
-pub const PROGRESS: &str = "\
-SELECT count(*), COALESCE(sum(message_count), 0)::bigint
-FROM memory.conversations
-WHERE user_id = $1 AND erased_at IS NOT NULL";
+SELECT count(*) FROM marked
+"#;
 
 /// Deletes up to `$3` messages of erased conversation `$1` after sequence
 /// `$2`, in sequence order, and takes them off the conversation's count. The
@@ -66,8 +50,9 @@ WHERE user_id = $1 AND erased_at IS NOT NULL";
 /// works on a conversation at a time, and the others move on instead of
 /// waiting. Starting after the last deleted sequence keeps each batch from
 /// walking over the index entries of the rows already deleted.
-/// Returns (claimed, deleted, last deleted sequence).
-pub const PURGE_BATCH: &str = "\
+/// Returns (claimed, deleted, last deleted sequence). Raw, not a macro: the
+/// aggregates over data-modifying CTEs infer as nullable.
+pub const PURGE_BATCH: &str = r#"
 WITH conv AS (
     SELECT id FROM memory.conversations
     WHERE id = $1 AND erased_at IS NOT NULL
@@ -90,16 +75,8 @@ counted AS (
     SET message_count = c.message_count - (SELECT count(*) FROM gone)
     FROM conv WHERE c.id = conv.id
 )
-SELECT EXISTS (SELECT 1 FROM conv), (SELECT count(*) FROM gone), (SELECT max(seq) FROM gone)";
-
-/// Removes an erased conversation's row once it holds no message. The check
-/// reads only past the last purged sequence `$2` (no message is ever added
-/// to an erased conversation, and sequences only grow), so it never walks
-/// the dead index entries the purge left behind.
-pub const DELETE_PURGED: &str = "\
-DELETE FROM memory.conversations c
-WHERE c.id = $1 AND c.erased_at IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM memory.messages m WHERE m.conversation_id = $1 AND m.seq > $2)";
+SELECT EXISTS (SELECT 1 FROM conv), (SELECT count(*) FROM gone), (SELECT max(seq) FROM gone)
+"#;
 
 /// Tombstones the user's conversations; returns how many were newly erased.
 pub async fn begin(pool: &PgPool, user_id: &str, now: DateTime<Utc>) -> Result<i64, sqlx::Error> {
@@ -110,26 +87,50 @@ pub async fn begin(pool: &PgPool, user_id: &str, now: DateTime<Utc>) -> Result<i
         .await
 }
 
+/// The user's conversations that are erased but not yet purged.
 pub async fn pending_for_user(pool: &PgPool, user_id: &str) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar::<_, Uuid>(PENDING_FOR_USER)
-        .bind(user_id)
-        .fetch_all(pool)
-        .await
+    sqlx::query_scalar!(
+        r#"
+SELECT id FROM memory.conversations
+WHERE user_id = $1 AND erased_at IS NOT NULL
+ORDER BY erased_at, id
+"#,
+        user_id
+    )
+    .fetch_all(pool)
+    .await
 }
 
+/// Erased conversations not yet purged, of any user, oldest erasure first
+/// (the background purger's work list).
 pub async fn pending(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query_scalar::<_, Uuid>(PENDING)
-        .bind(limit)
-        .fetch_all(pool)
-        .await
+    sqlx::query_scalar!(
+        r#"
+SELECT id FROM memory.conversations
+WHERE erased_at IS NOT NULL
+ORDER BY erased_at, id
+LIMIT $1
+"#,
+        limit
+    )
+    .fetch_all(pool)
+    .await
 }
 
-/// (conversations, messages) of the user still awaiting the purge.
+/// (conversations, messages) of the user still awaiting the purge
+/// (`message_count` is decremented by each batch).
 pub async fn progress(pool: &PgPool, user_id: &str) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as::<_, (i64, i64)>(PROGRESS)
-        .bind(user_id)
-        .fetch_one(pool)
-        .await
+    let left = sqlx::query!(
+        r#"
+SELECT count(*) AS "conversations!", COALESCE(sum(message_count), 0)::bigint AS "messages!"
+FROM memory.conversations
+WHERE user_id = $1 AND erased_at IS NOT NULL
+"#,
+        user_id
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((left.conversations, left.messages))
 }
 
 /// One batch of [`PURGE_BATCH`].
@@ -161,16 +162,26 @@ pub async fn purge_batch(
     })
 }
 
-/// True when the conversation row was removed.
+/// Removes an erased conversation's row once it holds no message; true when
+/// it was removed. The check reads only past the last purged sequence
+/// `after_seq` (no message is ever added to an erased conversation, and
+/// sequences only grow), so it never walks the dead index entries the purge
+/// left behind.
 pub async fn delete_purged(
     pool: &PgPool,
     conversation_id: Uuid,
     after_seq: i64,
 ) -> Result<bool, sqlx::Error> {
-    let result = sqlx::query(DELETE_PURGED)
-        .bind(conversation_id)
-        .bind(after_seq)
-        .execute(pool)
-        .await?;
+    let result = sqlx::query!(
+        r#"
+DELETE FROM memory.conversations c
+WHERE c.id = $1 AND c.erased_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM memory.messages m WHERE m.conversation_id = $1 AND m.seq > $2)
+"#,
+        conversation_id,
+        after_seq
+    )
+    .execute(pool)
+    .await?;
     Ok(result.rows_affected() == 1)
 }
