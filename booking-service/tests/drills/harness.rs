@@ -113,8 +113,7 @@ impl Stack {
                 .env("DATABASE_URL", &service_url)
                 .env("MAX_CONCURRENT_RPCS", "1000")
                 .env("ADMIN_ADDR", "off")
-                .env("SKIP_MIGRATIONS", "true")
-                .env("HEALTH_INTERVAL", "200ms");
+                .env("SKIP_MIGRATIONS", "true");
             if let Some(timeout) = options.db_acquire_timeout {
                 spec = spec.env("DB_ACQUIRE_TIMEOUT", timeout);
             }
