@@ -184,5 +184,7 @@ pub async fn postmaster_pid(pool: &PgPool) -> Option<u32> {
     if !comm.starts_with("postgres") {
         return None;
     }
-    crate::procfs::parent_pid(backend).ok().filter(|&p| p > 1)
+    crate::resources::parent_pid(backend)
+        .ok()
+        .filter(|&p| p > 1)
 }

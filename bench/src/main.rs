@@ -4,12 +4,13 @@
 //! Layout:
 //! - [`cli`]: flags and their quick/full defaults;
 //! - [`run`]: one run end to end (database, services, scenarios, report);
-//! - [`services`]: the services as child processes (spawn, health, SIGTERM);
+//! - [`services`]: both services as child processes (maitre-runtime's
+//!   `testkit::process`: spawn, health, SIGTERM);
 //! - [`scenarios`]: what the load clients do, one module per scenario;
 //! - [`load`]: the closed-loop driver (warm-up, duration, errors by code);
 //! - [`floor`]: pgbench scripts from the services' own SQL ([`sql`]), runs
 //!   and per-transaction logs;
-//! - [`procfs`]: CPU seconds and peak RSS from /proc;
+//! - [`resources`]: CPU seconds, run-queue waits and peak RSS from /proc;
 //! - [`stats`]: HDR histograms and percentiles, shared by service and floor;
 //! - [`report`]: JSON model, targets, terminal table, SVG chart.
 #![forbid(unsafe_code)]
@@ -18,8 +19,8 @@ mod cli;
 mod db;
 mod floor;
 mod load;
-mod procfs;
 mod report;
+mod resources;
 mod run;
 mod scenarios;
 mod services;

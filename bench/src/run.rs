@@ -13,11 +13,11 @@ use crate::{
     db,
     floor::{FloorRun, Pgbench, scripts},
     load,
-    procfs::{self, CpuUse, Probe},
     report::{
         self, FloorPoint, Machine, PerThousand, Point, Ratio, Results, Rss, RunSettings,
         ScenarioResult, ServicePeak, output,
     },
+    resources::{self, CpuUse, Probe},
     scenarios::{
         Client, Endpoints, Scenario, create_booking::BookClient, follow_ups,
         journey::JourneyClient, store_message::StoreClient,
@@ -69,8 +69,8 @@ pub async fn run(plan: Plan) -> Result<u8> {
         database_url: database_url.clone(),
         log_dir: logs,
     };
-    launch.migrate("memory-service").await?;
-    launch.migrate("booking-service").await?;
+    launch.migrate("memory-service")?;
+    launch.migrate("booking-service")?;
     let pool = db::connect(&database_url).await?;
     db::setup(&pool).await?;
     let machine = Machine {
@@ -88,7 +88,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
             memory_pid: 0,
             booking_pid: 0,
             postmaster: db::postmaster_pid(&pool).await,
-            ticks_per_second: procfs::clock_ticks(),
+            ticks_per_second: resources::clock_ticks(),
         },
         endpoints: Endpoints {
             memory: String::new(),
@@ -165,8 +165,8 @@ impl Bench<'_> {
     /// Starts the services and points the probe and the clients at them.
     async fn start(&mut self, workers: bool) -> Result<()> {
         let stack = self.launch.start(workers).await?;
-        self.probe.memory_pid = stack.memory.pid;
-        self.probe.booking_pid = stack.booking.pid;
+        self.probe.memory_pid = stack.memory.pid();
+        self.probe.booking_pid = stack.booking.pid();
         self.endpoints = Endpoints {
             memory: stack.memory.url(),
             booking: stack.booking.url(),
@@ -180,22 +180,17 @@ impl Bench<'_> {
         let Some(stack) = self.stack.take() else {
             return Ok(());
         };
-        for (i, pid) in [stack.memory.pid, stack.booking.pid]
+        for (i, pid) in [stack.memory.pid(), stack.booking.pid()]
             .into_iter()
             .enumerate()
         {
-            if let Ok((peak, _)) = procfs::memory_kib(pid) {
+            if let Ok((peak, _)) = resources::memory_kib(pid) {
                 self.peaks_kib[i] = self.peaks_kib[i].max(peak);
             }
         }
         self.probe.memory_pid = 0;
         self.probe.booking_pid = 0;
-        // booking-service first: it calls memory-service while draining.
-        let booking = stack.booking.stop().await;
-        let memory = stack.memory.stop().await;
-        booking?;
-        memory?;
-        Ok(())
+        stack.stop().await
     }
 
     /// Fails if a service died; returns their current (peak, now) RSS in KiB.
@@ -207,8 +202,8 @@ impl Bench<'_> {
         stack.memory.ensure_running()?;
         stack.booking.ensure_running()?;
         Ok([
-            procfs::memory_kib(stack.memory.pid)?,
-            procfs::memory_kib(stack.booking.pid)?,
+            resources::memory_kib(stack.memory.pid())?,
+            resources::memory_kib(stack.booking.pid())?,
         ])
     }
 

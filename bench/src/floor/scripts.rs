@@ -1,12 +1,10 @@
-//! pgbench scripts that run exactly the services' statements (see
-//! [`crate::sql`]), with each bound parameter turned into a pgbench variable
+//! pgbench scripts that run exactly the services' statements (their
+//! exported `store` constants, bound by [`crate::sql`]), with each bound parameter turned into a pgbench variable
 //! or a SQL expression of the same type, in the same transaction shape:
 //!
 //! - store-message: the one `STORE_MESSAGE` statement, autocommit;
 //! - create-booking: the `CREATE` statement, which also enqueues the plan
-//!   job, autocommit; or, for a `CREATE` without the job, `BEGIN; CREATE;
-//!   SAVEPOINT; apalis insert; RELEASE; COMMIT` (sqlx's `begin()` on a
-//!   transaction is a SAVEPOINT, as in booking-service's `store::jobs::push`);
+//!   job, autocommit;
 //! - journey: three store-messages, then the create-booking transaction;
 //! - single-write: one durable single-row INSERT, the reference line.
 //!
@@ -17,11 +15,17 @@
 //! the hot path only.
 
 use anyhow::{Context, Result};
-use booking_service::jobs::PlanFollowUp;
-use memory_service::domain::emotion::{OVERFLOW_LABEL, TREND_WINDOW};
+use booking_service::{
+    jobs::PlanFollowUp,
+    store::{bookings::CREATE, jobs::APALIS_MAX_ATTEMPTS},
+};
+use memory_service::{
+    domain::emotion::{OVERFLOW_LABEL, TREND_WINDOW},
+    store::messages::STORE_MESSAGE,
+};
 use uuid::Uuid;
 
-use crate::sql::{self, bind, literal};
+use crate::sql::{bind, literal};
 
 /// The apalis queue the floor's jobs go to (never worked on).
 pub const FLOOR_QUEUE: &str = "maitre.bench.floor";
@@ -140,20 +144,17 @@ fn store_message(m: &Message) -> Result<String> {
     ];
     Ok(format!(
         "{};\n",
-        bind(&sql::store_message()?, &args).context("binding STORE_MESSAGE")?
+        bind(STORE_MESSAGE, &args).context("binding STORE_MESSAGE")?
     ))
 }
 
 /// The CreateBooking transaction for `customer` (and `conversation`, a
 /// uuid expression or `NULL::uuid`) on the client's current slot, in the
-/// service's shape: when `CREATE` itself inserts the plan job, the one
-/// statement alone (autocommit, as `store::bookings::create` runs it);
-/// otherwise `CREATE` and apalis's `push_tasks` insert in a transaction,
-/// the insert inside a savepoint (`store::jobs::push`).
+/// service's shape: the one `CREATE` statement, which inserts the plan job
+/// itself, autocommit (as `store::bookings::create` runs it).
 fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
-    let create_sql = sql::create_booking()?;
     let booking_id = id7("bk");
-    let mut args = vec![
+    let args = [
         booking_id.clone(),
         customer.to_owned(),
         format!("{}::text", literal(CUSTOMER_NAME)),
@@ -165,47 +166,17 @@ fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
         format!("{}::text", id7("rq")),
         "now()".into(),
         id7("pay"),
+        format!("{}::text", id7("job")),
+        format!("{}::text", literal(FLOOR_QUEUE)),
+        plan_payload(&booking_id)?,
+        format!("{APALIS_MAX_ATTEMPTS}::int4"),
+        format!("{booking_id}::text || '/1'"),
+        // The request's fingerprint: 32 bytes, like the service's SHA-256.
+        format!("sha256(convert_to({}::text, 'UTF8'))", id7("rq")),
     ];
-    let payload = plan_payload(&booking_id)?;
-    let max_attempts = sql::apalis_max_attempts()?;
     let counter = format!("\\set n :n + 1\n\\set slot :client_id * 1000 + :n / {SLOT_CAPACITY}\n");
-    if job_in_statement(&create_sql) {
-        args.extend([
-            format!("{}::text", id7("job")),
-            format!("{}::text", literal(FLOOR_QUEUE)),
-            payload,
-            format!("{max_attempts}::int4"),
-            format!("{booking_id}::text || '/1'"),
-            // The request's fingerprint: 32 bytes, like the service's SHA-256.
-            format!("sha256(convert_to({}::text, 'UTF8'))", id7("rq")),
-        ]);
-        let create = bind(&create_sql, &args).context("binding CREATE")?;
-        return Ok(format!("{counter}{create};\n"));
-    }
-    let create = bind(&create_sql, &args).context("binding CREATE")?;
-    let sink = bind(
-        sql::APALIS_SINK,
-        &[
-            format!("ARRAY[{}::text]", id7("job")),
-            format!("{}::text", literal(FLOOR_QUEUE)),
-            format!("ARRAY[{payload}]"),
-            format!("ARRAY[{max_attempts}]"),
-            "ARRAY[extract(epoch FROM now())::int8]".into(),
-            "ARRAY[0]".into(),
-            "ARRAY[''::hstore]".into(),
-            format!("ARRAY[{booking_id}::text || '/1']"),
-        ],
-    )
-    .context("binding apalis's insert")?;
-    Ok(format!(
-        "{counter}BEGIN;\n{create};\nSAVEPOINT _sqlx_savepoint_1;\n{sink};\n\
-         RELEASE SAVEPOINT _sqlx_savepoint_1;\nCOMMIT;\n"
-    ))
-}
-
-/// Whether booking-service's `CREATE` enqueues the plan job itself.
-pub fn job_in_statement(create_sql: &str) -> bool {
-    create_sql.contains("INSERT INTO apalis.jobs")
+    let create = bind(CREATE, &args).context("binding CREATE")?;
+    Ok(format!("{counter}{create};\n"))
 }
 
 /// The plan job's payload as booking-service serialises it (a bytea
@@ -313,25 +284,14 @@ mod tests {
             journey_script().unwrap(),
             single_write_script(),
         ] {
-            assert_eq!(sql::placeholders(&script), 0, "{script}");
+            assert_eq!(crate::sql::placeholders(&script), 0, "{script}");
         }
     }
 
     #[test]
     fn booking_transaction_has_the_services_shape() {
         let script = create_booking_script().unwrap();
-        let order: &[&str] = if job_in_statement(&sql::create_booking().unwrap()) {
-            &["UPDATE booking.slots", "INSERT INTO apalis.jobs"]
-        } else {
-            &[
-                "BEGIN;",
-                "UPDATE booking.slots",
-                "SAVEPOINT _sqlx_savepoint_1;",
-                "INSERT INTO apalis.jobs",
-                "RELEASE SAVEPOINT",
-                "COMMIT;",
-            ]
-        };
+        let order = ["UPDATE booking.slots", "INSERT INTO apalis.jobs"];
         let mut at = 0;
         for part in order {
             let found = script[at..]

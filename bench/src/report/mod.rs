@@ -1,15 +1,15 @@
 //! What a bench run found: the JSON model, the targets it is judged
 //! against, and the two renderings (terminal table, SVG chart).
 
+pub mod chart;
 pub mod output;
-pub mod svg;
 pub mod table;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::{
-    db::ServerInfo, procfs::CpuUse, scenarios::follow_ups::FollowUpResult, stats::Measurement,
+    db::ServerInfo, resources::CpuUse, scenarios::follow_ups::FollowUpResult, stats::Measurement,
 };
 
 #[derive(Debug, Clone, Serialize)]

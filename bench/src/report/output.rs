@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context, Result};
 
 use super::{Machine, Results};
-use crate::{cli::Plan, db, procfs, stats::Measurement};
+use crate::{cli::Plan, db, resources, stats::Measurement};
 
 pub fn count_errors(r: &Results) -> u64 {
     let points = r.scenarios.iter().flat_map(|s| &s.points);
@@ -54,9 +54,9 @@ pub async fn describe_machine(pgbench: Option<String>) -> Result<Machine> {
 
 /// How busy the machine is with nothing of ours running, over 2 s.
 async fn background_busy() -> Result<f64> {
-    let (busy0, total0) = procfs::machine_ticks()?;
+    let (busy0, total0) = resources::machine_ticks()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (busy1, total1) = procfs::machine_ticks()?;
+    let (busy1, total1) = resources::machine_ticks()?;
     Ok(if total1 > total0 {
         100.0 * busy1.saturating_sub(busy0) as f64 / (total1 - total0) as f64
     } else {
@@ -68,7 +68,7 @@ pub async fn write_outputs(plan: &Plan, results: &Results) -> Result<()> {
     let table = super::table::render(results);
     println!("{table}");
     let json = serde_json::to_string_pretty(results)?;
-    let svg = super::svg::render(results);
+    let svg = super::chart::render(results)?;
     write(&plan.out.join("results.json"), &json).await?;
     write(&plan.out.join("chart.svg"), &svg).await?;
     write(&plan.out.join("report.txt"), &table).await?;

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::{
-    procfs::CpuUse,
+    resources::CpuUse,
     stats::{self, Errors, Measurement},
 };
 

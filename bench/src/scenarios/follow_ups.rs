@@ -27,7 +27,7 @@ use super::{
 use crate::{
     db,
     load::code_name,
-    procfs::{CpuUse, Probe},
+    resources::{CpuUse, Probe},
     stats::{self, Errors, Spread},
 };
 

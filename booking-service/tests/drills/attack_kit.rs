@@ -14,12 +14,13 @@ use std::{
 
 use bytes::Bytes;
 use maitre_api::memory::v1::{self as memory, memory_service_client::MemoryServiceClient};
+use maitre_runtime::testkit::process::Process;
 use tokio::{net::TcpStream, task::JoinHandle};
 use tonic::{Code, Request, transport::Channel};
 
 use crate::{
     client::reason,
-    harness::{Options, Proc, Stack, free_port},
+    harness::{Options, Stack, free_port},
 };
 
 /// Deploy limit of a service's memory (deploy/: `resources.limits.memory`).
@@ -55,12 +56,12 @@ impl Target {
         Self { stack, admin }
     }
 
-    pub fn proc(&self) -> &Proc {
+    pub fn proc(&self) -> &Process {
         &self.stack.memory
     }
 
     pub fn port(&self) -> u16 {
-        self.stack.memory.port
+        self.stack.memory.port()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -83,10 +84,7 @@ impl Target {
     /// Lines of memory-service's log containing `needle`;
     /// `None` when the log goes to the test's output (TEST_LOG).
     pub fn log_lines(&self, needle: &str) -> Option<usize> {
-        if std::env::var_os("TEST_LOG").is_some() {
-            return None;
-        }
-        let log = std::fs::read_to_string(&self.proc().log).unwrap_or_default();
+        let log = std::fs::read_to_string(self.proc().log()?).unwrap_or_default();
         Some(log.lines().filter(|line| line.contains(needle)).count())
     }
 
@@ -119,35 +117,27 @@ impl Target {
         }
     }
 
-    /// CPU time memory-service has used so far (user + system), in seconds
-    /// (`/proc/<pid>/stat`, at Linux's usual 100 ticks a second).
+    /// CPU time memory-service has used so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let pid = self.proc().pid();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // utime and stime, fields 14 and 15 of stat: after the name (field
-        // 2), field n is at index n - 3.
-        #[allow(clippy::cast_precision_loss)]
-        let seconds = (ticks(11) + ticks(12)) as f64 / 100.0;
-        seconds
+        self.proc()
+            .cpu_seconds()
+            .expect("memory-service's CPU time")
+    }
+
+    fn peak_rss_bytes(&self) -> u64 {
+        self.proc()
+            .peak_rss_bytes()
+            .expect("memory-service's peak RSS")
     }
 
     /// Peak RSS of memory-service so far, in MiB.
     pub fn peak_rss_mib(&self) -> f64 {
-        mib(self.proc().peak_rss_bytes())
+        mib(self.peak_rss_bytes())
     }
 
     /// Asserts the peak RSS stayed under the deploy limit.
     pub fn assert_peak_rss_under_limit(&self) -> f64 {
-        let peak = self.proc().peak_rss_bytes();
+        let peak = self.peak_rss_bytes();
         assert!(
             peak < DEPLOY_MEMORY_LIMIT,
             "memory-service's peak RSS {:.1} MiB reached the deploy limit {:.0} MiB",

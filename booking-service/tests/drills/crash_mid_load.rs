@@ -44,9 +44,9 @@ async fn crash_mid_load_loses_nothing() {
     let mut kills = 0;
     for mark in [3, 6, 9] {
         tokio::time::sleep_until((load_started + Duration::from_secs(mark)).into()).await;
-        booking.kill9();
+        booking.kill().expect("SIGKILL booking-service");
         kills += 1;
-        booking.restart().await;
+        booking.restart().await.expect("booking-service restarted");
     }
     let ledger = load.await.expect("load");
 

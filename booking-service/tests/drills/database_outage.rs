@@ -13,7 +13,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::{
     checks,
     client::{Answer, Ledger, Load, SlotPlan, run_load},
-    harness::{LIVENESS, Options, Stack, health, wait_health},
+    harness::{BOOKING_GRPC_NAME, LIVENESS, MEMORY_GRPC_NAME, Options, Stack, health, wait_health},
 };
 
 const OUTAGE: Duration = Duration::from_secs(3);
@@ -61,8 +61,8 @@ async fn database_restart() {
         },
     );
     let services = [
-        (stack.memory.port, stack.memory.service.grpc_name()),
-        (stack.booking[0].port, stack.booking[0].service.grpc_name()),
+        (stack.memory.port(), MEMORY_GRPC_NAME),
+        (stack.booking[0].port(), BOOKING_GRPC_NAME),
     ];
 
     tokio::time::sleep_until((load_started + Duration::from_secs(2)).into()).await;

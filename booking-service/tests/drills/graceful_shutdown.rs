@@ -48,7 +48,10 @@ async fn graceful_shutdown() {
 
     tokio::time::sleep_until((load_started + Duration::from_secs(4)).into()).await;
     let booking = &mut stack.booking[0];
-    let stopped = booking.term(GRACE + Duration::from_secs(5)).await;
+    let stopped = booking
+        .term(GRACE + Duration::from_secs(5))
+        .await
+        .expect("booking-service stopped after SIGTERM");
     assert_eq!(
         stopped.status.code(),
         Some(0),
@@ -67,7 +70,7 @@ async fn graceful_shutdown() {
     .await
     .expect("locked jobs");
     let restart_started = Instant::now();
-    booking.restart().await;
+    booking.restart().await.expect("booking-service restarted");
     let restarted_at = Instant::now();
     let ledger = load.await.expect("load");
 

@@ -57,9 +57,13 @@ async fn memory_killed_during_deliveries() {
     for mark in kill_marks {
         tokio::time::sleep_until(mark.into()).await;
         let killed_at = Instant::now();
-        stack.memory.kill9();
+        stack.memory.kill().expect("SIGKILL memory-service");
         kills += 1;
-        stack.memory.restart().await;
+        stack
+            .memory
+            .restart()
+            .await
+            .expect("memory-service restarted");
         down_for.push(format!("{}ms", killed_at.elapsed().as_millis()));
     }
     let ledger = load.await.expect("load");

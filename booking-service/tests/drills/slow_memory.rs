@@ -183,7 +183,7 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
     .await;
     proxy
         .target
-        .set(SocketAddr::from(([127, 0, 0, 1], stack.memory.port)))
+        .set(SocketAddr::from(([127, 0, 0, 1], stack.memory.port())))
         .expect("target set once");
     let client = stack.client(0);
 

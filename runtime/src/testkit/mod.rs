@@ -1,9 +1,11 @@
-//! Helpers for the services' integration tests: fresh
+//! Helpers for the services' integration tests and the bench: fresh
 //! databases on the PostgreSQL named by `DATABASE_URL` (an admin URL, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), a TCP proxy to make a
-//! dependency "go away", and waiting for a condition with a deadline.
+//! dependency "go away", waiting for a condition with a deadline, and the
+//! services' real binaries as child processes ([`process`]).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod process;
 pub mod proxy;
 
 use std::{future::Future, time::Duration};

@@ -1,38 +1,19 @@
-//! What the processes cost, from /proc: CPU time of the services, of the
+//! What the processes cost, from /proc (through the procfs crate): CPU time of the services, of the
 //! bench itself, of pgbench (a reaped child) and of PostgreSQL (postmaster
 //! and its backends), the machine's busy time, and peak RSS.
 
 use anyhow::{Context, Result};
+use procfs::{CurrentSI, KernelStats, process::Process};
 use serde::Serialize;
 
 /// Clock ticks per second of /proc's CPU times.
 pub fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    procfs::ticks_per_second() as f64
 }
 
-/// Fields of `/proc/<pid>/stat` after the command name: index 0 is field 3
-/// (state) of proc(5).
-fn stat_fields(pid: &str) -> Result<Vec<u64>> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name is in parentheses and may contain anything.
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .with_context(|| format!("{path}: unexpected format"))?;
-    Ok(rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect())
-}
-
-fn field(fields: &[u64], number: usize) -> u64 {
-    fields.get(number - 3).copied().unwrap_or(0)
+fn process(pid: u32) -> Result<Process> {
+    let id = i32::try_from(pid).with_context(|| format!("pid {pid} out of range"))?;
+    Process::new(id).with_context(|| format!("reading /proc/{pid}"))
 }
 
 /// utime + stime of a process, in ticks (0 for pid 0: no process).
@@ -40,85 +21,75 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     if pid == 0 {
         return Ok(0);
     }
-    let f = stat_fields(&pid.to_string())?;
-    Ok(field(&f, 14) + field(&f, 15))
+    let stat = process(pid)?.stat()?;
+    Ok(stat.utime + stat.stime)
+}
+
+/// Reaped children's CPU (cutime + cstime), in ticks.
+fn children_ticks(stat: &procfs::process::Stat) -> u64 {
+    u64::try_from(stat.cutime + stat.cstime).unwrap_or(0)
 }
 
 /// This process's own CPU and its reaped children's (pgbench), in ticks.
 pub fn self_ticks() -> Result<(u64, u64)> {
-    let f = stat_fields("self")?;
-    Ok((field(&f, 14) + field(&f, 15), field(&f, 16) + field(&f, 17)))
+    let stat = Process::myself()?.stat()?;
+    Ok((stat.utime + stat.stime, children_ticks(&stat)))
 }
 
 pub fn parent_pid(pid: u32) -> Result<u32> {
-    let f = stat_fields(&pid.to_string())?;
-    Ok(u32::try_from(field(&f, 4)).unwrap_or(0))
+    Ok(u32::try_from(process(pid)?.stat()?.ppid).unwrap_or(0))
 }
 
 /// Nanoseconds the threads of a process have spent runnable but waiting
-/// for a CPU (second field of /proc/<pid>/task/*/schedstat), summed over
-/// its live threads: how much the machine's other work delays it.
+/// for a CPU (schedstat's run_delay), summed over its live threads: how
+/// much the machine's other work delays it.
 pub fn run_queue_wait_ns(pid: u32) -> u64 {
     if pid == 0 {
         return 0;
     }
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Ok(tasks) = process(pid).and_then(|p| Ok(p.tasks()?)) else {
         return 0;
     };
     tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .filter_map(|t| t.schedstat().ok())
+        .map(|s| s.run_delay)
         .sum()
 }
 
 /// Peak and current resident set, in KiB (VmHWM, VmRSS).
 pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let value = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((value("VmHWM:"), value("VmRSS:")))
+    let status = process(pid)?.status()?;
+    Ok((status.vmhwm.unwrap_or(0), status.vmrss.unwrap_or(0)))
 }
 
-/// Busy and total ticks of the whole machine (first line of /proc/stat).
+/// Busy and total ticks of the whole machine (/proc/stat's `cpu` line:
+/// user to steal; idle and iowait are not busy).
 pub fn machine_ticks() -> Result<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = text.lines().next().unwrap_or_default();
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let t = KernelStats::current().context("reading /proc/stat")?.total;
+    let idle = t.idle + t.iowait.unwrap_or(0);
+    let total = t.user
+        + t.nice
+        + t.system
+        + idle
+        + t.irq.unwrap_or(0)
+        + t.softirq.unwrap_or(0)
+        + t.steal.unwrap_or(0);
     Ok((total - idle, total))
 }
 
 /// CPU of a PostgreSQL server on this machine: the postmaster's own time,
 /// its reaped backends' and its live children's.
 pub fn postgres_ticks(postmaster: u32) -> Result<u64> {
-    let f = stat_fields(&postmaster.to_string())?;
-    let mut ticks = field(&f, 14) + field(&f, 15) + field(&f, 16) + field(&f, 17);
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        // Processes come and go while we read: skip the ones gone.
-        if let Ok(child) = stat_fields(pid)
-            && field(&child, 4) == u64::from(postmaster)
-        {
-            ticks += field(&child, 14) + field(&child, 15);
-        }
+    let stat = process(postmaster)?.stat()?;
+    let mut ticks = stat.utime + stat.stime + children_ticks(&stat);
+    // Processes come and go while we read: skip the ones gone.
+    for child in procfs::process::all_processes()?
+        .flatten()
+        .filter_map(|p| p.stat().ok())
+        .filter(|s| u32::try_from(s.ppid).is_ok_and(|p| p == postmaster))
+    {
+        ticks += child.utime + child.stime;
     }
     Ok(ticks)
 }
