@@ -46,39 +46,37 @@ impl BookingApi {
 
 type Reply<T> = Result<Response<T>, Status>;
 
-#[tonic::async_trait]
-impl BookingService for BookingApi {
+/// The handlers proper: each takes the decoded request message and answers
+/// with the service's own [`Error`], which `?` converts into through `From`.
+/// The [`BookingService`] impl below only unwraps the request and turns the
+/// error into a status, once, in `reply`.
+impl BookingApi {
     async fn create_slot(
         &self,
-        request: Request<pb::CreateSlotRequest>,
-    ) -> Reply<pb::CreateSlotResponse> {
+        request: pb::CreateSlotRequest,
+    ) -> Result<pb::CreateSlotResponse, Error> {
         let now = maitre_runtime::db::now();
-        let slot = NewSlot::parse(request.into_inner(), now).map_err(Error::from)?;
+        let slot = NewSlot::parse(request, now)?;
         // Keys are the caller's own: another caller's same key is another slot.
         let caller = CallContext::current_caller().unwrap_or_default();
-        let outcome = slots::create(&self.pool, Uuid::now_v7(), &slot, &caller, now)
-            .await
-            .map_err(Error::from)?;
+        let outcome = slots::create(&self.pool, Uuid::now_v7(), &slot, &caller, now).await?;
         let (row, replayed) = match outcome {
             slots::CreateOutcome::Created(row) => (row, false),
             slots::CreateOutcome::Replayed(row) => (row, true),
-            slots::CreateOutcome::RequestIdReused => return Err(Error::RequestIdReused.into()),
+            slots::CreateOutcome::RequestIdReused => return Err(Error::RequestIdReused),
         };
-        Ok(Response::new(pb::CreateSlotResponse {
+        Ok(pb::CreateSlotResponse {
             slot: Some(convert::slot(row)),
             replayed,
-        }))
+        })
     }
 
     async fn list_availability(
         &self,
-        request: Request<pb::ListAvailabilityRequest>,
-    ) -> Reply<pb::ListAvailabilityResponse> {
-        let query = AvailabilityQuery::parse(request.into_inner(), self.max_page_size)
-            .map_err(Error::from)?;
-        let mut rows = store::slots::availability(&self.pool, &query)
-            .await
-            .map_err(Error::from)?;
+        request: pb::ListAvailabilityRequest,
+    ) -> Result<pb::ListAvailabilityResponse, Error> {
+        let query = AvailabilityQuery::parse(request, self.max_page_size)?;
+        let mut rows = store::slots::availability(&self.pool, &query).await?;
         let next_page_token = pagination::next_page(&mut rows, query.page_size, |last| {
             pagination::encode(
                 &AvailabilityQuery::token_query(query.from, query.until, query.min_seats),
@@ -88,17 +86,17 @@ impl BookingService for BookingApi {
                 },
             )
         });
-        Ok(Response::new(pb::ListAvailabilityResponse {
+        Ok(pb::ListAvailabilityResponse {
             slots: rows.into_iter().map(convert::slot).collect(),
             next_page_token,
-        }))
+        })
     }
 
     async fn create_booking(
         &self,
-        request: Request<pb::CreateBookingRequest>,
-    ) -> Reply<pb::CreateBookingResponse> {
-        let booking = NewBooking::parse(request.into_inner()).map_err(Error::from)?;
+        request: pb::CreateBookingRequest,
+    ) -> Result<pb::CreateBookingResponse, Error> {
+        let booking = NewBooking::parse(request)?;
         // The plan job continues this call's trace.
         let trace = CallContext::current().map(|c| c.trace.header_value());
         let outcome = store::bookings::create(
@@ -109,113 +107,102 @@ impl BookingService for BookingApi {
             maitre_runtime::db::now(),
             trace,
         )
-        .await
-        .map_err(Error::from)?;
+        .await?;
         let (row, replayed) = match outcome {
             CreateOutcome::Created(row) => {
                 tracing::info!(booking_id = %row.id, slot_id = %row.slot_id, "booking confirmed");
                 (row, false)
             }
             CreateOutcome::Replayed(row) => (row, true),
-            CreateOutcome::RequestIdReused => return Err(Error::RequestIdReused.into()),
+            CreateOutcome::RequestIdReused => return Err(Error::RequestIdReused),
             CreateOutcome::ConversationOfAnotherCustomer => {
                 // A booking with an owned conversation always names it.
                 let conversation = booking.conversation_id.unwrap_or_default();
-                return Err(Error::ConversationOfAnotherCustomer(conversation).into());
+                return Err(Error::ConversationOfAnotherCustomer(conversation));
             }
-            CreateOutcome::SlotNotFound => return Err(Error::SlotNotFound(booking.slot_id).into()),
-            CreateOutcome::SlotStarted => return Err(Error::SlotStarted(booking.slot_id).into()),
+            CreateOutcome::SlotNotFound => return Err(Error::SlotNotFound(booking.slot_id)),
+            CreateOutcome::SlotStarted => return Err(Error::SlotStarted(booking.slot_id)),
             CreateOutcome::SlotFull { available } => {
                 return Err(Error::SlotFull {
                     slot_id: booking.slot_id,
                     available,
                     requested: booking.party_size,
-                }
-                .into());
+                });
             }
         };
-        Ok(Response::new(pb::CreateBookingResponse {
+        Ok(pb::CreateBookingResponse {
             booking: Some(convert::booking(row)),
             replayed,
-        }))
+        })
     }
 
     async fn get_booking(
         &self,
-        request: Request<pb::GetBookingRequest>,
-    ) -> Reply<pb::GetBookingResponse> {
-        let id = booking::booking_id(&request.into_inner().booking_id).map_err(Error::from)?;
+        request: pb::GetBookingRequest,
+    ) -> Result<pb::GetBookingResponse, Error> {
+        let id = booking::booking_id(&request.booking_id)?;
         let row = store::bookings::get(&self.pool, id)
-            .await
-            .map_err(Error::from)?
+            .await?
             .ok_or(Error::BookingNotFound(id))?;
-        Ok(Response::new(pb::GetBookingResponse {
+        Ok(pb::GetBookingResponse {
             booking: Some(convert::booking(row)),
-        }))
+        })
     }
 
     async fn list_bookings(
         &self,
-        request: Request<pb::ListBookingsRequest>,
-    ) -> Reply<pb::ListBookingsResponse> {
-        let page =
-            BookingPage::parse(request.into_inner(), self.max_page_size).map_err(Error::from)?;
-        let mut rows = store::bookings::list_for_customer(&self.pool, &page)
-            .await
-            .map_err(Error::from)?;
+        request: pb::ListBookingsRequest,
+    ) -> Result<pb::ListBookingsResponse, Error> {
+        let page = BookingPage::parse(request, self.max_page_size)?;
+        let mut rows = store::bookings::list_for_customer(&self.pool, &page).await?;
         let next_page_token = pagination::next_page(&mut rows, page.page_size, |last| {
             pagination::encode(&BookingPage::token_query(&page.customer_id), &last.id)
         });
-        Ok(Response::new(pb::ListBookingsResponse {
+        Ok(pb::ListBookingsResponse {
             bookings: rows.into_iter().map(convert::booking).collect(),
             next_page_token,
-        }))
+        })
     }
 
     async fn cancel_booking(
         &self,
-        request: Request<pb::CancelBookingRequest>,
-    ) -> Reply<pb::CancelBookingResponse> {
-        let (id, reason) = booking::parse_cancel(request.into_inner()).map_err(Error::from)?;
+        request: pb::CancelBookingRequest,
+    ) -> Result<pb::CancelBookingResponse, Error> {
+        let (id, reason) = booking::parse_cancel(request)?;
         let follow_ups_cancelled =
             match store::bookings::cancel(&self.pool, id, &reason, maitre_runtime::db::now())
-                .await
-                .map_err(Error::from)?
+                .await?
             {
-                CancelOutcome::NotFound => return Err(Error::BookingNotFound(id).into()),
+                CancelOutcome::NotFound => return Err(Error::BookingNotFound(id)),
                 CancelOutcome::SlotStarted { slot_id } => {
-                    return Err(Error::SlotStarted(slot_id).into());
+                    return Err(Error::SlotStarted(slot_id));
                 }
                 CancelOutcome::Cancelled {
                     follow_ups_cancelled,
                 } => follow_ups_cancelled,
             };
         let row = store::bookings::get(&self.pool, id)
-            .await
-            .map_err(Error::from)?
+            .await?
             .ok_or(Error::BookingNotFound(id))?;
         tracing::info!(booking_id = %id, follow_ups_cancelled, "booking cancelled");
-        Ok(Response::new(pb::CancelBookingResponse {
+        Ok(pb::CancelBookingResponse {
             booking: Some(convert::booking(row)),
             follow_ups_cancelled,
-        }))
+        })
     }
 
     async fn list_follow_ups(
         &self,
-        request: Request<pb::ListFollowUpsRequest>,
-    ) -> Reply<pb::ListFollowUpsResponse> {
-        let page =
-            FollowUpPage::parse(request.into_inner(), self.max_page_size).map_err(Error::from)?;
-        let mut rows = store::followups::list(&self.pool, &page)
-            .await
-            .map_err(Error::from)?;
+        request: pb::ListFollowUpsRequest,
+    ) -> Result<pb::ListFollowUpsResponse, Error> {
+        let page = FollowUpPage::parse(request, self.max_page_size)?;
+        let mut rows = store::followups::list(&self.pool, &page).await?;
         let next_page_token =
             pagination::next_page(&mut rows, page.page_size, |last| page.next_token(last.id));
-        Ok(Response::new(pb::ListFollowUpsResponse {
+        Ok(pb::ListFollowUpsResponse {
             follow_ups: rows.into_iter().map(convert::follow_up).collect(),
             next_page_token,
-        }))
+        })
     }
 
     /// booking-service's part in one transaction, then memory-service's.
@@ -226,15 +213,12 @@ impl BookingService for BookingApi {
     /// The customer id is never logged.
     async fn erase_customer(
         &self,
-        request: Request<pb::EraseCustomerRequest>,
-    ) -> Reply<pb::EraseCustomerResponse> {
-        let customer_id = erasure::parse(request.into_inner()).map_err(Error::from)?;
-        let erased = store::erasure::erase(&self.pool, &customer_id, maitre_runtime::db::now())
-            .await
-            .map_err(Error::from)?;
-        let in_flight = store::erasure::deliveries_in_flight(&self.pool, &erased.pseudonym)
-            .await
-            .map_err(Error::from)?;
+        request: pb::EraseCustomerRequest,
+    ) -> Result<pb::EraseCustomerResponse, Error> {
+        let customer_id = erasure::parse(request)?;
+        let erased =
+            store::erasure::erase(&self.pool, &customer_id, maitre_runtime::db::now()).await?;
+        let in_flight = store::erasure::deliveries_in_flight(&self.pool, &erased.pseudonym).await?;
         tracing::info!(
             bookings = erased.bookings,
             follow_ups_cancelled = erased.follow_ups_cancelled,
@@ -246,7 +230,7 @@ impl BookingService for BookingApi {
             Ok(memory) => memory,
             Err(error) => {
                 tracing::warn!(%error, "erasure: memory-service part failed; the caller retries");
-                return Err(Error::from(error).into());
+                return Err(Error::from(error));
             }
         };
         tracing::info!(
@@ -256,7 +240,7 @@ impl BookingService for BookingApi {
             complete = memory.complete,
             "customer erased from memory-service"
         );
-        Ok(Response::new(pb::EraseCustomerResponse {
+        Ok(pb::EraseCustomerResponse {
             bookings_pseudonymised: erased.bookings,
             follow_ups_cancelled: erased.follow_ups_cancelled,
             follow_ups_cleared: erased.follow_ups_cleared,
@@ -265,24 +249,85 @@ impl BookingService for BookingApi {
             messages_remaining: memory.messages_remaining,
             deliveries_in_flight: in_flight,
             complete: memory.complete && in_flight == 0,
-        }))
+        })
+    }
+}
+
+/// A handler's answer as tonic wants it: the message in a response, the
+/// error converted to its status.
+fn reply<T>(result: Result<T, Error>) -> Reply<T> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl BookingService for BookingApi {
+    async fn create_slot(
+        &self,
+        request: Request<pb::CreateSlotRequest>,
+    ) -> Reply<pb::CreateSlotResponse> {
+        reply(BookingApi::create_slot(self, request.into_inner()).await)
+    }
+
+    async fn list_availability(
+        &self,
+        request: Request<pb::ListAvailabilityRequest>,
+    ) -> Reply<pb::ListAvailabilityResponse> {
+        reply(BookingApi::list_availability(self, request.into_inner()).await)
+    }
+
+    async fn create_booking(
+        &self,
+        request: Request<pb::CreateBookingRequest>,
+    ) -> Reply<pb::CreateBookingResponse> {
+        reply(BookingApi::create_booking(self, request.into_inner()).await)
+    }
+
+    async fn get_booking(
+        &self,
+        request: Request<pb::GetBookingRequest>,
+    ) -> Reply<pb::GetBookingResponse> {
+        reply(BookingApi::get_booking(self, request.into_inner()).await)
+    }
+
+    async fn list_bookings(
+        &self,
+        request: Request<pb::ListBookingsRequest>,
+    ) -> Reply<pb::ListBookingsResponse> {
+        reply(BookingApi::list_bookings(self, request.into_inner()).await)
+    }
+
+    async fn cancel_booking(
+        &self,
+        request: Request<pb::CancelBookingRequest>,
+    ) -> Reply<pb::CancelBookingResponse> {
+        reply(BookingApi::cancel_booking(self, request.into_inner()).await)
+    }
+
+    async fn list_follow_ups(
+        &self,
+        request: Request<pb::ListFollowUpsRequest>,
+    ) -> Reply<pb::ListFollowUpsResponse> {
+        reply(BookingApi::list_follow_ups(self, request.into_inner()).await)
+    }
+
+    async fn erase_customer(
+        &self,
+        request: Request<pb::EraseCustomerRequest>,
+    ) -> Reply<pb::EraseCustomerResponse> {
+        reply(BookingApi::erase_customer(self, request.into_inner()).await)
     }
 
     async fn retry_follow_up(
         &self,
         request: Request<pb::RetryFollowUpRequest>,
     ) -> Reply<pb::RetryFollowUpResponse> {
-        Ok(Response::new(
-            redrive::retry_follow_up(&self.pool, request.into_inner()).await?,
-        ))
+        reply(redrive::retry_follow_up(&self.pool, request.into_inner()).await)
     }
 
     async fn retry_follow_ups(
         &self,
         request: Request<pb::RetryFollowUpsRequest>,
     ) -> Reply<pb::RetryFollowUpsResponse> {
-        Ok(Response::new(
-            redrive::retry_follow_ups(&self.pool, request.into_inner()).await?,
-        ))
+        reply(redrive::retry_follow_ups(&self.pool, request.into_inner()).await)
     }
 }

@@ -36,63 +36,18 @@
 //! in `fetch_next`, mark rows that fail conversion Killed inside the fetch
 //! transaction instead of failing the batch; in `DurableBackend::poll_next`,
 //! turn a decode error into a failed task rather than a backend error.
+//!
+//! This module decides what is unreadable and why; the statements that read,
+//! kill and release rows are in `store::poison`.
 
 use serde::de::DeserializeOwned;
 use sqlx::{PgPool, postgres::types::PgHstore};
 
-use crate::metrics::BookingMetrics;
+use crate::{metrics::BookingMetrics, store};
 
 /// Rows the guard reads from the head of the queue: many fetch batches, so
 /// that a run of bad rows is cleared at once.
 pub const CANDIDATES: i64 = 1000;
-
-/// The rows `apalis.get_jobs` would fetch next, in its order, locked
-/// (rows another worker is fetching right now are skipped). Through apalis's
-/// `idx_apalis_jobs_fetch_partial`. These four stay raw strings run with
-/// `sqlx::query`: the rows carry apalis's `hstore` metadata, a type sqlx's
-/// macros do not map. The status literals are apalis's own.
-const HEAD_OF_QUEUE: &str = r#"
-SELECT id, job, metadata FROM apalis.jobs
-WHERE job_type = $1 AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
-  AND run_at < now()
-ORDER BY priority DESC, run_at ASC
-LIMIT $2
-FOR UPDATE SKIP LOCKED
-"#;
-
-/// The rows a stopped worker held (fetched, maybe started). Through
-/// apalis's `idx_apalis_jobs_lock_by`.
-const HELD_BY: &str = r#"
-SELECT id, job, metadata FROM apalis.jobs
-WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running')
-FOR UPDATE SKIP LOCKED
-"#;
-
-/// Dead-letters one row, in apalis's own terms: Killed, done, its error as
-/// the result (`{"Err": ...}`, as apalis records failures).
-const KILL: &str = r#"
-UPDATE apalis.jobs
-SET status = 'Killed', done_at = now(), lock_by = NULL, lock_at = NULL,
-    last_result = jsonb_build_object('Err', $3::text)
-WHERE id = $1 AND job_type = $2
-"#;
-
-/// Puts a stopped worker's readable rows back in the queue (as apalis's own
-/// orphan recovery does, a started one with its attempt counted).
-const RELEASE: &str = r#"
-UPDATE apalis.jobs
-SET attempts = attempts + CASE WHEN status = 'Running' THEN 1 ELSE 0 END,
-    status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL,
-    last_result = '{"Err": "Re-enqueued: its worker stopped on an error"}'::jsonb
-WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running') AND id <> ALL($3)
-"#;
-
-#[derive(sqlx::FromRow)]
-struct RawJob {
-    id: String,
-    job: Vec<u8>,
-    metadata: Option<PgHstore>,
-}
 
 /// Why apalis cannot read a row: (metric reason, error recorded).
 pub fn unreadable<T: DeserializeOwned>(
@@ -141,39 +96,18 @@ pub async fn guard<T: DeserializeOwned>(
     metrics: &BookingMetrics,
 ) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut rows = sqlx::query_as::<_, RawJob>(HEAD_OF_QUEUE)
-        .bind(queue)
-        .bind(CANDIDATES)
-        .fetch_all(&mut *tx)
-        .await?;
-    rows.extend(
-        sqlx::query_as::<_, RawJob>(HELD_BY)
-            .bind(queue)
-            .bind(stopped_worker)
-            .fetch_all(&mut *tx)
-            .await?,
-    );
+    let mut rows = store::poison::head_of_queue(&mut tx, queue, CANDIDATES).await?;
+    rows.extend(store::poison::held_by(&mut tx, queue, stopped_worker).await?);
     let mut killed = Vec::new();
     for row in &rows {
         if let Some((reason, error)) = unreadable::<T>(&row.id, &row.job, row.metadata.as_ref()) {
-            sqlx::query(KILL)
-                .bind(&row.id)
-                .bind(queue)
-                .bind(&error)
-                .execute(&mut *tx)
-                .await?;
+            store::poison::kill(&mut tx, &row.id, queue, &error).await?;
             tracing::error!(queue, job_id = %shorten(&row.id), reason, %error, "job row apalis cannot read: dead-lettered (status Killed)");
             killed.push((row.id.clone(), reason));
         }
     }
     let killed_ids: Vec<&str> = killed.iter().map(|(id, _)| id.as_str()).collect();
-    let released = sqlx::query(RELEASE)
-        .bind(queue)
-        .bind(stopped_worker)
-        .bind(&killed_ids)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let released = store::poison::release(&mut tx, queue, stopped_worker, &killed_ids).await?;
     tx.commit().await?;
     for (_, reason) in &killed {
         metrics.dead_lettered(queue, reason);

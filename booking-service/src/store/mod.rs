@@ -5,6 +5,7 @@ pub mod erasure;
 pub mod followups;
 pub mod jobs;
 pub mod planning;
+pub mod poison;
 pub mod rows;
 pub mod slots;
 pub mod sweeps;

@@ -64,13 +64,16 @@ impl Drop for WakeOnDrop<'_> {
     }
 }
 
-#[tonic::async_trait]
-impl MemoryService for MemoryApi {
+/// The handlers proper: each takes the decoded request message and answers
+/// with the service's own [`Error`], which `?` converts into through `From`.
+/// The [`MemoryService`] impl below only unwraps the request and turns the
+/// error into a status, once, in `reply`.
+impl MemoryApi {
     async fn store_message(
         &self,
-        request: Request<pb::StoreMessageRequest>,
-    ) -> Reply<pb::StoreMessageResponse> {
-        let message = NewMessage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
+        request: pb::StoreMessageRequest,
+    ) -> Result<pb::StoreMessageResponse, Error> {
+        let message = NewMessage::parse(request, &self.limits)?;
         let message_id = Uuid::now_v7();
         // Keys are scoped by the authenticated caller: no other client can
         // claim (and so answer for) the key another will use.
@@ -88,8 +91,7 @@ impl MemoryService for MemoryApi {
             maitre_runtime::db::now(),
             self.limits.max_distinct_labels,
         )
-        .await
-        .map_err(Error::from)?;
+        .await?;
         let response = match outcome {
             StoreOutcome::Stored {
                 message_id,
@@ -115,36 +117,34 @@ impl MemoryService for MemoryApi {
                 replayed: true,
             },
             StoreOutcome::OtherUsersConversation => {
-                return Err(Error::ConversationOfAnotherUser(message.conversation_id).into());
+                return Err(Error::ConversationOfAnotherUser(message.conversation_id));
             }
-            StoreOutcome::KeyReused => return Err(Error::RequestIdReused.into()),
+            StoreOutcome::KeyReused => return Err(Error::RequestIdReused),
             StoreOutcome::ConversationErased => {
-                return Err(Error::ConversationErased(message.conversation_id).into());
+                return Err(Error::ConversationErased(message.conversation_id));
             }
         };
-        Ok(Response::new(response))
+        Ok(response)
     }
 
     async fn get_conversation(
         &self,
-        request: Request<pb::GetConversationRequest>,
-    ) -> Reply<pb::GetConversationResponse> {
-        let id =
-            queries::conversation_id(&request.into_inner().conversation_id).map_err(Error::from)?;
+        request: pb::GetConversationRequest,
+    ) -> Result<pb::GetConversationResponse, Error> {
+        let id = queries::conversation_id(&request.conversation_id)?;
         let row = store::conversations::get(&self.pool, id)
-            .await
-            .map_err(Error::from)?
+            .await?
             .ok_or(Error::ConversationNotFound(id))?;
-        Ok(Response::new(pb::GetConversationResponse {
+        Ok(pb::GetConversationResponse {
             conversation: Some(convert::conversation(row)),
-        }))
+        })
     }
 
     async fn list_messages(
         &self,
-        request: Request<pb::ListMessagesRequest>,
-    ) -> Reply<pb::ListMessagesResponse> {
-        let page = MessagePage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
+        request: pb::ListMessagesRequest,
+    ) -> Result<pb::ListMessagesResponse, Error> {
+        let page = MessagePage::parse(request, &self.limits)?;
         let token_query = MessagePage::token_query(page.conversation_id, page.order);
         let filled = paging::fill(
             store::messages::list(&self.pool, &page),
@@ -157,57 +157,49 @@ impl MemoryService for MemoryApi {
                 (message, sequence)
             },
         )
-        .await
-        .map_err(Error::from)?;
+        .await?;
         // A conversation always holds at least one message, so an empty first
         // page means there is no such conversation. A later page is empty
         // only when messages went since the previous one: the conversation
         // was erased (or never existed, with a forged token).
         if filled.items.is_empty()
             && (page.after.is_none()
-                || !store::conversations::exists(&self.pool, page.conversation_id)
-                    .await
-                    .map_err(Error::from)?)
+                || !store::conversations::exists(&self.pool, page.conversation_id).await?)
         {
-            return Err(Error::ConversationNotFound(page.conversation_id).into());
+            return Err(Error::ConversationNotFound(page.conversation_id));
         }
-        Ok(Response::new(pb::ListMessagesResponse {
+        Ok(pb::ListMessagesResponse {
             messages: filled.items,
             next_page_token: filled
                 .next
                 .map(|sequence| pagination::encode(&token_query, &sequence))
                 .unwrap_or_default(),
-        }))
+        })
     }
 
     async fn get_emotion_history(
         &self,
-        request: Request<pb::GetEmotionHistoryRequest>,
-    ) -> Reply<pb::GetEmotionHistoryResponse> {
-        let query = HistoryQuery::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
-        let mut rows = store::messages::emotion_history(&self.pool, &query)
-            .await
-            .map_err(Error::from)?;
+        request: pb::GetEmotionHistoryRequest,
+    ) -> Result<pb::GetEmotionHistoryResponse, Error> {
+        let query = HistoryQuery::parse(request, &self.limits)?;
+        let mut rows = store::messages::emotion_history(&self.pool, &query).await?;
         if rows.is_empty()
-            && !store::conversations::exists(&self.pool, query.conversation_id)
-                .await
-                .map_err(Error::from)?
+            && !store::conversations::exists(&self.pool, query.conversation_id).await?
         {
-            return Err(Error::ConversationNotFound(query.conversation_id).into());
+            return Err(Error::ConversationNotFound(query.conversation_id));
         }
         // Read newest first (the index order); answered oldest first.
         rows.reverse();
-        Ok(Response::new(pb::GetEmotionHistoryResponse {
+        Ok(pb::GetEmotionHistoryResponse {
             points: rows.into_iter().map(convert::emotion_point).collect(),
-        }))
+        })
     }
 
     async fn list_conversations(
         &self,
-        request: Request<pb::ListConversationsRequest>,
-    ) -> Reply<pb::ListConversationsResponse> {
-        let page =
-            ConversationPage::parse(request.into_inner(), &self.limits).map_err(Error::from)?;
+        request: pb::ListConversationsRequest,
+    ) -> Result<pb::ListConversationsResponse, Error> {
+        let page = ConversationPage::parse(request, &self.limits)?;
         let token_query = ConversationPage::token_query(&page.user_id, page.active_only);
         // The longest cursor: `false` is one character longer than `true`,
         // and no `seq` has more digits than the largest.
@@ -228,47 +220,41 @@ impl MemoryService for MemoryApi {
                 (convert::conversation(row), cursor)
             },
         )
-        .await
-        .map_err(Error::from)?;
-        Ok(Response::new(pb::ListConversationsResponse {
+        .await?;
+        Ok(pb::ListConversationsResponse {
             conversations: filled.items,
             next_page_token: filled
                 .next
                 .map(|cursor| pagination::encode(&token_query, &cursor))
                 .unwrap_or_default(),
-        }))
+        })
     }
 
     async fn close_conversation(
         &self,
-        request: Request<pb::CloseConversationRequest>,
-    ) -> Reply<pb::CloseConversationResponse> {
-        let id =
-            queries::conversation_id(&request.into_inner().conversation_id).map_err(Error::from)?;
+        request: pb::CloseConversationRequest,
+    ) -> Result<pb::CloseConversationResponse, Error> {
+        let id = queries::conversation_id(&request.conversation_id)?;
         let row = store::conversations::close(&self.pool, id, maitre_runtime::db::now())
-            .await
-            .map_err(Error::from)?
+            .await?
             .ok_or(Error::ConversationNotFound(id))?;
-        Ok(Response::new(pb::CloseConversationResponse {
+        Ok(pb::CloseConversationResponse {
             conversation: Some(convert::conversation(row)),
-        }))
+        })
     }
 
     async fn delete_user_data(
         &self,
-        request: Request<pb::DeleteUserDataRequest>,
-    ) -> Reply<pb::DeleteUserDataResponse> {
-        let user_id =
-            queries::erasable_user_id(&request.into_inner().user_id).map_err(Error::from)?;
+        request: pb::DeleteUserDataRequest,
+    ) -> Result<pb::DeleteUserDataResponse, Error> {
+        let user_id = queries::erasable_user_id(&request.user_id)?;
         let deadline = CallContext::current_deadline()
             .unwrap_or_else(|| Instant::now() + ERASE_WITHOUT_DEADLINE);
         // Should this call end before the purge does (out of time, an error,
         // or dropped at its deadline by the RPC layer), the background purger
         // is woken to finish at once rather than at its next interval.
         let mut unfinished = WakeOnDrop(Some(&self.purger));
-        let done = erasure::erase_user(&self.pool, &user_id, deadline, &self.purge)
-            .await
-            .map_err(Error::from)?;
+        let done = erasure::erase_user(&self.pool, &user_id, deadline, &self.purge).await?;
         if done.complete() {
             unfinished.0 = None;
         }
@@ -284,12 +270,70 @@ impl MemoryService for MemoryApi {
             complete = done.complete(),
             "user data erased"
         );
-        Ok(Response::new(pb::DeleteUserDataResponse {
+        Ok(pb::DeleteUserDataResponse {
             conversations_deleted: done.conversations_erased,
             messages_deleted: done.messages_deleted,
             complete: done.complete(),
             messages_remaining: done.messages_remaining,
             conversations_remaining: done.conversations_remaining,
-        }))
+        })
+    }
+}
+
+/// A handler's answer as tonic wants it: the message in a response, the
+/// error converted to its status.
+fn reply<T>(result: Result<T, Error>) -> Reply<T> {
+    result.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl MemoryService for MemoryApi {
+    async fn store_message(
+        &self,
+        request: Request<pb::StoreMessageRequest>,
+    ) -> Reply<pb::StoreMessageResponse> {
+        reply(MemoryApi::store_message(self, request.into_inner()).await)
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::GetConversationRequest>,
+    ) -> Reply<pb::GetConversationResponse> {
+        reply(MemoryApi::get_conversation(self, request.into_inner()).await)
+    }
+
+    async fn list_messages(
+        &self,
+        request: Request<pb::ListMessagesRequest>,
+    ) -> Reply<pb::ListMessagesResponse> {
+        reply(MemoryApi::list_messages(self, request.into_inner()).await)
+    }
+
+    async fn get_emotion_history(
+        &self,
+        request: Request<pb::GetEmotionHistoryRequest>,
+    ) -> Reply<pb::GetEmotionHistoryResponse> {
+        reply(MemoryApi::get_emotion_history(self, request.into_inner()).await)
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<pb::ListConversationsRequest>,
+    ) -> Reply<pb::ListConversationsResponse> {
+        reply(MemoryApi::list_conversations(self, request.into_inner()).await)
+    }
+
+    async fn close_conversation(
+        &self,
+        request: Request<pb::CloseConversationRequest>,
+    ) -> Reply<pb::CloseConversationResponse> {
+        reply(MemoryApi::close_conversation(self, request.into_inner()).await)
+    }
+
+    async fn delete_user_data(
+        &self,
+        request: Request<pb::DeleteUserDataRequest>,
+    ) -> Reply<pb::DeleteUserDataResponse> {
+        reply(MemoryApi::delete_user_data(self, request.into_inner()).await)
     }
 }
