@@ -54,4 +54,7 @@ DATABASE_URL="$scratch_url" cargo run --quiet --locked -p memory-service -- migr
 cargo check --quiet --locked --workspace
 
 log "cargo sqlx prepare --workspace ${mode:-(writing .sqlx/)}"
-DATABASE_URL="$scratch_url" cargo sqlx prepare --workspace ${mode:+"$mode"}
+# The cargo arguments after `--` matter: the root package is a crate of its
+# own (maitre-api), so a bare `cargo check` would compile only it, find no
+# queries, and a check would pass while a --write emptied .sqlx/.
+DATABASE_URL="$scratch_url" cargo sqlx prepare --workspace ${mode:+"$mode"} -- --locked --workspace
