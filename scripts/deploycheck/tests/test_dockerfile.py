@@ -12,7 +12,7 @@ CARGO = ('[workspace]\nmembers = [".", "runtime", "memory-service", "booking-ser
 SOURCES = ["Cargo.toml", "Cargo.lock", "build.rs", "proto/a.proto", "src/lib.rs",
            *(f"{m}/{f}" for m in ("runtime", "memory-service", "booking-service", "tests", "bench")
              for f in ("Cargo.toml", "src/lib.rs")),
-           "memory-service/migrations/1.sql", "booking-service/migrations/1.sql"]
+           "memory-service/migrations/1.sql", "booking-service/migrations/1.sql", ".sqlx/query-1.json"]
 
 
 def build_input_errors(dockerfile=DOCKERFILE, cargo=CARGO, missing=()):
