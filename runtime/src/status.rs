@@ -116,3 +116,10 @@ pub fn database_status(domain: &str, cause: &sqlx::Error) -> Status {
     };
     with_reason(code, domain, reason, message, HashMap::new())
 }
+
+/// A handler's answer as tonic wants it: the message in a response, the
+/// service's error converted to its status (each service maps its errors
+/// once, in its `error.rs`).
+pub fn reply<T, E: Into<Status>>(result: Result<T, E>) -> Result<tonic::Response<T>, Status> {
+    result.map(tonic::Response::new).map_err(Into::into)
+}

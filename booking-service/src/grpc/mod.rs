@@ -4,7 +4,7 @@ pub mod convert;
 pub mod redrive;
 
 use maitre_api::booking::v1::{self as pb, booking_service_server::BookingService};
-use maitre_runtime::{pagination, rpc::CallContext};
+use maitre_runtime::{pagination, rpc::CallContext, status::reply};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -251,12 +251,6 @@ impl BookingApi {
             complete: memory.complete && in_flight == 0,
         })
     }
-}
-
-/// A handler's answer as tonic wants it: the message in a response, the
-/// error converted to its status.
-fn reply<T>(result: Result<T, Error>) -> Reply<T> {
-    result.map(Response::new).map_err(Status::from)
 }
 
 #[tonic::async_trait]

@@ -6,7 +6,7 @@ pub mod paging;
 use std::time::{Duration, Instant};
 
 use maitre_api::memory::v1::{self as pb, memory_service_server::MemoryService};
-use maitre_runtime::{pagination, rpc::CallContext};
+use maitre_runtime::{pagination, rpc::CallContext, status::reply};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -278,12 +278,6 @@ impl MemoryApi {
             conversations_remaining: done.conversations_remaining,
         })
     }
-}
-
-/// A handler's answer as tonic wants it: the message in a response, the
-/// error converted to its status.
-fn reply<T>(result: Result<T, Error>) -> Reply<T> {
-    result.map(Response::new).map_err(Status::from)
 }
 
 #[tonic::async_trait]
