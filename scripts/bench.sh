@@ -3,8 +3,13 @@
 #
 #   scripts/bench.sh [--quick] [--record] [other maitre-bench flags]
 #
-#  1. PostgreSQL: scripts/ensure-postgres.sh (exports DATABASE_URL, an admin
-#     URL; the bench drops and recreates its own database `maitre_bench`).
+#  1. PostgreSQL of its own: scripts/ensure-postgres.sh --private in
+#     $BENCH_PG_DIR (default /tmp/maitre-bench-pg-<uid>) on port
+#     $BENCH_PG_PORT (default 55433), started with pg_stat_statements
+#     preloaded so the report breaks PostgreSQL time down by statement; the
+#     server keeps running afterwards (stop it with the pg_ctl line it
+#     printed). DATABASE_URL is exported as its admin URL; the bench drops
+#     and recreates its own database `maitre_bench`.
 #  2. cargo build --release -p memory-service -p booking-service -p maitre-bench
 #     (skip with BENCH_NO_BUILD=1).
 #  3. target/release/maitre-bench "$@": starts both services from
@@ -31,7 +36,9 @@ for arg in "$@"; do
     esac
 done
 
-url="$("$root/scripts/ensure-postgres.sh" | tail -n 1)" || die "scripts/ensure-postgres.sh failed: no PostgreSQL to benchmark against"
+export MAITRE_PG_DIR="${BENCH_PG_DIR:-${TMPDIR:-/tmp}/maitre-bench-pg-$(id -u)}"
+export MAITRE_PG_PORT="${BENCH_PG_PORT:-55433}"
+url="$("$root/scripts/ensure-postgres.sh" --private | tail -n 1)" || die "scripts/ensure-postgres.sh --private failed: no PostgreSQL to benchmark against"
 [[ -n "$url" ]] || die "scripts/ensure-postgres.sh printed no URL"
 export DATABASE_URL="$url"
 command -v pgbench >/dev/null 2>&1 || die "pgbench not found (Debian: it comes with the postgresql package)"

@@ -25,6 +25,26 @@ PRIVATE_SETTINGS = """
 listen_addresses = '127.0.0.1'
 unix_socket_directories = ''
 """
+# Per-statement costs for the bench (scripts/bench.sh reads them); loaded
+# at start only, so written before the first start. Utility statements
+# (BEGIN, COMMIT) are not timed: an autocommit statement's commit is not
+# either, so both kinds of transaction are measured alike.
+STATEMENT_STATS = """
+# --- maitre: pg_stat_statements for scripts/bench.sh ---
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track_utility = off
+"""
+
+
+def add_statement_stats(conf_path):
+    """Appends STATEMENT_STATS to postgresql.conf unless it is there; returns
+    whether it wrote (a cluster made by an older version of this script)."""
+    with open(conf_path) as f:
+        if "pg_stat_statements for scripts/bench.sh" in f.read():
+            return False
+    with open(conf_path, "a") as f:
+        f.write(STATEMENT_STATS)
+    return True
 
 
 def log(msg):
@@ -292,6 +312,8 @@ def private_cluster(root):
         # and /var/run/postgresql may not be writable); fsync stays on.
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write(PRIVATE_SETTINGS)
+    if add_statement_stats(os.path.join(data, "postgresql.conf")):
+        log("postgresql.conf: pg_stat_statements preloaded")
 
     log(f"starting private cluster on 127.0.0.1:{port} (log: {logfile})")
     if not run(as_owner + [os.path.join(bindir, "pg_ctl"), "-D", data, "-l", logfile, "-o", f"-p {port}",

@@ -55,6 +55,13 @@ pub struct Cli {
     #[arg(long)]
     pub plan_samples: Option<usize>,
 
+    /// Finished jobs to leave in the queue table, locked by the running
+    /// workers, for a second follow-up throughput test (the cost of fetch
+    /// and ack must not grow with retained history); 0 skips it
+    /// [default: 1000000; quick: 10000].
+    #[arg(long)]
+    pub retained_jobs: Option<u64>,
+
     /// Output directory (results.json, chart.svg, report.txt, pgbench
     /// scripts and logs, service logs).
     #[arg(long, default_value = "target/bench")]
@@ -108,6 +115,7 @@ pub struct Plan {
     pub rounds: usize,
     pub followups: usize,
     pub plan_samples: usize,
+    pub retained_jobs: u64,
     pub out: PathBuf,
     pub admin_url: String,
     pub database: String,
@@ -157,6 +165,9 @@ impl Cli {
                 .unwrap_or(if quick { 200 } else { 2000 })
                 .max(1),
             plan_samples: self.plan_samples.unwrap_or(if quick { 20 } else { 50 }),
+            retained_jobs: self
+                .retained_jobs
+                .unwrap_or(if quick { 10_000 } else { 1_000_000 }),
             out: self.out,
             admin_url: self.database_url,
             database: self.database,

@@ -2,11 +2,14 @@
 //! bench makes of it (queue state, follow-up progress, the machine's
 //! PostgreSQL settings).
 
-use std::time::Duration;
+use std::{str::FromStr, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, PgPool, postgres::PgPoolOptions};
+use sqlx::{
+    AssertSqlSafe, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 
 use crate::floor::scripts;
 
@@ -35,11 +38,15 @@ pub async fn recreate(admin_url: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A small pool on the bench database for the bench's own queries.
+/// A small pool on the bench database for the bench's own queries, which
+/// pg_stat_statements leaves out (they are not the services' cost).
 pub async fn connect(url: &str) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .with_context(|| format!("parsing {url}"))?
+        .options([("pg_stat_statements.track", "none")]);
     PgPoolOptions::new()
         .max_connections(2)
-        .connect(url)
+        .connect_with(options)
         .await
         .with_context(|| format!("connecting to {url}"))
 }
@@ -76,13 +83,26 @@ pub async fn floor_slots(pool: &PgPool, run: u64, clients: usize) -> Result<()> 
 }
 
 /// Deletes the floor's never-worked jobs, so that they do not pile up in
-/// the table the workers fetch from.
+/// the table the workers fetch from, and marks their bookings planned: a
+/// booking left unplanned without a live plan job is what booking-service's
+/// sweep plans again (after 5 minutes), which would put the floor's
+/// bookings into a later scenario's work.
 pub async fn clear_floor_jobs(pool: &PgPool) -> Result<()> {
-    sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
-        .bind(scripts::FLOOR_QUEUE)
-        .execute(pool)
-        .await
-        .context("deleting the floor's jobs")?;
+    sqlx::query(
+        r#"
+WITH gone AS (
+    DELETE FROM apalis.jobs WHERE job_type = $1 RETURNING job
+)
+UPDATE booking.bookings b SET followup_planned_at = now()
+FROM gone
+WHERE b.id = (convert_from(gone.job, 'UTF8')::jsonb ->> 'booking_id')::uuid
+  AND b.followup_planned_at IS NULL
+"#,
+    )
+    .bind(scripts::FLOOR_QUEUE)
+    .execute(pool)
+    .await
+    .context("deleting the floor's jobs")?;
     Ok(())
 }
 
@@ -187,4 +207,51 @@ pub async fn postmaster_pid(pool: &PgPool) -> Option<u32> {
     crate::resources::parent_pid(backend)
         .ok()
         .filter(|&p| p > 1)
+}
+
+/// Inserts `n` finished jobs split over the running workers of
+/// booking-service's queues, as a long-lived worker leaves them behind
+/// (done an hour ago, so housekeeping keeps them); returns how many
+/// workers they went to.
+pub async fn retain_finished_jobs(pool: &PgPool, n: u64) -> Result<usize> {
+    let workers: Vec<(String, String)> = sqlx::query_as(
+        r#"
+SELECT id, worker_type FROM apalis.workers
+WHERE worker_type = ANY($1) AND last_seen > now() - interval '1 minute'
+"#,
+    )
+    .bind(vec![
+        booking_service::jobs::PLAN_QUEUE,
+        booking_service::jobs::DELIVER_QUEUE,
+    ])
+    .fetch_all(pool)
+    .await
+    .context("finding the running workers")?;
+    if workers.is_empty() {
+        bail!("no running follow-up workers to leave finished jobs to");
+    }
+    let each = i64::try_from(n.div_ceil(workers.len() as u64))?;
+    for (worker, queue) in &workers {
+        sqlx::query(
+            r#"
+INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts,
+                         run_at, lock_at, lock_by, done_at, last_result)
+SELECT 'retained-' || $1 || '-' || g, $2, '\x7b7d'::bytea, 'Done', 1, 3,
+       now() - interval '1 hour', now() - interval '1 hour', $1,
+       now() - interval '1 hour', '{"Ok": null}'::jsonb
+FROM generate_series(1, $3) AS g
+"#,
+        )
+        .bind(worker)
+        .bind(queue)
+        .bind(each)
+        .execute(pool)
+        .await
+        .with_context(|| format!("leaving {each} finished jobs to worker {worker}"))?;
+    }
+    sqlx::query("ANALYZE apalis.jobs")
+        .execute(pool)
+        .await
+        .context("ANALYZE apalis.jobs")?;
+    Ok(workers.len())
 }

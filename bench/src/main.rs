@@ -19,6 +19,7 @@ mod cli;
 mod db;
 mod floor;
 mod load;
+mod pg_cost;
 mod report;
 mod resources;
 mod run;

@@ -12,10 +12,10 @@ use crate::{
     cli::Plan,
     db,
     floor::{FloorRun, Pgbench, scripts},
-    load,
+    load, pg_cost,
     report::{
-        self, FloorPoint, Machine, PerThousand, Point, Ratio, Results, Rss, RunSettings,
-        ScenarioResult, ServicePeak, output,
+        self, FloorPoint, Machine, PerThousand, Point, Ratio, Results, RetainedHistory, Rss,
+        RunSettings, ScenarioResult, ServicePeak, output,
     },
     resources::{self, CpuUse, Probe},
     scenarios::{
@@ -49,6 +49,8 @@ struct Bench<'a> {
     peaks_kib: [u64; 2],
     /// The services, while they run.
     stack: Option<Stack>,
+    /// pg_stat_statements can be read (per-statement costs).
+    pg_stats: bool,
 }
 
 pub async fn run(plan: Plan) -> Result<u8> {
@@ -73,6 +75,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
     launch.migrate("booking-service")?;
     let pool = db::connect(&database_url).await?;
     db::setup(&pool).await?;
+    let pg_stats = pg_cost::enable(&pool).await;
     let machine = Machine {
         postgres: db::server_info(&pool).await?,
         ..machine
@@ -100,6 +103,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
         next_run: 1,
         peaks_kib: [0, 0],
         stack: None,
+        pg_stats,
     };
     let mut results = Results {
         started_at: chrono::Utc::now(),
@@ -125,6 +129,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
         scenarios: Vec::new(),
         single_write: Vec::new(),
         follow_ups: None,
+        follow_ups_retained: None,
         services: Vec::new(),
         targets: Vec::new(),
         errors: 0,
@@ -258,6 +263,7 @@ impl Bench<'_> {
             let settings = follow_ups::Settings {
                 bookings: self.plan.followups,
                 plan_samples: self.plan.plan_samples,
+                pg_stats: self.pg_stats,
             };
             let result =
                 follow_ups::run(&self.endpoints, &self.pool, &self.probe, settings, run).await?;
@@ -268,6 +274,33 @@ impl Bench<'_> {
                 result.throughput.delivered_per_second, result.plan_start.from_created_ms.p50_ms
             );
             results.follow_ups = Some(result);
+            if self.plan.retained_jobs > 0 {
+                self.start(true).await?;
+                let jobs = self.plan.retained_jobs;
+                let workers = db::retain_finished_jobs(&self.pool, jobs).await?;
+                eprintln!(
+                    "maitre-bench: follow-ups again, {jobs} finished jobs retained by {workers} workers"
+                );
+                let run = self.take_run();
+                let result = follow_ups::run(
+                    &self.endpoints,
+                    &self.pool,
+                    &self.probe,
+                    follow_ups::Settings {
+                        plan_samples: 0,
+                        ..settings
+                    },
+                    run,
+                )
+                .await?;
+                self.check_services()?;
+                self.stop().await?;
+                eprintln!(
+                    "  {:.0} delivered/s",
+                    result.throughput.delivered_per_second
+                );
+                results.follow_ups_retained = Some(RetainedHistory { jobs, result });
+            }
         }
         Ok(())
     }
@@ -304,10 +337,14 @@ impl Bench<'_> {
             .then(|| (Sample::empty(), CpuUse::default()));
         let (mut backlog_after_run, mut drain_seconds) = (0, 0.0);
         let mut rss = [(0, 0); 2];
+        let mut statements = pg_cost::Tally::default();
         for round in 0..rounds {
             self.start(self.plan.workers_during_load).await?;
             db::checkpoint(&self.pool).await?;
             let load_clients = self.clients(scenario, clients).await?;
+            if self.pg_stats {
+                pg_cost::reset(&self.pool).await?;
+            }
             let before = self.probe.snapshot()?;
             let sample = load::closed_loop(load_clients, self.plan.warmup, segment).await?;
             let after = self.probe.snapshot()?;
@@ -320,6 +357,9 @@ impl Bench<'_> {
             } else {
                 // Nobody will plan these; keep them out of the follow-ups scenario.
                 db::discard_plan_jobs(&self.pool).await?;
+            }
+            if self.pg_stats {
+                statements.add_reading(&self.pool).await?;
             }
             for (kept, seen) in rss.iter_mut().zip(self.check_services()?) {
                 *kept = (kept.0.max(seen.0), seen.1);
@@ -360,6 +400,7 @@ impl Bench<'_> {
             },
             backlog_after_run,
             drain_seconds,
+            pg_cost: statements.cost(&scenario.own_statements()),
         })
     }
 

@@ -1,8 +1,10 @@
 """Tests of scripts/ensure_postgres.py's pure parts:
 python3 -m unittest discover -s scripts/tests -t scripts"""
+import os
+import tempfile
 import unittest
 
-from ensure_postgres import admin_url, choose_cluster, newest, parse_lsclusters, trust_loopback, url_host_port
+from ensure_postgres import add_statement_stats, admin_url, choose_cluster, newest, parse_lsclusters, trust_loopback, url_host_port
 
 DEBIAN_HBA = """\
 # TYPE  DATABASE        USER            ADDRESS                 METHOD
@@ -71,3 +73,17 @@ class Urls(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class StatementStats(unittest.TestCase):
+    def test_preload_is_written_once(self):
+        with tempfile.TemporaryDirectory() as d:
+            conf = os.path.join(d, "postgresql.conf")
+            with open(conf, "w") as f:
+                f.write("max_connections = 100\n")
+            self.assertTrue(add_statement_stats(conf))
+            self.assertFalse(add_statement_stats(conf))
+            with open(conf) as f:
+                text = f.read()
+            self.assertEqual(text.count("shared_preload_libraries = 'pg_stat_statements'"), 1)
+            self.assertTrue(text.startswith("max_connections = 100\n"))

@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::{
-    db::ServerInfo, resources::CpuUse, scenarios::follow_ups::FollowUpResult, stats::Measurement,
+    db::ServerInfo, pg_cost::PgCost, resources::CpuUse, scenarios::follow_ups::FollowUpResult,
+    stats::Measurement,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,6 +24,8 @@ pub struct Results {
     /// The reference floor: one durable single-row INSERT per transaction.
     pub single_write: Vec<FloorPoint>,
     pub follow_ups: Option<FollowUpResult>,
+    /// follow-ups again, with a large history of finished jobs in the queue.
+    pub follow_ups_retained: Option<RetainedHistory>,
     /// Each service's peak RSS over the whole run.
     pub services: Vec<ServicePeak>,
     pub targets: Vec<Target>,
@@ -82,6 +85,16 @@ pub struct Point {
     /// workers took to finish them before the next run started.
     pub backlog_after_run: i64,
     pub drain_seconds: f64,
+    /// PostgreSQL time per operation, by statement (when
+    /// pg_stat_statements is loaded).
+    pub pg_cost: Option<PgCost>,
+}
+
+/// The follow-up throughput test run with `jobs` finished jobs retained.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetainedHistory {
+    pub jobs: u64,
+    pub result: FollowUpResult,
 }
 
 /// service / floor: above 1 the service is slower (latency) or faster
@@ -246,14 +259,66 @@ pub fn targets(results: &Results) -> Vec<Target> {
             ));
         }
     }
+    for name in ["create-booking", "journey"] {
+        let Some(scenario) = results.scenarios.iter().find(|s| s.name == name) else {
+            continue;
+        };
+        let one = scenario.points.iter().find(|p| p.clients == 1);
+        if name == "journey" {
+            out.push(target(
+                "journey, 1 client: median vs floor".into(),
+                "<= 1.5x",
+                one.and_then(|p| p.ratio).map(|r| r.p50),
+                "x",
+                |v| v <= 1.5,
+            ));
+            continue;
+        }
+        for point in &scenario.points {
+            out.push(target(
+                format!(
+                    "{name}, {} clients: PostgreSQL time of everything else / the booking statement",
+                    point.clients
+                ),
+                "<= 1x",
+                point.pg_cost.as_ref().and_then(|c| c.others_over_own),
+                "x",
+                |v| v <= 1.0,
+            ));
+        }
+    }
     let follow_ups = results.follow_ups.as_ref();
     out.push(target(
         "follow-ups planned and delivered per second".into(),
-        ">= 500/s",
+        ">= 1500/s",
         follow_ups.map(|f| f.throughput.delivered_per_second),
         "/s",
-        |v| v >= 500.0,
+        |v| v >= 1500.0,
     ));
+    out.push(target(
+        "follow-ups: PostgreSQL time of the pipeline / the booking statement".into(),
+        "<= 1x",
+        follow_ups
+            .and_then(|f| f.pg_cost.as_ref())
+            .and_then(|c| c.others_over_own),
+        "x",
+        |v| v <= 1.0,
+    ));
+    let pipeline_ms = |f: &FollowUpResult| f.pg_cost.as_ref().map(|c| c.others_ms_per_operation);
+    if let Some(retained) = &results.follow_ups_retained {
+        out.push(target(
+            format!(
+                "follow-ups with {} finished jobs retained: pipeline PostgreSQL time per booking vs none retained",
+                retained.jobs
+            ),
+            "<= 1.2x",
+            pipeline_ms(&retained.result)
+                .zip(follow_ups.and_then(pipeline_ms))
+                .map(|(with, without)| with / without),
+            "x",
+            |v| v <= 1.2,
+        ));
+    }
     out.push(target(
         "plan job start on an idle queue, median".into(),
         "<= 50 ms",

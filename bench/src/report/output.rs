@@ -14,10 +14,15 @@ pub fn count_errors(r: &Results) -> u64 {
         .map(|p| p.service.error_count() + p.floor.as_ref().map_or(0, Measurement::error_count))
         .sum();
     let single: u64 = r.single_write.iter().map(|p| p.floor.error_count()).sum();
-    let follow_ups = r.follow_ups.as_ref().map_or(0, |f| {
-        let n = |e: &crate::stats::Errors| e.values().map(|t| t.count).sum::<u64>();
-        n(&f.plan_start.errors) + n(&f.throughput.errors)
-    });
+    let follow_ups: u64 = r
+        .follow_ups
+        .iter()
+        .chain(r.follow_ups_retained.iter().map(|h| &h.result))
+        .map(|f| {
+            let n = |e: &crate::stats::Errors| e.values().map(|t| t.count).sum::<u64>();
+            n(&f.plan_start.errors) + n(&f.throughput.errors)
+        })
+        .sum();
     closed + single + follow_ups
 }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::{
+    pg_cost::StatementCost,
     resources::CpuUse,
     stats::{self, Errors, Measurement},
 };
@@ -38,6 +39,19 @@ fn point(clients: usize) -> Point {
         rss: Rss::default(),
         backlog_after_run: 0,
         drain_seconds: 0.0,
+        pg_cost: Some(PgCost {
+            operations: 1000,
+            own_ms_per_operation: 0.4,
+            others_ms_per_operation: 0.6,
+            others_over_own: Some(1.5),
+            statements: vec![StatementCost {
+                statement: "UPDATE apalis.jobs SET status = ? WHERE id = ?".into(),
+                own: false,
+                calls: 2000,
+                ms_per_call: 0.3,
+                ms_per_operation: 0.6,
+            }],
+        }),
     }
 }
 
@@ -88,6 +102,7 @@ pub fn results() -> Results {
             })
             .collect(),
         follow_ups: None,
+        follow_ups_retained: None,
         services: vec![ServicePeak {
             name: "memory-service".into(),
             peak_rss_mib: 30.0,
@@ -118,6 +133,14 @@ fn targets_are_judged_from_the_ratios() {
         None
     );
     assert_eq!(find("memory-service peak RSS under load").met, Some(true));
+    // Everything else 0.6 ms per booking against the booking's own 0.4 ms.
+    assert_eq!(
+        find(
+            "create-booking, 1 clients: PostgreSQL time of everything else / the booking statement"
+        )
+        .met,
+        Some(false)
+    );
 }
 
 #[test]
@@ -126,4 +149,8 @@ fn table_shows_every_scenario_target_and_error() {
     assert!(text.contains("== store-message (per call) =="));
     assert!(text.contains("MISS"));
     assert!(text.contains("ERRORS service c=64: Unavailable"));
+    assert!(text.contains(
+        "create-booking c=1: 1000 operations; own 0.400 ms, everything else 0.600 ms per operation (1.50 x own)"
+    ));
+    assert!(text.contains("UPDATE apalis.jobs SET status = ? WHERE id = ?"));
 }

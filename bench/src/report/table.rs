@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::{Results, Target};
-use crate::stats::Measurement;
+use crate::{scenarios::follow_ups::FollowUpResult, stats::Measurement};
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.filter(|v| v.is_finite())
@@ -128,6 +128,7 @@ pub fn render(r: &Results) -> String {
             }),
         );
     }
+    print_pg_costs(&mut out, r);
     if !r.single_write.is_empty() {
         let _ = writeln!(
             out,
@@ -138,61 +139,13 @@ pub fn render(r: &Results) -> String {
         }
     }
     if let Some(f) = &r.follow_ups {
-        let t = &f.throughput;
-        let _ = writeln!(
-            out,
-            "\n== follow-ups (BOOKING_FOLLOWUP_DELAY=0, BOOKING_WORKER_POLL_INTERVAL=100ms) =="
-        );
-        let _ = writeln!(
-            out,
-            "plan start on an idle queue ({} samples): from booking created_at p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms; from the response p50 {:.1} ms",
-            f.plan_start.from_created_ms.samples,
-            f.plan_start.from_created_ms.p50_ms,
-            f.plan_start.from_created_ms.p95_ms,
-            f.plan_start.from_created_ms.max_ms,
-            f.plan_start.from_response_ms.p50_ms,
-        );
-        let _ = writeln!(
-            out,
-            "{} bookings made in {:.1} s, {} planned when due; {} sent, {} failed, {} unfinished; last sent {:.2} s after due = {:.0} delivered/s; lag p50 {:.0} ms p95 {:.0} ms",
-            t.bookings,
-            t.booking_seconds,
-            t.planned_at_due,
-            t.sent,
-            t.failed,
-            t.unfinished,
-            t.seconds_due_to_last_sent,
-            t.delivered_per_second,
-            t.lag_ms.p50_ms,
-            t.lag_ms.p95_ms,
-        );
-        let per_1k = |s: f64| {
-            if t.sent > 0 {
-                s * 1000.0 / t.sent as f64
-            } else {
-                0.0
-            }
-        };
-        let _ = writeln!(
-            out,
-            "CPU s per 1,000 follow-ups: booking-svc {:.3}, memory-svc {:.3}, postgres {}; machine busy {:.0} % (others {:.0} %)",
-            per_1k(t.cpu.booking_service_s),
-            per_1k(t.cpu.memory_service_s),
-            opt(t.cpu.postgres_s.map(per_1k), 3),
-            t.cpu.machine_busy_pct,
-            t.cpu.others_pct
-        );
-        print_errors(
+        print_follow_ups(&mut out, "", f);
+    }
+    if let Some(h) = &r.follow_ups_retained {
+        print_follow_ups(
             &mut out,
-            f.plan_start
-                .errors
-                .iter()
-                .map(|(k, t)| ("plan start".to_owned(), k, t))
-                .chain(
-                    t.errors
-                        .iter()
-                        .map(|(k, e)| ("throughput".to_owned(), k, e)),
-                ),
+            &format!(", {} finished jobs retained", h.jobs),
+            &h.result,
         );
     }
     let _ = writeln!(out, "\n== targets ==");
@@ -208,6 +161,115 @@ pub fn render(r: &Results) -> String {
     }
     let _ = writeln!(out, "\nerrors over the whole run: {}", r.errors);
     out
+}
+
+/// The follow-up test's figures; `title` tells this run from the other.
+fn print_follow_ups(out: &mut String, title: &str, f: &FollowUpResult) {
+    let t = &f.throughput;
+    let _ = writeln!(
+        out,
+        "\n== follow-ups{title} (BOOKING_FOLLOWUP_DELAY=0, BOOKING_WORKER_POLL_INTERVAL=100ms) =="
+    );
+    let _ = writeln!(
+        out,
+        "plan start on an idle queue ({} samples): from booking created_at p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms; from the response p50 {:.1} ms",
+        f.plan_start.from_created_ms.samples,
+        f.plan_start.from_created_ms.p50_ms,
+        f.plan_start.from_created_ms.p95_ms,
+        f.plan_start.from_created_ms.max_ms,
+        f.plan_start.from_response_ms.p50_ms,
+    );
+    let _ = writeln!(
+        out,
+        "{} bookings made in {:.1} s, {} planned when due; {} sent, {} failed, {} unfinished; last sent {:.2} s after due = {:.0} delivered/s; lag p50 {:.0} ms p95 {:.0} ms",
+        t.bookings,
+        t.booking_seconds,
+        t.planned_at_due,
+        t.sent,
+        t.failed,
+        t.unfinished,
+        t.seconds_due_to_last_sent,
+        t.delivered_per_second,
+        t.lag_ms.p50_ms,
+        t.lag_ms.p95_ms,
+    );
+    let per_1k = |s: f64| {
+        if t.sent > 0 {
+            s * 1000.0 / t.sent as f64
+        } else {
+            0.0
+        }
+    };
+    let _ = writeln!(
+        out,
+        "CPU s per 1,000 follow-ups: booking-svc {:.3}, memory-svc {:.3}, postgres {}; machine busy {:.0} % (others {:.0} %)",
+        per_1k(t.cpu.booking_service_s),
+        per_1k(t.cpu.memory_service_s),
+        opt(t.cpu.postgres_s.map(per_1k), 3),
+        t.cpu.machine_busy_pct,
+        t.cpu.others_pct
+    );
+    print_errors(
+        out,
+        f.plan_start
+            .errors
+            .iter()
+            .map(|(k, t)| ("plan start".to_owned(), k, t))
+            .chain(
+                t.errors
+                    .iter()
+                    .map(|(k, e)| ("throughput".to_owned(), k, e)),
+            ),
+    );
+}
+
+/// PostgreSQL execution time per operation, by statement, per point.
+fn print_pg_costs(out: &mut String, r: &Results) {
+    let points = r.scenarios.iter().flat_map(|s| {
+        s.points
+            .iter()
+            .filter_map(move |p| Some((format!("{} c={}", s.name, p.clients), p.pg_cost.as_ref()?)))
+    });
+    let follow_ups = r
+        .follow_ups
+        .iter()
+        .map(|f| ("follow-ups".to_owned(), f))
+        .chain(r.follow_ups_retained.iter().map(|h| {
+            (
+                format!("follow-ups, {} finished jobs retained", h.jobs),
+                &h.result,
+            )
+        }))
+        .filter_map(|(name, f)| Some((name, f.pg_cost.as_ref()?)));
+    let mut header = false;
+    for (name, cost) in points.chain(follow_ups) {
+        if !header {
+            let _ = writeln!(
+                out,
+                "\n== PostgreSQL execution time per operation (pg_stat_statements; * = the scenario's own statement) =="
+            );
+            header = true;
+        }
+        let _ = writeln!(
+            out,
+            "{name}: {} operations; own {:.3} ms, everything else {:.3} ms per operation ({} x own)",
+            cost.operations,
+            cost.own_ms_per_operation,
+            cost.others_ms_per_operation,
+            opt(cost.others_over_own, 2),
+        );
+        for st in &cost.statements {
+            let _ = writeln!(
+                out,
+                "  {} {:>9} calls {:>7.3} ms/call {:>7.3} ms/op  {}",
+                if st.own { '*' } else { ' ' },
+                st.calls,
+                st.ms_per_call,
+                st.ms_per_operation,
+                st.statement
+            );
+        }
+    }
 }
 
 fn verdict(t: &Target) -> &'static str {

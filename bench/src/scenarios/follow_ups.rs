@@ -27,6 +27,7 @@ use super::{
 use crate::{
     db,
     load::code_name,
+    pg_cost::{self, PgCost},
     resources::{CpuUse, Probe},
     stats::{self, Errors, Spread},
 };
@@ -44,12 +45,17 @@ const SETUP_CONCURRENCY: usize = 32;
 pub struct Settings {
     pub bookings: usize,
     pub plan_samples: usize,
+    /// pg_stat_statements is there to read.
+    pub pg_stats: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FollowUpResult {
     pub plan_start: PlanStart,
     pub throughput: Throughput,
+    /// PostgreSQL time per booking of the throughput part, from the first
+    /// booking until the last follow-up was sent.
+    pub pg_cost: Option<PgCost>,
 }
 
 /// How soon a plan job starts on an idle queue.
@@ -96,10 +102,11 @@ pub async fn run(
     run: u64,
 ) -> Result<FollowUpResult> {
     let plan_start = plan_start(endpoints, pool, settings.plan_samples, run).await?;
-    let throughput = throughput(endpoints, pool, probe, settings.bookings, run).await?;
+    let (throughput, pg_cost) = throughput(endpoints, pool, probe, settings, run).await?;
     Ok(FollowUpResult {
         plan_start,
         throughput,
+        pg_cost,
     })
 }
 
@@ -205,9 +212,10 @@ async fn throughput(
     endpoints: &Endpoints,
     pool: &PgPool,
     probe: &Probe,
-    n: usize,
+    settings: Settings,
     run: u64,
-) -> Result<Throughput> {
+) -> Result<(Throughput, Option<PgCost>)> {
+    let n = settings.bookings;
     let errors = Arc::new(Mutex::new(Errors::new()));
     let customers: Vec<String> = (0..n.clamp(1, MAX_CUSTOMERS))
         .map(|i| format!("bench-{run}-fu-{i}"))
@@ -241,6 +249,9 @@ async fn throughput(
         );
     }
 
+    if settings.pg_stats {
+        pg_cost::reset(pool).await?;
+    }
     let started = tokio::time::Instant::now();
     let ids: Vec<Uuid> = stream::iter(0..n)
         .map(|i| {
@@ -290,6 +301,14 @@ async fn throughput(
         last = progress(pool, &ids).await?;
     }
     let after = probe.snapshot()?;
+    let pg_cost = match settings.pg_stats {
+        true => {
+            let mut tally = pg_cost::Tally::default();
+            tally.add_reading(pool).await?;
+            tally.cost(&[booking_service::store::bookings::CREATE])
+        }
+        false => None,
+    };
     if !last.finished(ids.len()) {
         stats::count_error(
             &mut *errors.lock().await,
@@ -300,7 +319,7 @@ async fn throughput(
 
     let (last_sent_s, lag) = delivery_times(pool, &ids, due).await?;
     let errors = errors.lock().await.clone();
-    Ok(Throughput {
+    let throughput = Throughput {
         bookings: ids.len(),
         booking_seconds,
         due_at: due,
@@ -318,7 +337,8 @@ async fn throughput(
         lag_ms: lag,
         cpu: probe.between(&before, &after),
         errors,
-    })
+    };
+    Ok((throughput, pg_cost))
 }
 
 #[derive(Debug, Clone, Copy)]

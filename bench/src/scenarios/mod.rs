@@ -55,6 +55,18 @@ impl Scenario {
             _ => "call",
         }
     }
+
+    /// The services' statements one operation runs, the one run once per
+    /// operation last (it counts the operations in pg_stat_statements).
+    pub fn own_statements(self) -> Vec<&'static str> {
+        use booking_service::store::bookings::CREATE;
+        use memory_service::store::messages::STORE_MESSAGE;
+        match self {
+            Scenario::StoreMessage => vec![STORE_MESSAGE],
+            Scenario::CreateBooking | Scenario::FollowUps => vec![CREATE],
+            Scenario::Journey => vec![STORE_MESSAGE, CREATE],
+        }
+    }
 }
 
 /// One load client of a closed-loop scenario.
