@@ -191,7 +191,7 @@ pub struct Settings {
     #[arg(long, env = "BOOKING_MEMORY_CALL_TIMEOUT", default_value = "2s", value_parser = duration, global = true)]
     pub memory_call_timeout: Duration,
 
-    /// Connections of the follow-up workers' own pool (each queue also holds one for LISTEN).
+    /// Connections of the follow-up workers' own pool (one of them listens for job wake-ups).
     #[arg(
         long,
         env = "BOOKING_WORKER_DB_MAX_CONNECTIONS",
@@ -248,7 +248,7 @@ pub struct Settings {
     )]
     pub worker_concurrency: usize,
 
-    /// How often workers poll besides LISTEN/NOTIFY (which misses scheduled jobs).
+    /// How often workers poll besides the wake-ups after commits (which miss jobs scheduled for later).
     #[arg(long, env = "BOOKING_WORKER_POLL_INTERVAL", default_value = "1s", value_parser = duration, global = true)]
     pub worker_poll_interval: Duration,
 

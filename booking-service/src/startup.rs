@@ -19,7 +19,7 @@ use maitre_runtime::{
 use crate::{
     config::Settings,
     grpc::BookingApi,
-    jobs::{self, JobContext, templates::TemplateCache},
+    jobs::{self, JobContext, templates::TemplateCache, wakeups::Wakeups},
     memory_client::MemoryClient,
     metrics::BookingMetrics,
     store,
@@ -89,10 +89,12 @@ impl Application {
             settings,
         } = self;
         let Bound { grpc, admin, pool } = bound;
+        let wakeups = Wakeups::new();
         let api = BookingServiceServer::new(BookingApi::new(
             pool.clone(),
             settings.common.max_page_size,
             memory.clone(),
+            wakeups.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);
@@ -118,6 +120,10 @@ impl Application {
                 settings.metrics_refresh_interval,
                 stopping.clone(),
             );
+            // Sent from every replica, with or without workers of its own,
+            // on the API pool (a replica without workers opens no worker
+            // connection at all).
+            let notifying = wakeups.clone().send_until(pool.clone(), stopping.clone());
             let workers = (!settings.disable_workers).then(|| {
                 let ctx = JobContext {
                     pool: worker_pool,
@@ -125,15 +131,18 @@ impl Application {
                     templates: TemplateCache::default(),
                     policy: settings.policy(),
                     metrics: booking_metrics,
+                    wakeups,
                 };
                 jobs::workers::run(ctx, settings.workers(), stopping)
             });
             Some(tokio::spawn(async move {
                 match workers {
                     Some(workers) => {
-                        tokio::join!(workers, refresher);
+                        tokio::join!(workers, refresher, notifying);
                     }
-                    None => refresher.await,
+                    None => {
+                        tokio::join!(refresher, notifying);
+                    }
                 }
                 worker_pool_handle.close().await;
             }))

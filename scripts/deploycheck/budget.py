@@ -9,10 +9,11 @@
 
     per pod: memory-service   DB_MAX_CONNECTIONS + 1
              booking-service  DB_MAX_CONNECTIONS + BOOKING_WORKER_DB_MAX_CONNECTIONS + 1
-  The +1 is the readiness check's own connection. booking-service's two
-  queues (plan, deliver) each hold a LISTEN connection, but apalis takes it
-  from the worker pool (PgListener::connect_with(pool)), so it is inside
-  BOOKING_WORKER_DB_MAX_CONNECTIONS, not on top. With BOOKING_DISABLE_WORKERS the
+  The +1 is the readiness check's own connection. booking-service's workers
+  hold one LISTEN connection for job wake-ups, taken from the worker pool
+  (PgListener::connect_with(pool)), so it is inside
+  BOOKING_WORKER_DB_MAX_CONNECTIONS, not on top; the wake-up NOTIFYs use the
+  API pool. With BOOKING_DISABLE_WORKERS the
   worker pool opens nothing. Pool sizes come from the container's env and
   ConfigMaps, else from README.md's configuration tables (kept equal to the code by tests/config) for the
   service's Rust code.

@@ -30,8 +30,8 @@ def check_docker_build(ctx, report):
 
 def check_build_inputs(path, report):
     """Every COPY source exists; every workspace member's Cargo.toml (and
-    what the build needs at compile time) is copied before the first cargo
-    build; the builder's Rust is new enough; a locked release build; a
+    what the build needs at compile time, [patch] crates included) is copied
+    before the first cargo build; the builder's Rust is new enough; a locked release build; a
     numeric non-root USER; the binary is PID 1."""
     text = read_text(path)
     lines = re.sub(r"\\\n", " ", text).splitlines()
@@ -52,6 +52,12 @@ def check_build_inputs(path, report):
             manifest = os.path.normpath(os.path.join(mm, "Cargo.toml"))
             if manifest not in copied and os.path.normpath(mm) not in copied:
                 report.error(f"workspace member {mm}: {manifest} is not copied before the first cargo build")
+    for table in cargo.get("patch", {}).values():
+        for name, spec in table.items():
+            path = spec.get("path") if isinstance(spec, dict) else None
+            if path and not any(os.path.normpath(path) == c or os.path.normpath(path).startswith(c + "/")
+                                for c in copied):
+                report.error(f"patched crate {name}: {path} is not copied (the dependency build needs it)")
     for d in ("memory-service/migrations", "booking-service/migrations", "proto", "build.rs"):
         if not any(d == c or d.startswith(c + "/") for c in copied):
             report.error(f"{d} is not copied (needed at compile time)")

@@ -13,4 +13,6 @@ mod idempotency;
 mod operations;
 mod overbooking;
 mod pipeline;
+mod queue_cost;
 mod resilience;
+mod wakeups;

@@ -16,6 +16,7 @@ use crate::{
         slot::{AvailabilityQuery, NewSlot, SlotCursor},
     },
     error::Error,
+    jobs::{PLAN_QUEUE, wakeups::Wakeups},
     memory_client::MemoryClient,
     store::{
         self,
@@ -32,14 +33,17 @@ pub struct BookingApi {
     max_page_size: u32,
     /// memory-service, for EraseCustomer's second part.
     memory: MemoryClient,
+    /// Wakes the workers after a commit that made work due.
+    wakeups: Wakeups,
 }
 
 impl BookingApi {
-    pub fn new(pool: PgPool, max_page_size: u32, memory: MemoryClient) -> Self {
+    pub fn new(pool: PgPool, max_page_size: u32, memory: MemoryClient, wakeups: Wakeups) -> Self {
         Self {
             pool,
             max_page_size,
             memory,
+            wakeups,
         }
     }
 }
@@ -110,6 +114,7 @@ impl BookingApi {
         .await?;
         let (row, replayed) = match outcome {
             CreateOutcome::Created(row) => {
+                self.wakeups.poke(PLAN_QUEUE);
                 tracing::info!(booking_id = %row.id, slot_id = %row.slot_id, "booking confirmed");
                 (row, false)
             }
@@ -315,13 +320,13 @@ impl BookingService for BookingApi {
         &self,
         request: Request<pb::RetryFollowUpRequest>,
     ) -> Reply<pb::RetryFollowUpResponse> {
-        reply(redrive::retry_follow_up(&self.pool, request.into_inner()).await)
+        reply(redrive::retry_follow_up(&self.pool, &self.wakeups, request.into_inner()).await)
     }
 
     async fn retry_follow_ups(
         &self,
         request: Request<pb::RetryFollowUpsRequest>,
     ) -> Reply<pb::RetryFollowUpsResponse> {
-        reply(redrive::retry_follow_ups(&self.pool, request.into_inner()).await)
+        reply(redrive::retry_follow_ups(&self.pool, &self.wakeups, request.into_inner()).await)
     }
 }

@@ -10,7 +10,7 @@ use super::convert;
 use crate::{
     domain::redrive::{self, RedriveBatch},
     error::Error,
-    jobs::DeliverFollowUp,
+    jobs::{DELIVER_QUEUE, DeliverFollowUp, wakeups::Wakeups},
     store::{
         self,
         followups::{CANCELLED, FAILED, PENDING, SENT},
@@ -38,6 +38,7 @@ fn next_job(follow_up_id: uuid::Uuid, attempts: i32) -> DeliverFollowUp {
 
 pub async fn retry_follow_up(
     pool: &PgPool,
+    wakeups: &Wakeups,
     request: pb::RetryFollowUpRequest,
 ) -> Result<pb::RetryFollowUpResponse, Error> {
     let id = redrive::follow_up_id(&request)?;
@@ -51,6 +52,9 @@ pub async fn retry_follow_up(
         store::followups::cancel_failed_of_cancelled_bookings(&mut tx, &[id], now).await?
     };
     tx.commit().await?;
+    if !redriven.is_empty() {
+        wakeups.poke(DELIVER_QUEUE);
+    }
     if cancelled > 0 {
         tracing::info!(follow_up_id = %id, "FAILED follow-up of a cancelled booking: CANCELLED, not re-driven");
         return Err(Error::FollowUpBookingCancelled(id));
@@ -80,6 +84,7 @@ pub async fn retry_follow_up(
 
 pub async fn retry_follow_ups(
     pool: &PgPool,
+    wakeups: &Wakeups,
     request: pb::RetryFollowUpsRequest,
 ) -> Result<pb::RetryFollowUpsResponse, Error> {
     let now = maitre_runtime::db::now();
@@ -102,6 +107,9 @@ pub async fn retry_follow_ups(
     let cancelled =
         store::followups::cancel_failed_of_cancelled_bookings(&mut tx, &ids, now).await?;
     tx.commit().await?;
+    if !jobs.is_empty() {
+        wakeups.poke(DELIVER_QUEUE);
+    }
     let next_page_token = match page.last() {
         Some(&(id, failed_at)) if page.len() == batch.limit as usize => {
             batch.next_token((failed_at, id))

@@ -28,6 +28,7 @@ pub mod gauges;
 pub mod plan;
 pub mod poison;
 pub mod templates;
+pub mod wakeups;
 pub mod workers;
 
 use std::{
@@ -73,6 +74,7 @@ pub struct JobContext {
     pub templates: templates::TemplateCache,
     pub policy: FollowUpPolicy,
     pub metrics: Arc<BookingMetrics>,
+    pub wakeups: wakeups::Wakeups,
 }
 
 /// Runs one job: in its call context (the trace it continues, or a new one,

@@ -13,8 +13,8 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, current_trace, jitter, job_context,
-    run_job,
+    DELIVER_QUEUE, DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, current_trace, jitter,
+    job_context, run_job,
 };
 use crate::{
     domain::{
@@ -153,6 +153,9 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     // it) or the booking was cancelled meanwhile; either way planning is over.
     store::planning::mark_planned(&mut tx, booking.id, now).await?;
     tx.commit().await?;
+    if inserted && follow_up.scheduled_at <= now {
+        ctx.wakeups.poke(DELIVER_QUEUE);
+    }
     if inserted {
         ctx.metrics.plan("planned");
         tracing::info!(

@@ -47,14 +47,11 @@ impl WorkerSettings {
             .missed_heartbeats(self.missed_heartbeats)
     }
 
-    /// Interval first: if the LISTEN stream ever ends, polling still runs.
+    /// Polling, and a fetch whenever the queue is poked (`wakeups`).
     fn strategy(&self, ctx: &JobContext, queue: &str) -> Strategy {
         Strategy::new()
             .interval(self.poll_interval)
-            .apply(StreamStrategy::new(apalis_postgres::Pubsub::new(
-                ctx.pool.clone(),
-                queue.to_owned(),
-            )))
+            .apply(StreamStrategy::new(ctx.wakeups.stream(queue)))
     }
 }
 
@@ -107,8 +104,12 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
                 .run_until(signal)
         }
     });
+    let listening = ctx
+        .wakeups
+        .clone()
+        .listen_until(ctx.pool.clone(), stop.clone());
     let housekeeping = housekeeping(ctx.clone(), settings.clone(), stop);
-    tokio::join!(plan_worker, deliver_worker, housekeeping);
+    tokio::join!(plan_worker, deliver_worker, housekeeping, listening);
 }
 
 /// A worker run this long counts as healthy: the next failure starts the
@@ -300,5 +301,11 @@ pub async fn sweep(
     }
     ctx.metrics.swept(DELIVER_QUEUE, deliveries);
     ctx.metrics.swept(PLAN_QUEUE, plans);
+    if deliveries > 0 {
+        ctx.wakeups.poke(DELIVER_QUEUE);
+    }
+    if plans > 0 {
+        ctx.wakeups.poke(PLAN_QUEUE);
+    }
     Ok(deliveries + plans)
 }

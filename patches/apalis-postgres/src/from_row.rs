@@ -30,6 +30,29 @@ pub struct PgTaskRow {
     pub metadata: Option<PgHstore>,
 }
 
+impl PgTaskRow {
+    /// maitre patch: reads a row of `apalis.jobs` returned by a runtime query.
+    pub fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            job: row.try_get("job")?,
+            id: row.try_get("id")?,
+            job_type: row.try_get("job_type")?,
+            status: row.try_get("status")?,
+            attempts: row.try_get("attempts")?,
+            max_attempts: row.try_get("max_attempts")?,
+            run_at: row.try_get("run_at")?,
+            last_result: row.try_get("last_result")?,
+            lock_at: row.try_get("lock_at")?,
+            lock_by: row.try_get("lock_by")?,
+            done_at: row.try_get("done_at")?,
+            priority: row.try_get("priority")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            metadata: row.try_get("metadata")?,
+        })
+    }
+}
+
 impl TryInto<PgTask<Vec<u8>>> for PgTaskRow {
     type Error = Error;
 

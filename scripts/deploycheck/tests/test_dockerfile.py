@@ -7,12 +7,14 @@ from deploycheck.tests.fixtures import repository, repository_file
 
 DOCKERFILE = repository_file("deploy/Dockerfile")
 CARGO = ('[workspace]\nmembers = [".", "runtime", "memory-service", "booking-service", "tests", "bench"]\n'
-         '[workspace.package]\nrust-version = "1.94"\n')
+         '[workspace.package]\nrust-version = "1.94"\n'
+         '[patch.crates-io]\napalis-postgres = { path = "patches/apalis-postgres" }\n')
 # What the Dockerfile copies, as empty files.
 SOURCES = ["Cargo.toml", "Cargo.lock", "build.rs", "proto/a.proto", "src/lib.rs",
            *(f"{m}/{f}" for m in ("runtime", "memory-service", "booking-service", "tests", "bench")
              for f in ("Cargo.toml", "src/lib.rs")),
-           "memory-service/migrations/1.sql", "booking-service/migrations/1.sql", ".sqlx/query-1.json"]
+           "memory-service/migrations/1.sql", "booking-service/migrations/1.sql", ".sqlx/query-1.json",
+           "patches/apalis-postgres/Cargo.toml"]
 
 
 def build_input_errors(dockerfile=DOCKERFILE, cargo=CARGO, missing=()):
@@ -33,6 +35,7 @@ class BuildInputs(unittest.TestCase):
             "a member's Cargo.toml not copied": dict(dockerfile=DOCKERFILE.replace("COPY tests/Cargo.toml tests/\n", "")),
             "a new member not copied": dict(cargo=CARGO.replace('"bench"]', '"bench", "tools"]')),
             "COPY source missing": dict(missing=["build.rs"]),
+            "a patched crate not copied": dict(dockerfile=DOCKERFILE.replace("COPY patches/ patches/\n", "")),
             "builder Rust too old": dict(cargo=CARGO.replace('"1.94"', '"1.99"')),
             "no RUST_VERSION": dict(dockerfile=DOCKERFILE.replace("ARG RUST_VERSION=", "ARG RUST=")),
             "unlocked build": dict(dockerfile=DOCKERFILE.replace("--locked", "")),

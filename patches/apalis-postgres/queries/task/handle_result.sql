@@ -1,3 +1,10 @@
+-- maitre patch: the rows to acknowledge are found by primary key
+-- (`id = ANY(ARRAY(...))`). The published query joined the payload to
+-- `jobs.lock_by = $2`, which the planner answered through
+-- idx_apalis_jobs_lock_by: every job this worker ever locked (all retained
+-- history), hash-joined to the handful being acknowledged. The worker check
+-- is written IS NOT DISTINCT FROM (the same test for a non-null $2) so
+-- that it cannot be answered from that index.
 WITH j AS (
     SELECT
         (value ->> 'task_id')::text AS task_id,
@@ -9,8 +16,9 @@ WITH j AS (
 locked AS (
     SELECT jobs.id
     FROM apalis.jobs AS jobs
-    INNER JOIN j ON j.task_id = jobs.id
-    WHERE jobs.lock_by = $2
+    WHERE
+        jobs.id = ANY (ARRAY(SELECT task_id FROM j))
+        AND jobs.lock_by IS NOT DISTINCT FROM $2
     ORDER BY jobs.id
     FOR UPDATE
 )
@@ -22,4 +30,4 @@ SET
     done_at = NOW()
 FROM j
 INNER JOIN locked ON locked.id = j.task_id
-WHERE jobs.id = locked.id;
+WHERE jobs.id = locked.id

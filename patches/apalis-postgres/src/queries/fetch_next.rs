@@ -17,16 +17,15 @@ where
     let buffer_size = config.batch_size as i32;
     let worker = worker.name();
 
-    sqlx::query_file_as!(
-        PgTaskRow,
-        "queries/task/fetch_next.sql",
-        worker,
-        job_type,
-        buffer_size
-    )
-    .fetch_all(conn)
-    .await?
-    .into_iter()
-    .map(|r| r.try_into())
-    .collect()
+    // maitre patch: a runtime-checked query (the text changed, so the
+    // published crate's offline query data no longer matches it).
+    sqlx::query(include_str!("../../queries/task/fetch_next.sql"))
+        .bind(worker)
+        .bind(job_type)
+        .bind(buffer_size)
+        .fetch_all(conn)
+        .await?
+        .iter()
+        .map(|row| PgTaskRow::from_row(row)?.try_into())
+        .collect()
 }

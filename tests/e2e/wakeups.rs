@@ -1,0 +1,98 @@
+//! Issue 12: workers are woken after the commit, not by a NOTIFY inside the
+//! booking's transaction (PostgreSQL serialises the commits of transactions
+//! that notify), and a booking taken by one replica wakes the workers of
+//! another at once.
+
+use std::time::Duration;
+
+use booking_service::jobs::{PLAN_QUEUE, wakeups::CHANNEL};
+use maitre_runtime::testkit::wait_for;
+use sqlx::postgres::PgListener;
+
+use crate::stack::{Stack, quick, spawn_stack_with};
+
+/// apalis-postgres's own wake-up channel (its per-row trigger, dropped).
+const APALIS_CHANNEL: &str = "apalis::job::insert";
+
+async fn book_one(stack: &Stack, customer: &str) -> String {
+    let slot = stack
+        .slot(Duration::from_secs(3600), Duration::from_secs(3600), 10)
+        .await;
+    stack
+        .book(Stack::booking_request(&slot, customer, "", 1))
+        .await
+        .expect("booking")
+        .booking_id
+}
+
+#[tokio::test]
+async fn a_booking_commits_without_a_notify_and_wakes_the_workers_after() {
+    let stack = spawn_stack_with(quick).await;
+    let mut listener = PgListener::connect(&stack.database_url)
+        .await
+        .expect("listener");
+    listener
+        .listen_all([APALIS_CHANNEL, CHANNEL])
+        .await
+        .expect("LISTEN");
+
+    book_one(&stack, "wake-1").await;
+
+    // Notifications arrive in commit order: one sent by the booking's own
+    // transaction would come before the wake-up sent after its commit.
+    let first = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a wake-up within 10 s")
+        .expect("notification");
+    assert_eq!(first.channel(), CHANNEL, "payload {}", first.payload());
+    let (queue, sender) = first
+        .payload()
+        .split_once(' ')
+        .expect("payload '<queue> <instance>'");
+    assert_eq!(queue, PLAN_QUEUE);
+    assert!(!sender.is_empty());
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_booking_taken_by_an_api_only_replica_wakes_another_replicas_workers() {
+    // Replica A serves the API only; replica B runs the workers and would
+    // poll only every 10 minutes: the booking can only reach B's plan worker
+    // through A's wake-up.
+    let mut stack = spawn_stack_with(|s| {
+        quick(s);
+        s.disable_workers = true;
+    })
+    .await;
+    stack
+        .add_booking_service(|s| s.worker_poll_interval = Duration::from_secs(600))
+        .await;
+    wait_for(
+        "replica B to listen for wake-ups",
+        Duration::from_secs(30),
+        || async {
+            let listening: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query ILIKE 'LISTEN%' AND query LIKE $1",
+            )
+            .bind(format!("%{CHANNEL}%"))
+            .fetch_one(&stack.db)
+            .await
+            .ok()?;
+            (listening > 0).then_some(())
+        },
+    )
+    .await;
+    // B's first poll (at start) is over by now; the next is 10 minutes away.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let booking_id = book_one(&stack, "wake-2").await;
+    let planned = wait_for(
+        "the booking planned by replica B",
+        Duration::from_secs(10),
+        || async { stack.follow_ups(&booking_id).await.into_iter().next() },
+    )
+    .await;
+    assert_eq!(planned.booking_id, booking_id);
+    stack.shutdown().await;
+}
