@@ -1,11 +1,12 @@
 //! Issue 12: workers are woken after the commit, not by a NOTIFY inside the
 //! booking's transaction (PostgreSQL serialises the commits of transactions
-//! that notify), and a booking taken by one replica wakes the workers of
-//! another at once.
+//! that notify), a booking taken by one replica wakes the workers of
+//! another at once, and work due later wakes them when it comes due.
 
 use std::time::Duration;
 
 use booking_service::jobs::{PLAN_QUEUE, wakeups::CHANNEL};
+use maitre_api::booking::v1::FollowUpState;
 use maitre_runtime::testkit::wait_for;
 use sqlx::postgres::PgListener;
 
@@ -94,5 +95,42 @@ async fn a_booking_taken_by_an_api_only_replica_wakes_another_replicas_workers()
     )
     .await;
     assert_eq!(planned.booking_id, booking_id);
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_follow_up_due_later_is_delivered_when_due_even_with_rare_polling() {
+    // The workers would poll only every 10 minutes, and their heartbeat
+    // (whose completion also makes apalis fetch) comes every minute: the
+    // delivery, due at the event's end 3 s from now, can only start on time
+    // through the wake-up planning sets for its due time.
+    let stack = spawn_stack_with(|s| {
+        quick(s);
+        s.worker_poll_interval = Duration::from_secs(600);
+        s.worker_heartbeat_interval = Duration::from_secs(60);
+    })
+    .await;
+    let conversation = stack.conversation("wake-3", &[(0.8, "joy")]).await;
+    let slot = stack
+        .slot(Duration::from_secs(2), Duration::from_secs(1), 10)
+        .await;
+    let booking_id = stack
+        .book(Stack::booking_request(&slot, "wake-3", &conversation, 1))
+        .await
+        .expect("booking")
+        .booking_id;
+    let sent = wait_for(
+        "the follow-up SENT within 10 s of its due time",
+        Duration::from_secs(13),
+        || async {
+            stack
+                .follow_ups(&booking_id)
+                .await
+                .into_iter()
+                .find(|f| f.state == FollowUpState::Sent as i32)
+        },
+    )
+    .await;
+    assert_eq!(sent.booking_id, booking_id);
     stack.shutdown().await;
 }

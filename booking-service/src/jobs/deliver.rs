@@ -250,6 +250,7 @@ async fn record_failure(
     tx.commit().await?;
     match after {
         AfterFailure::Retry(next_at) => {
+            ctx.wakeups.wake_at(DELIVER_QUEUE, next_at);
             ctx.metrics.delivery("retried");
             tracing::warn!(%error, %next_at, attempts, "delivery failed; retrying later");
         }

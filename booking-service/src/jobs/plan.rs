@@ -155,6 +155,8 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     tx.commit().await?;
     if inserted && follow_up.scheduled_at <= now {
         ctx.wakeups.poke(DELIVER_QUEUE);
+    } else if inserted {
+        ctx.wakeups.wake_at(DELIVER_QUEUE, follow_up.scheduled_at);
     }
     if inserted {
         ctx.metrics.plan("planned");

@@ -14,8 +14,12 @@
 //! - each replica listens on one connection and wakes its own worker,
 //!   ignoring its own notifications.
 //!
-//! Work nobody pokes for (retries due later, rows written by hand) is found
-//! by polling (`BOOKING_WORKER_POLL_INTERVAL`), as before.
+//! Work committed for later (a delivery due at the event's end, a retry)
+//! gets a local wake-up at its due time ([`Wakeups::wake_at`]): apalis's
+//! interval polling was seen to stall for seconds, and 2,000 deliveries due
+//! together waited for it. What nobody announces (rows written by hand,
+//! another replica's work) is found by polling
+//! (`BOOKING_WORKER_POLL_INTERVAL`), as before.
 
 use std::{
     collections::BTreeSet,
@@ -24,6 +28,7 @@ use std::{
     time::Duration,
 };
 
+use chrono::{DateTime, Utc};
 use futures::stream::{self, Stream};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::{Notify, watch};
@@ -36,6 +41,9 @@ pub const CHANNEL: &str = "maitre_followup_jobs";
 
 /// Shortest time between two NOTIFY statements of one process.
 pub const COALESCE: Duration = Duration::from_millis(5);
+
+/// Most due times waited for at once; beyond them, polling finds the work.
+const MAX_TIMED_WAKEUPS: usize = 10_000;
 
 /// How long to wait before listening again after the listener failed.
 const RELISTEN_DELAY: Duration = Duration::from_secs(1);
@@ -56,6 +64,8 @@ struct Inner {
     instance: String,
     plan: Notify,
     deliver: Notify,
+    /// Due times (ms since the epoch, queue) a local wake-up waits for.
+    timed: Mutex<BTreeSet<(i64, &'static str)>>,
     /// Queues poked since the last NOTIFY went out.
     unsent: Mutex<BTreeSet<&'static str>>,
     send: Notify,
@@ -74,6 +84,7 @@ impl Wakeups {
                 instance: uuid::Uuid::now_v7().simple().to_string(),
                 plan: Notify::new(),
                 deliver: Notify::new(),
+                timed: Mutex::new(BTreeSet::new()),
                 unsent: Mutex::new(BTreeSet::new()),
                 send: Notify::new(),
             }),
@@ -87,6 +98,31 @@ impl Wakeups {
             unsent.insert(queue);
         }
         self.inner.send.notify_one();
+    }
+
+    /// Work committed to `queue` comes due at `at`: wake this process's
+    /// worker then (once per due time and queue, however many jobs share
+    /// it). Local only: the job is fetched by whichever replica's worker
+    /// comes first, and one is enough.
+    pub fn wake_at(&self, queue: &'static str, at: DateTime<Utc>) {
+        let key = (at.timestamp_millis(), queue);
+        let Ok(mut timed) = self.inner.timed.lock() else {
+            return;
+        };
+        if timed.len() >= MAX_TIMED_WAKEUPS || !timed.insert(key) {
+            return;
+        }
+        drop(timed);
+        let wakeups = self.clone();
+        // A millisecond after the due time: apalis fetches `run_at < now()`.
+        let delay = (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Ok(mut timed) = wakeups.inner.timed.lock() {
+                timed.remove(&key);
+            }
+            wakeups.wake_local(queue);
+        });
     }
 
     /// A stream that yields each time `queue`'s worker should fetch: the
@@ -207,5 +243,24 @@ mod tests {
         assert!(again.is_err(), "two pokes before the fetch are one wake-up");
         let other = tokio::time::timeout(Duration::from_millis(50), deliver.next()).await;
         assert!(other.is_err(), "the deliver worker was not poked");
+    }
+
+    #[tokio::test]
+    async fn work_due_later_wakes_its_queue_at_the_due_time_once() {
+        let wakeups = Wakeups::new();
+        let mut deliver = wakeups.stream(DELIVER_QUEUE);
+        let due = Utc::now() + chrono::Duration::milliseconds(300);
+        for _ in 0..1000 {
+            wakeups.wake_at(DELIVER_QUEUE, due);
+        }
+        assert_eq!(wakeups.inner.timed.lock().map(|t| t.len()).ok(), Some(1));
+        let woke = tokio::time::timeout(Duration::from_secs(5), deliver.next()).await;
+        assert_eq!(woke, Ok(Some(())));
+        assert!(Utc::now() > due, "not before the due time");
+        let again = tokio::time::timeout(Duration::from_millis(100), deliver.next()).await;
+        assert!(
+            again.is_err(),
+            "one wake-up for the 1,000 jobs due together"
+        );
     }
 }
