@@ -305,7 +305,7 @@ async fn throughput(
         true => {
             let mut tally = pg_cost::Tally::default();
             tally.add_reading(pool).await?;
-            tally.cost(&[booking_service::store::bookings::CREATE])
+            tally.cost(&super::Scenario::FollowUps.own_statements())
         }
         false => None,
     };

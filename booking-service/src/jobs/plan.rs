@@ -153,10 +153,12 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     // it) or the booking was cancelled meanwhile; either way planning is over.
     store::planning::mark_planned(&mut tx, booking.id, now).await?;
     tx.commit().await?;
-    if inserted && follow_up.scheduled_at <= now {
-        ctx.wakeups.poke(DELIVER_QUEUE);
-    } else if inserted {
-        ctx.wakeups.wake_at(DELIVER_QUEUE, follow_up.scheduled_at);
+    if inserted {
+        if follow_up.scheduled_at <= now {
+            ctx.wakeups.poke(DELIVER_QUEUE);
+        } else {
+            ctx.wakeups.wake_at(DELIVER_QUEUE, follow_up.scheduled_at);
+        }
     }
     if inserted {
         ctx.metrics.plan("planned");

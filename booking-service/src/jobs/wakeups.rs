@@ -71,6 +71,17 @@ struct Inner {
     send: Notify,
 }
 
+impl Inner {
+    /// The wake-up of `queue`'s worker in this process.
+    fn notify(&self, queue: &str) -> Option<&Notify> {
+        match queue {
+            PLAN_QUEUE => Some(&self.plan),
+            DELIVER_QUEUE => Some(&self.deliver),
+            _ => None,
+        }
+    }
+}
+
 impl Default for Wakeups {
     fn default() -> Self {
         Self::new()
@@ -128,24 +139,22 @@ impl Wakeups {
     /// A stream that yields each time `queue`'s worker should fetch: the
     /// apalis poll strategy of that worker. Wake-ups while nobody waits are
     /// kept as one.
-    pub fn stream(&self, queue: &str) -> WakeStream {
-        let inner = self.inner.clone();
-        let deliver = queue == DELIVER_QUEUE;
-        Box::pin(stream::unfold(inner, move |inner| async move {
-            if deliver {
-                inner.deliver.notified().await;
-            } else {
-                inner.plan.notified().await;
-            }
-            Some(((), inner))
-        }))
+    pub fn stream(&self, queue: &'static str) -> WakeStream {
+        Box::pin(stream::unfold(
+            self.inner.clone(),
+            move |inner| async move {
+                match inner.notify(queue) {
+                    Some(notify) => notify.notified().await,
+                    None => std::future::pending().await,
+                }
+                Some(((), inner))
+            },
+        ))
     }
 
     fn wake_local(&self, queue: &str) {
-        match queue {
-            PLAN_QUEUE => self.inner.plan.notify_one(),
-            DELIVER_QUEUE => self.inner.deliver.notify_one(),
-            _ => {}
+        if let Some(notify) = self.inner.notify(queue) {
+            notify.notify_one();
         }
     }
 

@@ -48,7 +48,7 @@ impl WorkerSettings {
     }
 
     /// Polling, and a fetch whenever the queue is poked (`wakeups`).
-    fn strategy(&self, ctx: &JobContext, queue: &str) -> Strategy {
+    fn strategy(&self, ctx: &JobContext, queue: &'static str) -> Strategy {
         Strategy::new()
             .interval(self.poll_interval)
             .apply(StreamStrategy::new(ctx.wakeups.stream(queue)))
