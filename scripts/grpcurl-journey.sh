@@ -15,8 +15,20 @@
 # conversation; GetConversation (3 messages, trend DECLINING);
 # GetEmotionHistory; CreateSlot (starts in ~3 s, lasts 1 s); CreateBooking for
 # that conversation; ListFollowUps until the follow-up is SENT; ListMessages
-# shows the assistant follow-up exactly once; and one bad call (StoreMessage
-# without a role) that must fail with InvalidArgument.
+# shows the assistant follow-up exactly once; the conversation's state:
+# GetConversationState (version 0, "{}"), UpdateConversationState with
+# expected_version 0 and a whole state_json, then with expected_version 1 and
+# a merge_patch_json, then a stale write (expected_version 1 again) that must
+# fail with Aborted, STATE_VERSION_MISMATCH, and write nothing; GetContext
+# with a token_budget that fits the whole conversation (4 messages, oldest
+# first, the follow-up last, with the state) and with a budget of 1 token (no
+# message, truncated); and one bad call (StoreMessage without a role) that
+# must fail with InvalidArgument.
+#
+# grpcurl prints answers as proto3 JSON: int64 fields are strings
+# ("version": "1"), a oneof shows only its set member, and fields at their
+# default (0, false, "", empty lists) are left out, so a state never written
+# has no "version" at all.
 #
 # Environment (all optional):
 #   MEMORY_ADDR     memory-service host:port           (127.0.0.1:50051)
@@ -116,6 +128,13 @@ contains() {
     log "ok: $1"
 }
 
+# matches WHAT REGEX: $out must match REGEX (extended). For error details,
+# which grpcurl prints as compact or as indented JSON, depending on its version.
+matches() {
+    grep -qE -- "$2" <<<"$out" || die "$1: /$2/ not in the answer above"
+    log "ok: $1"
+}
+
 uuid() {
     if [[ -r /proc/sys/kernel/random/uuid ]]; then
         cat /proc/sys/kernel/random/uuid
@@ -123,6 +142,9 @@ uuid() {
         python3 -c 'import uuid; print(uuid.uuid4())'
     fi
 }
+
+# json_string TEXT: TEXT as a JSON string, e.g. a state inside a request.
+json_string() { python3 -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
 # rfc3339 SECONDS_FROM_NOW
 rfc3339() { date -u -d "+$1 seconds" +%Y-%m-%dT%H:%M:%S.%3NZ; }
@@ -142,7 +164,8 @@ for s in "$booking_svc" grpc.health.v1.Health grpc.reflection.v1alpha.ServerRefl
 done
 
 ok "$memory_addr" describe "$memory_svc"
-for m in StoreMessage GetConversation ListMessages GetEmotionHistory ListConversations CloseConversation DeleteUserData; do
+for m in StoreMessage GetConversation ListMessages GetEmotionHistory ListConversations CloseConversation \
+    GetConversationState UpdateConversationState GetContext DeleteUserData; do
     contains "MemoryService describes $m" "rpc $m ("
 done
 ok "$booking_addr" describe "$booking_svc"
@@ -234,6 +257,47 @@ expect "the assistant message is the follow-up" \
     "$(py '[m["messageId"] for m in d["messages"] if m["role"] == "ROLE_ASSISTANT"][0]')" "$followup_message"
 expect "its text" "$(py '[m["content"] for m in d["messages"] if m["role"] == "ROLE_ASSISTANT"][0]')" "$followup_text"
 
+# ------------------------------------------------------------ state, context
+log "== the conversation's state (test-and-set on its version) and GetContext"
+ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetConversationState"
+expect "state version before any write (0: left out)" "$(py 'd["state"].get("version", "0")')" 0
+expect "state before any write" "$(py 'json.loads(d["state"]["stateJson"])')" '{}'
+
+ok -d "{\"conversation_id\":\"$conversation\",\"expected_version\":0,\"state_json\":$(json_string '{"step":"booked","party_size":2}')}" \
+    "$memory_addr" "$memory_svc/UpdateConversationState"
+expect "first write: version" "$(py 'd["state"]["version"]')" 1
+expect "first write: state" "$(py 'sorted(json.loads(d["state"]["stateJson"]).items())')" '[["party_size", 2], ["step", "booked"]]'
+
+ok -d "{\"conversation_id\":\"$conversation\",\"expected_version\":1,\"merge_patch_json\":$(json_string '{"step":"followed_up","party_size":null,"table":{"seat":"window"}}')}" \
+    "$memory_addr" "$memory_svc/UpdateConversationState"
+expect "merge patch: version" "$(py 'd["state"]["version"]')" 2
+expect "merge patch: null removes, objects merge" "$(py 'sorted(json.loads(d["state"]["stateJson"]).items())')" '[["step", "followed_up"], ["table", {"seat": "window"}]]'
+
+call -d "{\"conversation_id\":\"$conversation\",\"expected_version\":1,\"state_json\":$(json_string '{}')}" \
+    "$memory_addr" "$memory_svc/UpdateConversationState"
+((rc != 0)) || die "UpdateConversationState on the stale version 1 succeeded"
+contains "stale write refused with Aborted (grpcurl exit $rc)" "Aborted"
+matches "ErrorInfo reason STATE_VERSION_MISMATCH" '"reason": ?"STATE_VERSION_MISMATCH"'
+matches "ErrorInfo metadata current_version 2, the real version" '"current_version": ?"2"'
+
+ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetConversationState"
+expect "nothing written by the stale write: version" "$(py 'd["state"]["version"]')" 2
+expect "nothing written by the stale write: state" "$(py 'sorted(json.loads(d["state"]["stateJson"]).items())')" '[["step", "followed_up"], ["table", {"seat": "window"}]]'
+
+ok -d "{\"conversation_id\":\"$conversation\",\"token_budget\":4096}" "$memory_addr" "$memory_svc/GetContext"
+expect "context: the whole conversation, oldest first" "$(py '[m["sequence"] for m in d["messages"]]')" '["1", "2", "3", "4"]'
+expect "context: the follow-up last" "$(py 'd["messages"][-1]["messageId"]')" "$followup_message"
+expect "context: not truncated" "$(py 'd.get("truncated", False)')" False
+expect "context: tokens within the budget" "$(py '0 < int(d["tokenCount"]) <= 4096')" True
+expect "context: the conversation" "$(py 'd["conversation"]["messageCount"]')" 4
+expect "context: its emotion trend" "$(py 'd["conversation"]["emotionStats"]["trend"]')" EMOTION_TREND_DECLINING
+expect "context: its state" "$(py 'd["state"]["version"]')" 2
+
+ok -d "{\"conversation_id\":\"$conversation\",\"token_budget\":1}" "$memory_addr" "$memory_svc/GetContext"
+expect "1-token context: no message" "$(py 'len(d.get("messages", []))')" 0
+expect "1-token context: truncated" "$(py 'd.get("truncated", False)')" True
+expect "1-token context: still the state" "$(py 'd["state"]["version"]')" 2
+
 # ------------------------------------------------------------ bad input
 log "== a bad call: StoreMessage without a role"
 call -d "{\"conversation_id\":\"$conversation\",\"user_id\":\"$user\",\"content\":\"no role\"}" "$memory_addr" "$memory_svc/StoreMessage"
@@ -244,4 +308,4 @@ contains "the message names the role field" "role"
 ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetConversation"
 expect "nothing written by the bad call" "$(py 'd["conversation"]["messageCount"]')" 4
 
-printf '\n%s: PASSED: reflection, health, the whole journey and a refused bad call\n' "$me"
+printf '\n%s: PASSED: reflection, health, the whole journey, state and context, and a refused bad call\n' "$me"

@@ -8,10 +8,23 @@ checking every answer:
   health (grpcio-health-checking) -> StoreMessage x3 (negative emotions)
   -> idempotent retry -> GetConversation -> GetEmotionHistory
   -> ListConversations -> CreateSlot -> CreateBooking -> ListFollowUps until
-  SENT -> ListMessages shows the follow-up once -> rich errors: a bad
-  StoreMessage gives INVALID_ARGUMENT whose grpc-status-details-bin trailer
-  decodes (grpcio-status) to a BadRequest naming the bad fields, and a full
-  slot gives FAILED_PRECONDITION with ErrorInfo reason SLOT_FULL.
+  SENT -> ListMessages shows the follow-up once -> an assistant turn loop,
+  3 turns of: GetContext (newest messages within a token budget, oldest
+  first, with the conversation and its state) -> a stand-in "model" (a
+  deterministic function, no language model) -> StoreMessage x2 (the user's
+  message, the assistant's reply with its output tokens) ->
+  UpdateConversationState (a merge patch on the version GetContext read;
+  ABORTED -> read again, redo the change, retry, at most 3 attempts), the
+  state's version going up by one a turn and its "turns" counter counting
+  them -> GetContext with a budget of exactly the newest reply's tokens (that
+  reply alone) and of 1 token (no message, truncated) -> a stale
+  expected_version gives ABORTED with ErrorInfo reason STATE_VERSION_MISMATCH
+  and metadata current_version, writing nothing -> another writer comes
+  first: the retry loop reads again and redoes the change on top of the
+  other write -> rich errors: a bad StoreMessage gives INVALID_ARGUMENT whose
+  grpc-status-details-bin trailer decodes (grpcio-status) to a BadRequest
+  naming the bad fields, and a full slot gives FAILED_PRECONDITION with
+  ErrorInfo reason SLOT_FULL.
 
 The stack must deliver follow-ups right after the event
 (BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh).
@@ -118,7 +131,10 @@ def rich_error(err: grpc.RpcError):
 
 # What a production backend would configure: UNAVAILABLE (e.g. "the database
 # is unavailable; retry later") is retried with backoff by gRPC itself. Safe
-# here because every write carries a request_id, so a retry is a replay.
+# here because every write carries a request_id, so a retry is a replay; a
+# state write (UpdateConversationState) has none but is a test-and-set: a
+# retry of one that did land is refused with ABORTED, and the turn loop's
+# change recognises its own earlier write (see update_state).
 RETRY_CONFIG = {
     "methodConfig": [
         {
@@ -256,7 +272,9 @@ def check_conversation(c: Client, user: str, conversation: str) -> None:
     check(listed.next_page_token == "", "no further page")
 
 
-def book_and_follow_up(c: Client, args, user: str, conversation: str) -> None:
+def book_and_follow_up(c: Client, args, user: str, conversation: str) -> str:
+    """Books a table for the conversation; returns the follow-up's message id
+    (the conversation's newest message)."""
     b, m = c.booking_pb, c.memory_pb
     step(f"CreateSlot starting in {args.slot_start_in} s, lasting 1 s")
     slot = c.call(
@@ -329,6 +347,266 @@ def book_and_follow_up(c: Client, args, user: str, conversation: str) -> None:
     check(assistant[0].message_id == follow_up.message_id, "it is the follow-up's message")
     check(assistant[0].content == follow_up.rendered_text, "with the rendered text")
     check(assistant[0].sequence == 4, "as message 4")
+    return follow_up.message_id
+
+
+# ---------------------------------------------------------------- turn loop
+TURN_TOKEN_BUDGET = 2000  # fits this whole conversation (under 1000 tokens)
+STATE_WRITE_ATTEMPTS = 3  # a small, bounded retry on ABORTED
+# The user's side of the turns: what they type, and the emotion the backend's
+# emotion detector (made up here) scored it with.
+USER_TURNS = (
+    ("Thanks for writing back. Could I book a table for Friday instead?", 0.1, "hope"),
+    ("Do you have vegetarian dishes on the menu?", 0.3, "curiosity"),
+    ("Perfect, see you on Friday!", 0.7, "joy"),
+)
+
+
+def stand_in_model(m, context, user_text: str):
+    """A STAND-IN for the language model, NOT a model: a deterministic
+    function of the context (GetContextResponse) and the user's new message,
+    so that every answer can be checked. A real backend would send
+    context.messages (oldest first) and user_text to its model here.
+    Returns (reply, intent, output_tokens)."""
+    text = user_text.lower()
+    if "book" in text:
+        intent, answer = "book_table", "Friday works: shall I move your booking?"
+    elif "menu" in text:
+        intent, answer = "ask_menu", "Yes, a third of our menu is vegetarian."
+    elif "see you" in text or "bye" in text:
+        intent, answer = "goodbye", "See you on Friday!"
+    else:
+        intent, answer = "chat", "Tell me more."
+    state = json.loads(context.state.state_json)
+    trend = m.EmotionTrend.Name(context.conversation.emotion_stats.trend)
+    reply = (
+        f"(stand-in model, turn {state.get('turns', 0) + 1}) I read "
+        f"{len(context.messages)} messages ({context.token_count} tokens), mood "
+        f"{trend.removeprefix('EMOTION_TREND_').lower()}. {answer}"
+    )
+    return reply, intent, len(reply.split())  # "tokens": its words
+
+
+def get_state(c: Client, conversation: str):
+    m = c.memory_pb
+    return c.call(
+        c.memory.GetConversationState,
+        m.GetConversationStateRequest(conversation_id=conversation),
+    ).state
+
+
+def update_state(c: Client, conversation: str, read, change):
+    """Writes change(state) as an RFC 7396 merge patch on the version `read`
+    (a ConversationState) came with. When another writer came first (ABORTED,
+    STATE_VERSION_MISMATCH): reads again, redoes the change on what it read
+    and retries, at most STATE_WRITE_ATTEMPTS times. `change` returns None
+    when the state already holds the change (e.g. our own earlier write that
+    landed although its answer was lost). Returns (state, attempts)."""
+    m = c.memory_pb
+    for attempt in range(1, STATE_WRITE_ATTEMPTS + 1):
+        patch = change(json.loads(read.state_json))
+        if patch is None:
+            return read, attempt
+        try:
+            answer = c.call(
+                c.memory.UpdateConversationState,
+                m.UpdateConversationStateRequest(
+                    conversation_id=conversation,
+                    expected_version=read.version,
+                    merge_patch_json=json.dumps(patch),
+                ),
+            )
+            return answer.state, attempt
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ABORTED:
+                raise
+            _, _, infos = rich_error(err)
+            check(
+                [i.reason for i in infos] == ["STATE_VERSION_MISMATCH"],
+                f"attempt {attempt}: ABORTED, STATE_VERSION_MISMATCH",
+            )
+            print(
+                f"    version {read.version} is stale (now "
+                f"{infos[0].metadata.get('current_version')}): reading again"
+            )
+            read = get_state(c, conversation)
+    raise AssertionError(f"state write still contended after {STATE_WRITE_ATTEMPTS} attempts")
+
+
+def check_context(m, context, conversation: str, newest_id: str, budget: int) -> None:
+    """What every GetContext answer must be: a contiguous run of the newest
+    messages, oldest first, within the budget."""
+    messages = context.messages
+    sequences = [x.sequence for x in messages]
+    count = context.conversation.message_count
+    check(context.conversation.conversation_id == conversation, "the conversation")
+    check(context.state.conversation_id == conversation, "its state")
+    check(context.token_count <= budget, f"{context.token_count} tokens within {budget}")
+    if messages:
+        first = sequences[0]
+        check(sequences == list(range(first, first + len(messages))), "oldest first, no gap")
+        check(messages[-1].message_id == newest_id, "the newest stored message last")
+        check(sequences[-1] == count, f"up to message {count}, the newest")
+        check(all(x.conversation_id == conversation for x in messages), "all of this conversation")
+        check(context.truncated == (first > 1), "truncated exactly when older messages exist")
+    else:
+        check(context.token_count == 0, "no message: 0 tokens")
+        check(context.truncated == (count > 0), "no message: truncated")
+
+
+def turn_loop(c: Client, user: str, conversation: str, newest_id: str):
+    """The assistant's turns; returns the newest reply (a StoreMessageResponse)."""
+    m = c.memory_pb
+    expected_state = {}  # what the state must hold after the previous turn
+    for turn, (user_text, score, label) in enumerate(USER_TURNS, start=1):
+        step(
+            f"turn {turn}: GetContext -> stand-in model -> StoreMessage x2 "
+            "-> UpdateConversationState"
+        )
+        context = c.call(
+            c.memory.GetContext,
+            m.GetContextRequest(conversation_id=conversation, token_budget=TURN_TOKEN_BUDGET),
+        )
+        count = context.conversation.message_count
+        print(
+            f"    {len(context.messages)} of {count} messages, {context.token_count} "
+            f"tokens, state version {context.state.version}: {context.state.state_json}"
+        )
+        check_context(m, context, conversation, newest_id, TURN_TOKEN_BUDGET)
+        check(count == 4 + 2 * (turn - 1), f"{count} messages: 4 + 2 per turn")
+        check(len(context.messages) == count and not context.truncated, "all fit the budget")
+        check(context.state.version == turn - 1, f"state version {turn - 1}")
+        check(json.loads(context.state.state_json) == expected_state, "the state written last turn")
+        if turn == 1:
+            check(context.state.state_json.strip() == "{}", 'never written: "{}"')
+            check(not context.state.HasField("update_time"), "never written: no update_time")
+
+        reply, intent, output_tokens = stand_in_model(m, context, user_text)
+        print(f"    user: {user_text}\n    assistant ({intent}, {output_tokens} tokens): {reply}")
+        said = c.call(
+            c.memory.StoreMessage,
+            m.StoreMessageRequest(
+                conversation_id=conversation,
+                user_id=user,
+                channel="python",
+                role=m.ROLE_USER,
+                content=user_text,
+                emotion=m.Emotion(score=score, label=label),
+                request_id=f"{user}-turn-{turn}-user",
+            ),
+        )
+        answer = c.call(
+            c.memory.StoreMessage,
+            m.StoreMessageRequest(
+                conversation_id=conversation,
+                user_id=user,
+                channel="python",
+                role=m.ROLE_ASSISTANT,
+                content=reply,
+                metadata={"model": "stand-in", "intent": intent},
+                token_usage=m.TokenUsage(output_tokens=output_tokens),
+                request_id=f"{user}-turn-{turn}-assistant",
+            ),
+        )
+        check(said.message.sequence == count + 1, f"user message {count + 1}")
+        check(answer.message.sequence == count + 2, f"assistant reply {count + 2}")
+        check(answer.message.token_usage.output_tokens == output_tokens, "output tokens kept")
+        check(not said.replayed and not answer.replayed, "both new")
+        newest_id = answer.message.message_id
+
+        def change(state, intent=intent, reply_id=newest_id):
+            if state.get("last_reply_id") == reply_id:
+                return None  # our write landed already
+            return {"turns": state.get("turns", 0) + 1, "last_intent": intent, "last_reply_id": reply_id}
+
+        state, attempts = update_state(c, conversation, context.state, change)
+        expected_state = {"turns": turn, "last_intent": intent, "last_reply_id": newest_id}
+        check(attempts == 1, "written at the first attempt (no other writer)")
+        check(state.version == context.state.version + 1 == turn, f"version {turn}: one up")
+        check(json.loads(state.state_json) == expected_state, f"turns {turn}, last_intent {intent}")
+        check(state.HasField("update_time"), "update_time set")
+        again = get_state(c, conversation)
+        check(again.version == turn and json.loads(again.state_json) == expected_state,
+              "GetConversationState reads the same")
+    return answer
+
+
+def check_context_budget(c: Client, conversation: str, newest) -> None:
+    m = c.memory_pb
+    tokens = newest.message.token_usage.output_tokens
+    step(f"GetContext with a budget of exactly the newest reply's {tokens} tokens")
+    context = c.call(
+        c.memory.GetContext, m.GetContextRequest(conversation_id=conversation, token_budget=tokens)
+    )
+    check_context(m, context, conversation, newest.message.message_id, tokens)
+    check([x.message_id for x in context.messages] == [newest.message.message_id], "that reply alone")
+    check(context.token_count == tokens, "counted by its output_tokens")
+    check(context.truncated, "truncated")
+    check(context.state.version == len(USER_TURNS), "with the state")
+
+    step("GetContext with a budget of 1 token: the newest message does not fit")
+    context = c.call(
+        c.memory.GetContext, m.GetContextRequest(conversation_id=conversation, token_budget=1)
+    )
+    check_context(m, context, conversation, newest.message.message_id, 1)
+    check(len(context.messages) == 0, "no messages")
+    check(context.truncated, "truncated")
+    check(context.conversation.message_count == 4 + 2 * len(USER_TURNS), "the conversation still")
+    check(context.state.version == len(USER_TURNS), "and its state")
+
+
+def check_state_conflicts(c: Client, conversation: str) -> None:
+    m = c.memory_pb
+    before = get_state(c, conversation)
+    stale = before.version - 1
+    step(f"UpdateConversationState on a stale version ({stale}, the state is at {before.version})")
+    try:
+        c.call(
+            c.memory.UpdateConversationState,
+            m.UpdateConversationStateRequest(
+                conversation_id=conversation, expected_version=stale, state_json="{}"
+            ),
+        )
+        raise AssertionError("a write on a stale version succeeded")
+    except grpc.RpcError as err:
+        check(err.code() == grpc.StatusCode.ABORTED, "ABORTED")
+        status, _, infos = rich_error(err)
+        check(status.code == code_pb2.ABORTED, "google.rpc.Status code 10")
+        check(
+            [(i.reason, i.domain) for i in infos] == [("STATE_VERSION_MISMATCH", "memory.maitre")],
+            "ErrorInfo STATE_VERSION_MISMATCH in memory.maitre",
+        )
+        check(
+            infos[0].metadata.get("current_version") == str(before.version),
+            f"current_version {before.version}, the real one",
+        )
+        check(infos[0].metadata.get("expected_version") == str(stale), f"expected_version {stale}")
+    after = get_state(c, conversation)
+    check(after.version == before.version, "nothing written: same version")
+    check(json.loads(after.state_json) == json.loads(before.state_json), "nothing written: same state")
+
+    step("another writer comes first: ABORTED, read again, redo the change, retry")
+    note = "asked for a window table"
+    other = c.call(
+        c.memory.UpdateConversationState,
+        m.UpdateConversationStateRequest(
+            conversation_id=conversation,
+            expected_version=before.version,
+            merge_patch_json=json.dumps({"notes": ["deposit reminder sent"]}),
+        ),
+    ).state
+    check(other.version == before.version + 1, "the other writer's version one up")
+
+    def add_note(state):
+        notes = state.get("notes") or []
+        return None if note in notes else {"notes": notes + [note]}
+
+    state, attempts = update_state(c, conversation, before, add_note)  # `before` is stale now
+    written = json.loads(state.state_json)
+    check(attempts == 2, "written at the second attempt")
+    check(state.version == before.version + 2, "one up from the other write")
+    check(written.get("notes") == ["deposit reminder sent", note], "the other write kept, ours added")
+    check(written.get("turns") == len(USER_TURNS), f"turns still {len(USER_TURNS)}")
 
 
 def check_rich_errors(c: Client, user: str) -> None:
@@ -406,7 +684,10 @@ def main() -> int:
             check_health(client)
             conversation = store_conversation(client, user)
             check_conversation(client, user, conversation)
-            book_and_follow_up(client, args, user, conversation)
+            newest_id = book_and_follow_up(client, args, user, conversation)
+            newest = turn_loop(client, user, conversation, newest_id)
+            check_context_budget(client, conversation, newest)
+            check_state_conflicts(client, conversation)
             check_rich_errors(client, user)
         finally:
             client.close()

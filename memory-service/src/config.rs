@@ -104,6 +104,18 @@ pub struct Settings {
     #[arg(long, env = "MEMORY_MAX_PAGE_BYTES", default_value_t = 1024 * 1024, global = true)]
     pub max_page_bytes: usize,
 
+    /// Largest conversation state (UpdateConversationState), in bytes of JSON
+    /// text: as sent, and as stored (jsonb's text form, a space after each
+    /// colon and comma). At most what one request can carry.
+    #[arg(
+        long,
+        env = "MEMORY_MAX_STATE_BYTES",
+        default_value_t = 64 * 1024,
+        value_parser = clap::value_parser!(u32).range(2..=1_048_576),
+        global = true
+    )]
+    pub max_state_bytes: u32,
+
     /// Most distinct emotion labels counted per conversation; scores with a
     /// further label are counted under the label "~other".
     #[arg(
@@ -163,6 +175,7 @@ impl Settings {
             max_page_size: self.common.max_page_size,
             max_page_bytes: self.max_page_bytes,
             max_distinct_labels: self.max_distinct_labels,
+            max_state_bytes: self.max_state_bytes as usize,
             ..Limits::default()
         }
     }
@@ -187,6 +200,14 @@ impl Settings {
             self.max_request_bytes() + ENVELOPE_BYTES <= MAX_RESPONSE_BYTES,
             "MEMORY_MAX_CONTENT_BYTES and MEMORY_MAX_METADATA_BYTES admit messages of up to \
              {} bytes, too large to echo or list under the {MAX_RESPONSE_BYTES}-byte response limit",
+            self.max_request_bytes()
+        );
+        ensure!(
+            limits.max_state_bytes + ENVELOPE_BYTES <= self.max_request_bytes(),
+            "MEMORY_MAX_STATE_BYTES (--max-state-bytes) is {}: a request carrying such a state \
+             would pass the {}-byte request limit (set by MEMORY_MAX_CONTENT_BYTES and \
+             MEMORY_MAX_METADATA_BYTES)",
+            limits.max_state_bytes,
             self.max_request_bytes()
         );
         ensure!(

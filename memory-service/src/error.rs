@@ -27,6 +27,16 @@ pub enum Error {
     /// StoreMessage into a conversation that DeleteUserData erased.
     #[error("conversation {0} was erased")]
     ConversationErased(Uuid),
+    /// UpdateConversationState lost the test-and-set.
+    #[error("state version {current} is not the expected {expected}")]
+    StateVersionMismatch { expected: i64, current: i64 },
+    /// The state an UpdateConversationState would store is not valid.
+    #[error("{message}")]
+    InvalidState {
+        field: &'static str,
+        reason: &'static str,
+        message: String,
+    },
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }
@@ -66,6 +76,28 @@ impl From<Error> for Status {
                 format!("conversation {id} was erased and takes no more messages"),
                 HashMap::from([("conversation_id".into(), id.to_string())]),
             ),
+            Error::StateVersionMismatch { expected, current } => with_reason(
+                Code::Aborted,
+                DOMAIN,
+                "STATE_VERSION_MISMATCH",
+                format!(
+                    "the state is at version {current}, not {expected}: another writer came first; \
+                     read it again, redo the change and retry"
+                ),
+                HashMap::from([
+                    ("current_version".into(), current.to_string()),
+                    ("expected_version".into(), expected.to_string()),
+                ]),
+            ),
+            Error::InvalidState {
+                field,
+                reason,
+                message,
+            } => {
+                let mut violations = FieldViolations::new();
+                violations.add(field, reason, message);
+                violations.into_status(DOMAIN)
+            }
             Error::Database(cause) => database_status(DOMAIN, &cause),
         }
     }

@@ -25,7 +25,8 @@ pub const SERVICE_NAME: &str = "maitre.memory.v1.MemoryService";
 /// delivers follow-ups and erases a customer's data (its own erasure RPC
 /// calls DeleteUserData); `admin` may do everything.
 pub const DEFAULT_GRANTS: &str = "assistant=StoreMessage,GetConversation,ListMessages,\
-GetEmotionHistory,ListConversations,CloseConversation;\
+GetEmotionHistory,ListConversations,CloseConversation,GetContext,GetConversationState,\
+UpdateConversationState;\
 booking-service=GetEmotionHistory,StoreMessage,DeleteUserData;admin=*";
 
 /// Largest response the server encodes. Most gRPC clients refuse to receive

@@ -66,6 +66,9 @@ struct Snapshot {
     conversations: i64,
     closed_conversations: i64,
     messages: i64,
+    /// Conversation states and the sum of their versions.
+    states: i64,
+    state_versions: i64,
 }
 
 async fn snapshot(stack: &Stack) -> Snapshot {
@@ -84,7 +87,10 @@ async fn snapshot(stack: &Stack) -> Snapshot {
            (SELECT count(*) FROM memory.conversations) AS conversations, \
            (SELECT count(*) FROM memory.conversations WHERE closed_at IS NOT NULL) \
               AS closed_conversations, \
-           (SELECT count(*) FROM memory.messages) AS messages",
+           (SELECT count(*) FROM memory.messages) AS messages, \
+           (SELECT count(*) FROM memory.conversation_states) AS states, \
+           (SELECT COALESCE(sum(version), 0)::bigint FROM memory.conversation_states) \
+              AS state_versions",
     )
     .fetch_one(&stack.db)
     .await
@@ -460,6 +466,53 @@ fn memory_cases(stack: &Stack, f: &Fixture) -> Vec<Case> {
         "empty id", "conversation_id", |r| r.conversation_id = String::new();
         "id of 10 KB", "conversation_id", |r| r.conversation_id = huge();
         "non-hex uuid", "conversation_id", |r| r.conversation_id = BAD_UUID.into();
+    }
+    let state = memory::GetConversationStateRequest {
+        conversation_id: f.conv_a.clone(),
+    };
+    variants! { cases, m, get_conversation_state, "GetConversationState", state;
+        "empty id", "conversation_id", |r| r.conversation_id = String::new();
+        "id of 10 KB", "conversation_id", |r| r.conversation_id = huge();
+        "non-hex uuid", "conversation_id", |r| r.conversation_id = BAD_UUID.into();
+    }
+    use memory::update_conversation_state_request::Update;
+    let update = memory::UpdateConversationStateRequest {
+        conversation_id: f.conv_a.clone(),
+        expected_version: 0,
+        update: Some(Update::StateJson(r#"{"step": "menu"}"#.into())),
+    };
+    variants! { cases, m, update_conversation_state, "UpdateConversationState", update;
+        "non-hex uuid", "conversation_id", |r| r.conversation_id = BAD_UUID.into();
+        "expected version -1", "expected_version", |r| r.expected_version = -1;
+        "expected version i64::MIN", "expected_version", |r| r.expected_version = i64::MIN;
+        "no update", "update", |r| r.update = None;
+        "a state that is an array", "state_json", |r| r.update = Some(Update::StateJson("[]".into()));
+        "a state that is a string", "state_json", |r| r.update = Some(Update::StateJson("\"s\"".into()));
+        "a state that is not JSON", "state_json", |r| r.update = Some(Update::StateJson("{'a': 1}".into()));
+        "an empty state", "state_json", |r| r.update = Some(Update::StateJson(String::new()));
+        "a state of 100 KB", "state_json",
+            |r| r.update = Some(Update::StateJson(format!("{{\"a\": \"{}\"}}", "x".repeat(100 << 10))));
+        "a state nested 1,000 deep", "state_json",
+            |r| r.update = Some(Update::StateJson(format!("{{\"a\": {}{}}}", "[".repeat(1000), "]".repeat(1000))));
+        "a state with \\u0000", "state_json",
+            |r| r.update = Some(Update::StateJson(r#"{"a": "\u0000"}"#.into()));
+        "a patch that is not JSON", "merge_patch_json",
+            |r| r.update = Some(Update::MergePatchJson("{".into()));
+        "a patch making the state an array", "merge_patch_json",
+            |r| r.update = Some(Update::MergePatchJson("[1]".into()));
+    }
+    let context = memory::GetContextRequest {
+        conversation_id: f.conv_a.clone(),
+        token_budget: 100,
+        max_messages: 10,
+    };
+    variants! { cases, m, get_context, "GetContext", context;
+        "empty id", "conversation_id", |r| r.conversation_id = String::new();
+        "non-hex uuid", "conversation_id", |r| r.conversation_id = BAD_UUID.into();
+        "token budget -1", "token_budget", |r| r.token_budget = -1;
+        "token budget i32::MAX", "token_budget", |r| r.token_budget = i32::MAX;
+        "max messages 10^6", "max_messages", |r| r.max_messages = 1_000_000;
+        "max messages i32::MIN", "max_messages", |r| r.max_messages = i32::MIN;
     }
     // Refused, and ada's data stays.
     let delete = memory::DeleteUserDataRequest {

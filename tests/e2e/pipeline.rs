@@ -495,6 +495,24 @@ impl MemoryService for FakeMemory {
     ) -> Result<Response<memory::CloseConversationResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn get_conversation_state(
+        &self,
+        _: Request<memory::GetConversationStateRequest>,
+    ) -> Result<Response<memory::GetConversationStateResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn update_conversation_state(
+        &self,
+        _: Request<memory::UpdateConversationStateRequest>,
+    ) -> Result<Response<memory::UpdateConversationStateResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn get_context(
+        &self,
+        _: Request<memory::GetContextRequest>,
+    ) -> Result<Response<memory::GetContextResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
     async fn delete_user_data(
         &self,
         _: Request<memory::DeleteUserDataRequest>,

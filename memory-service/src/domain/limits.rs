@@ -26,6 +26,9 @@ pub struct Limits {
     /// Most distinct emotion labels counted per conversation; scores with
     /// further labels are counted under [`OVERFLOW_LABEL`](super::emotion::OVERFLOW_LABEL).
     pub max_distinct_labels: u32,
+    /// Largest conversation state, in bytes of JSON text: as sent, and as
+    /// stored (jsonb's text form).
+    pub max_state_bytes: usize,
 }
 
 impl Default for Limits {
@@ -41,6 +44,7 @@ impl Default for Limits {
             max_history_limit: 200,
             max_page_bytes: 1024 * 1024,
             max_distinct_labels: 32,
+            max_state_bytes: 64 * 1024,
         }
     }
 }
@@ -53,6 +57,15 @@ impl Limits {
     pub fn largest_conversation_bytes(&self) -> usize {
         let entry = self.max_label_chars + 19;
         2 * 1024 + (self.max_distinct_labels as usize + 1) * entry
+    }
+
+    /// The byte budget of GetContext's messages (content, tool calls and
+    /// results, metadata, and 200 bytes each for the rest): a listing page's,
+    /// less what the conversation and the state may add to the answer.
+    pub fn context_message_bytes(&self, response_limit: usize) -> usize {
+        let room = response_limit
+            .saturating_sub(self.largest_conversation_bytes() + self.max_state_bytes + 4 * 1024);
+        self.max_page_bytes.min(room).max(1)
     }
 
     /// An upper bound on one encoded GetEmotionHistory answer: per point,

@@ -9,6 +9,7 @@ pub mod emotion;
 pub mod limits;
 pub mod message;
 pub mod queries;
+pub mod state;
 
 pub use emotion::{EmotionStats, Trend};
 pub use limits::Limits;

@@ -22,6 +22,22 @@ fn trend(trend: Trend) -> pb::EmotionTrend {
     }
 }
 
+/// A conversation's state; `version` None (never written) reads as version
+/// 0 and "{}".
+pub fn state(
+    conversation_id: uuid::Uuid,
+    version: Option<i64>,
+    state_json: Option<String>,
+    updated_at: Option<DateTime<Utc>>,
+) -> pb::ConversationState {
+    pb::ConversationState {
+        conversation_id: conversation_id.to_string(),
+        version: version.unwrap_or(0),
+        state_json: state_json.unwrap_or_else(|| "{}".into()),
+        update_time: version.and(updated_at).map(timestamp),
+    }
+}
+
 pub fn conversation(row: ConversationRow) -> pb::Conversation {
     let stats = EmotionStats::from_aggregates(
         row.scored_count,

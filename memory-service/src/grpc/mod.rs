@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod paging;
+mod state;
 
 use std::time::{Duration, Instant};
 
@@ -329,5 +330,26 @@ impl MemoryService for MemoryApi {
         request: Request<pb::DeleteUserDataRequest>,
     ) -> Reply<pb::DeleteUserDataResponse> {
         reply(MemoryApi::delete_user_data(self, request.into_inner()).await)
+    }
+
+    async fn get_conversation_state(
+        &self,
+        request: Request<pb::GetConversationStateRequest>,
+    ) -> Reply<pb::GetConversationStateResponse> {
+        reply(MemoryApi::get_conversation_state(self, request.into_inner()).await)
+    }
+
+    async fn update_conversation_state(
+        &self,
+        request: Request<pb::UpdateConversationStateRequest>,
+    ) -> Reply<pb::UpdateConversationStateResponse> {
+        reply(MemoryApi::update_conversation_state(self, request.into_inner()).await)
+    }
+
+    async fn get_context(
+        &self,
+        request: Request<pb::GetContextRequest>,
+    ) -> Reply<pb::GetContextResponse> {
+        reply(MemoryApi::get_context(self, request.into_inner()).await)
     }
 }

@@ -14,8 +14,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Marks every not yet erased conversation of `$1` erased and tombstones it;
-/// returns how many. One statement, so a conversation is never visible
+/// Marks every not yet erased conversation of `$1` erased and tombstones it,
+/// and deletes its state at once (small: one row each); returns how many. One statement, so a conversation is never visible
 /// without its tombstone or the other way round. The UPDATE takes each row's
 /// lock: a StoreMessage in flight on one of them finishes first (its message
 /// is purged with the rest); one that comes after sees `erased_at`.
@@ -37,6 +37,9 @@ tombstones AS (
     INSERT INTO memory.erased_conversations (conversation_id, erased_at)
     SELECT id, $2 FROM marked
     ON CONFLICT (conversation_id) DO NOTHING
+),
+states AS (
+    DELETE FROM memory.conversation_states s USING marked WHERE s.conversation_id = marked.id
 )
 SELECT count(*) FROM marked
 "#;

@@ -1,9 +1,11 @@
 //! All SQL of memory-service: migrations and one function per statement.
 
+pub mod context;
 pub mod conversations;
 pub mod erasure;
 pub mod messages;
 pub mod rows;
+pub mod state;
 
 use sqlx::migrate::Migrator;
 

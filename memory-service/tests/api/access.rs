@@ -364,3 +364,89 @@ async fn no_authentication_is_an_explicit_choice_that_still_starts_anywhere() {
         Application::build(settings).await.expect("explicitly open");
     }
 }
+
+#[tokio::test]
+async fn the_assistant_keeps_state_and_reads_context_and_booking_service_may_not() {
+    use pb::update_conversation_state_request::Update;
+    let app = spawn_with_tokens().await;
+    let mut client = app.client.clone();
+    let conversation = uuid::Uuid::now_v7().to_string();
+    client
+        .store_message(as_caller(
+            TestApp::message(&conversation, "ana", "hello", None),
+            ASSISTANT,
+        ))
+        .await
+        .expect("assistant stores");
+    let write = |version| pb::UpdateConversationStateRequest {
+        conversation_id: conversation.clone(),
+        expected_version: version,
+        update: Some(Update::StateJson(r#"{"step": "greeted"}"#.into())),
+    };
+    let denied = client
+        .update_conversation_state(as_caller(write(0), BOOKING))
+        .await
+        .expect_err("booking-service does not write state");
+    assert_eq!(
+        (denied.code(), reason(&denied).as_str()),
+        (Code::PermissionDenied, "METHOD_NOT_GRANTED")
+    );
+    let denied = client
+        .get_context(as_caller(
+            pb::GetContextRequest {
+                conversation_id: conversation.clone(),
+                ..Default::default()
+            },
+            BOOKING,
+        ))
+        .await
+        .expect_err("booking-service does not read context");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert_eq!(
+        app.count("SELECT count(*) FROM memory.conversation_states")
+            .await,
+        0
+    );
+
+    client
+        .update_conversation_state(as_caller(write(0), ASSISTANT))
+        .await
+        .expect("assistant writes state");
+    let state = client
+        .get_conversation_state(as_caller(
+            pb::GetConversationStateRequest {
+                conversation_id: conversation.clone(),
+            },
+            ASSISTANT,
+        ))
+        .await
+        .expect("assistant reads state")
+        .into_inner()
+        .state
+        .expect("state");
+    assert_eq!(state.version, 1);
+    let context = client
+        .get_context(as_caller(
+            pb::GetContextRequest {
+                conversation_id: conversation.clone(),
+                ..Default::default()
+            },
+            ASSISTANT,
+        ))
+        .await
+        .expect("assistant reads context")
+        .into_inner();
+    assert_eq!(
+        (context.messages.len(), context.state.map(|s| s.version)),
+        (1, Some(1))
+    );
+    // No token at all: refused before anything is read.
+    let status = client
+        .get_context(pb::GetContextRequest {
+            conversation_id: conversation,
+            ..Default::default()
+        })
+        .await
+        .expect_err("anonymous");
+    assert_eq!(status.code(), Code::Unauthenticated);
+}

@@ -4,6 +4,7 @@
 mod support;
 
 mod access;
+mod context;
 mod conversations;
 mod erasure;
 mod fuzz;
@@ -13,5 +14,6 @@ mod limits;
 mod operations;
 mod reads;
 mod request_keys;
+mod state;
 mod store_message;
 mod validation;

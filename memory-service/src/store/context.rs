@@ -1,0 +1,95 @@
+//! GetContext: the newest messages within a token budget, the conversation
+//! and its state, in one statement.
+
+use sqlx::PgPool;
+
+use super::rows::ContextRow;
+use crate::domain::{Role, state::ContextQuery};
+
+/// `$1` conversation, `$2` token budget, `$3` most messages, `$4` byte
+/// budget, `$5` the assistant's and `$6` the tool's role number.
+///
+/// `walk` goes back from the newest message (`seq = message_count`:
+/// sequences are gapless) one primary-key probe at a time, adding up tokens
+/// and bytes, and stops after the first message that passes a budget or at
+/// `$3` messages: its cost follows the window, never the conversation's
+/// length. A message's tokens and bytes are the SQL functions
+/// `memory.message_tokens` and `memory.message_bytes` (the migration that
+/// adds conversation state) plus its metadata and 200 bytes of ids and
+/// timestamps. `fits`
+/// drops the message that passed; `chosen` also drops tool results at the
+/// window's start, whose tool call lies outside it.
+///
+/// Every row carries the conversation and its state; with an empty window
+/// there is one row without a message, and none for an unknown or erased
+/// conversation.
+pub const GET_CONTEXT: &str = r#"
+WITH RECURSIVE conv AS (
+    SELECT id, seq, user_id, channel, created_at, last_message_at, closed_at,
+           message_count, scored_count, score_sum, label_counts, recent_scores, last_score
+    FROM memory.conversations
+    WHERE id = $1 AND erased_at IS NULL
+),
+walk AS (
+    SELECT m.seq, m.id, m.role, m.content, m.emotion_score, m.emotion_label, m.emotion_scores,
+           m.metadata, m.input_tokens, m.output_tokens, m.tool_calls, m.tool_results,
+           m.request_id, m.created_at, size.tokens, size.tokens AS total_tokens,
+           size.bytes AS total_bytes, 1 AS n
+    FROM conv
+    JOIN memory.messages m ON m.conversation_id = conv.id AND m.seq = conv.message_count
+    CROSS JOIN LATERAL (
+        SELECT memory.message_tokens(m, $5) AS tokens,
+               memory.message_bytes(m) + octet_length(m.metadata::text) + 200 AS bytes
+    ) size
+    UNION ALL
+    SELECT m.seq, m.id, m.role, m.content, m.emotion_score, m.emotion_label, m.emotion_scores,
+           m.metadata, m.input_tokens, m.output_tokens, m.tool_calls, m.tool_results,
+           m.request_id, m.created_at, size.tokens, w.total_tokens + size.tokens,
+           w.total_bytes + size.bytes, w.n + 1
+    FROM walk w
+    JOIN memory.messages m ON m.conversation_id = $1 AND m.seq = w.seq - 1
+    CROSS JOIN LATERAL (
+        SELECT memory.message_tokens(m, $5) AS tokens,
+               memory.message_bytes(m) + octet_length(m.metadata::text) + 200 AS bytes
+    ) size
+    WHERE w.total_tokens <= $2 AND w.total_bytes <= $4 AND w.n < $3
+),
+fits AS (
+    SELECT * FROM walk WHERE total_tokens <= $2 AND total_bytes <= $4
+),
+chosen AS (
+    SELECT * FROM fits
+    WHERE seq >= (SELECT min(seq) FROM fits WHERE role <> $6 AND tool_results IS NULL)
+)
+SELECT conv.id, conv.seq, conv.user_id, conv.channel, conv.created_at, conv.last_message_at,
+       conv.closed_at, conv.message_count, conv.scored_count, conv.score_sum, conv.label_counts,
+       conv.recent_scores, conv.last_score,
+       s.version AS state_version, s.state::text AS state_json, s.updated_at AS state_updated_at,
+       c.seq AS m_seq, c.id AS m_id, c.role AS m_role, c.content AS m_content,
+       c.emotion_score AS m_emotion_score, c.emotion_label AS m_emotion_label,
+       c.emotion_scores AS m_emotion_scores, c.metadata AS m_metadata,
+       c.input_tokens AS m_input_tokens, c.output_tokens AS m_output_tokens,
+       c.tool_calls AS m_tool_calls, c.tool_results AS m_tool_results,
+       c.request_id AS m_request_id, c.created_at AS m_created_at, c.tokens AS m_tokens
+FROM conv
+LEFT JOIN memory.conversation_states s ON s.conversation_id = conv.id
+LEFT JOIN chosen c ON true
+ORDER BY c.seq
+"#;
+
+#[tracing::instrument(skip(pool))]
+pub async fn get(
+    pool: &PgPool,
+    query: &ContextQuery,
+    byte_budget: usize,
+) -> Result<Vec<ContextRow>, sqlx::Error> {
+    sqlx::query_as::<_, ContextRow>(GET_CONTEXT)
+        .bind(query.conversation_id)
+        .bind(i64::from(query.token_budget))
+        .bind(i32::try_from(query.max_messages).unwrap_or(i32::MAX))
+        .bind(i64::try_from(byte_budget).unwrap_or(i64::MAX))
+        .bind(Role::Assistant.as_i16())
+        .bind(Role::Tool.as_i16())
+        .fetch_all(pool)
+        .await
+}
