@@ -13,6 +13,12 @@
 #                           the previous commit. Set it to the branch point
 #                           (e.g. "$(git merge-base origin/main HEAD)") to check
 #                           a whole branch, or when HEAD~1 does not exist.
+#   PROTO_BREAKING_HISTORY  "all" (default): also compare against every
+#                           earlier commit that changed proto/, so a break made
+#                           in one commit of a push and hidden by a later one is
+#                           caught too (v1 packages only grow, so the protos
+#                           must be compatible with all of them); "off": only
+#                           PROTO_BREAKING_AGAINST.
 #   PROTO_ROOT              the repository (or directory inside one) holding
 #                           proto/. Default: this script's repository. The
 #                           scripts' tests point it at throw-away repositories.
@@ -79,11 +85,33 @@ fi
 log "buf breaking in $proto_dir$dirty ($("$buf" --version 2>&1))"
 log "against $against = $commit: $subject"
 cd "$proto_dir"
-if "$buf" breaking . --against "$git_dir#ref=$commit,subdir=$subdir" "$@"; then
-    log "ok: no breaking changes against $against ($subject)"
-else
-    rc=$?
+# compare COMMIT NAME: buf breaking of the working tree against COMMIT.
+compare() {
+    local rev="$1" name="$2" what rc=0
+    what="$(git -C "$root" log -1 --format='%h %s' "$rev")"
+    "$buf" breaking . --against "$git_dir#ref=$rev,subdir=$subdir" "${@:3}" || rc=$?
+    ((rc == 0)) && return 0
     # buf exits 100 for violations, 1 for anything else (a build error...).
-    ((rc == 100)) || die "buf breaking failed (exit $rc) against $against ($subject)"
-    die "buf breaking reported breaking changes against $against ($subject) (exit $rc); a wire change that must break goes into a new package version (e.g. .v2)"
-fi
+    ((rc == 100)) || die "buf breaking failed (exit $rc) against $name ($what)"
+    die "buf breaking reported breaking changes against $name ($what) (exit $rc); a wire change that must break goes into a new package version (e.g. .v2)"
+}
+compare "$commit" "$against" "$@"
+log "ok: no breaking changes against $against ($subject)"
+
+history="${PROTO_BREAKING_HISTORY:-all}"
+case "$history" in
+    off) ;;
+    all)
+        # Earlier commits that changed proto/ (as far as this clone's history
+        # goes), the one already compared left out.
+        checked=0
+        while read -r earlier; do
+            [[ -n "$earlier" && "$earlier" != "$commit" ]] || continue
+            git -C "$root" cat-file -e "$earlier:$subdir/buf.yaml" 2>/dev/null || continue
+            compare "$earlier" "$earlier" "$@"
+            checked=$((checked + 1))
+        done < <(git -C "$root" rev-list "$commit" -- "$subdir")
+        log "ok: no breaking changes against the $checked earlier commits that changed $subdir/ either"
+        ;;
+    *) die "PROTO_BREAKING_HISTORY must be all or off, not '$history'" ;;
+esac

@@ -222,12 +222,21 @@ impl Settings {
              {MAX_RESPONSE_BYTES}-byte response limit",
             limits.largest_history_bytes()
         );
+        let smallest_context =
+            limits.largest_conversation_bytes() + limits.max_state_bytes + self.max_request_bytes();
+        ensure!(
+            smallest_context + 4 * ENVELOPE_BYTES <= MAX_RESPONSE_BYTES,
+            "MEMORY_MAX_STATE_BYTES, MEMORY_MAX_CONTENT_BYTES and MEMORY_MAX_METADATA_BYTES admit \
+             GetContext answers (a conversation, its state and its newest message) of up to {} \
+             bytes, over the {MAX_RESPONSE_BYTES}-byte response limit",
+            smallest_context
+        );
         Ok(())
     }
 
     /// Largest gRPC request the decoder accepts: the content limit plus room
     /// for metadata, tool calls and framing.
     pub fn max_request_bytes(&self) -> usize {
-        self.max_content_bytes * 2 + self.max_metadata_bytes + 64 * 1024
+        self.limits().largest_request_bytes()
     }
 }

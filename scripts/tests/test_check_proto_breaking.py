@@ -85,12 +85,15 @@ class ProtoBreaking(unittest.TestCase):
         end = self.original.index("\n", m.start())
         return self.original[:m.start()] + new_line + self.original[end:]
 
-    def run_check(self, repo=None, against=None):
+    def run_check(self, repo=None, against=None, history=None):
         env = git_env()
         env["PROTO_ROOT"] = repo or self.repo
         env.pop("PROTO_BREAKING_AGAINST", None)
+        env.pop("PROTO_BREAKING_HISTORY", None)
         if against is not None:
             env["PROTO_BREAKING_AGAINST"] = against
+        if history is not None:
+            env["PROTO_BREAKING_HISTORY"] = history
         p = subprocess.run([SCRIPT], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
         return p.returncode, p.stdout + p.stderr
 
@@ -124,6 +127,21 @@ class ProtoBreaking(unittest.TestCase):
         self.assertEqual(rc, 0, out)
         self.assertIn("ok: no breaking changes", out)
         self.assertIn("protos as they are", out)  # logs the commit compared against
+
+    def test_a_break_hidden_by_a_later_commit_is_caught(self):
+        # Commit 2 removes a field, commit 3 puts it back under a new number:
+        # commit 3 alone against commit 2 only adds a field.
+        line = self.original[self.field.start():self.original.index("\n", self.field.start())]
+        self.edit(self.replace_field_line(""))
+        self.commit("remove a field")
+        new_line = re.sub(rf"=\s*{self.field.group(3)}\b", f"= {FREE_NUMBER}", line, count=1)
+        self.edit(self.replace_field_line(new_line))
+        self.commit("bring it back under another number")
+        rc, out = self.run_check(history="off")
+        self.assertEqual(rc, 0, out)
+        rc, out = self.run_check()  # default: every earlier commit that changed proto/
+        self.assertNotEqual(rc, 0, out)
+        self.assertIn("protos as they are", out)
 
     def test_uncommitted_change_is_checked(self):
         name = self.field.group(2)

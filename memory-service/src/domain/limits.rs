@@ -62,10 +62,22 @@ impl Limits {
     /// The byte budget of GetContext's messages (content, tool calls and
     /// results, metadata, and 200 bytes each for the rest): a listing page's,
     /// less what the conversation and the state may add to the answer.
+    /// The newest message always goes in (like a listing page's first item),
+    /// so room is kept for one more of the largest.
     pub fn context_message_bytes(&self, response_limit: usize) -> usize {
-        let room = response_limit
-            .saturating_sub(self.largest_conversation_bytes() + self.max_state_bytes + 4 * 1024);
+        let room = response_limit.saturating_sub(
+            self.largest_conversation_bytes()
+                + self.max_state_bytes
+                + self.largest_request_bytes()
+                + 4 * 1024,
+        );
         self.max_page_bytes.min(room).max(1)
+    }
+
+    /// Largest gRPC request the decoder accepts: the content limit plus room
+    /// for metadata, tool calls and framing. A stored message is never larger.
+    pub fn largest_request_bytes(&self) -> usize {
+        self.max_content_bytes * 2 + self.max_metadata_bytes + 64 * 1024
     }
 
     /// An upper bound on one encoded GetEmotionHistory answer: per point,

@@ -16,6 +16,11 @@ use super::Limits;
 /// Deepest nesting of objects and arrays in a state or a patch. The merge
 /// patch recurses once per level in the database; this keeps it shallow.
 pub const MAX_STATE_DEPTH: usize = 32;
+/// Most digits in a number of a state or a patch, and the largest exponent
+/// (either sign): jsonb keeps numbers exactly and prints them written out,
+/// so `1e-16383`, five bytes as sent, would be 16,385 as stored and read.
+pub const MAX_NUMBER_DIGITS: usize = 64;
+pub const MAX_NUMBER_EXPONENT: u32 = 64;
 /// GetContext's token budget when the request leaves it 0.
 pub const DEFAULT_TOKEN_BUDGET: u32 = 4096;
 /// Largest token budget a GetContext may ask for.
@@ -121,6 +126,17 @@ fn check_json(v: &mut FieldViolations, field: &str, json: &str, object: bool, ma
         );
         return;
     }
+    if let Some(number) = oversized_number(json) {
+        v.add(
+            field,
+            "INVALID_STATE_JSON",
+            format!(
+                "the number {number:.40} has more than {MAX_NUMBER_DIGITS} digits or an exponent \
+                 beyond ±{MAX_NUMBER_EXPONENT}; send it as a string"
+            ),
+        );
+        return;
+    }
     let value = match serde_json::from_str::<Value>(json) {
         Ok(value) => value,
         Err(error) => {
@@ -143,6 +159,54 @@ fn check_json(v: &mut FieldViolations, field: &str, json: &str, object: bool, ma
             "holds a NUL character (\\u0000), which cannot be stored",
         );
     }
+}
+
+/// The first number token outside strings whose digits or exponent pass
+/// the bounds above. A scan of the text as sent, since a parsed number no
+/// longer says how it was written.
+fn oversized_number(json: &str) -> Option<&str> {
+    let bytes = json.as_bytes();
+    let (mut i, mut in_string) = (0, false);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+        } else if b == b'"' {
+            in_string = true;
+            i += 1;
+        } else if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            while i < bytes.len()
+                && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+            {
+                i += 1;
+            }
+            let token = &json[start..i];
+            let (mantissa, exponent) = match token.find(['e', 'E']) {
+                Some(at) => (&token[..at], &token[at + 1..]),
+                None => (token, ""),
+            };
+            let digits = mantissa.bytes().filter(u8::is_ascii_digit).count();
+            let exponent = exponent
+                .trim_start_matches(['+', '-'])
+                .trim_start_matches('0');
+            let exponent_too_large = exponent.len() > 3
+                || exponent
+                    .parse::<u32>()
+                    .is_ok_and(|e| e > MAX_NUMBER_EXPONENT);
+            if digits > MAX_NUMBER_DIGITS || exponent_too_large {
+                return Some(token);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 fn depth(value: &Value) -> usize {
@@ -255,6 +319,12 @@ mod tests {
             refused(state(&format!("{{\"a\": \"{}\"}}", "x".repeat(64)))),
             ["state_json"]
         );
+        assert_eq!(refused(state(r#"{"n": 1e-16383}"#)), ["state_json"]);
+        assert_eq!(refused(state(r#"{"n": 1E+65}"#)), ["state_json"]);
+        assert_eq!(
+            refused(state(&format!("{{\"n\": {}}}", "9".repeat(65)))),
+            ["state_json"]
+        );
         let deep = format!(
             "{}1{}",
             "[".repeat(MAX_STATE_DEPTH + 1),
@@ -272,6 +342,18 @@ mod tests {
             refused(update(Some(Update::StateJson("{}".into())), -1)),
             ["expected_version"]
         );
+    }
+
+    #[test]
+    fn numbers_are_bounded_outside_strings_only() {
+        assert_eq!(
+            oversized_number(r#"{"a": "1e99999", "b\"1e999": [1e64, -0.5e-64, 12]}"#),
+            None
+        );
+        assert_eq!(oversized_number(&format!("[{}]", "1".repeat(64))), None);
+        assert_eq!(oversized_number("[1, 2e65]"), Some("2e65"));
+        assert_eq!(oversized_number("[1e-0000000065]"), Some("1e-0000000065"));
+        assert_eq!(oversized_number("[1e0000000064]"), None);
     }
 
     #[test]

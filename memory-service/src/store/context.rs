@@ -15,9 +15,11 @@ use crate::domain::{Role, state::ContextQuery};
 /// `$3` messages: its cost follows the window, never the conversation's
 /// length. A message's tokens and bytes are the SQL functions
 /// `memory.message_tokens` and `memory.message_bytes` (the migration that
-/// adds conversation state) plus its metadata and 200 bytes of ids and
-/// timestamps. `fits`
-/// drops the message that passed; `chosen` also drops tool results at the
+/// adds conversation state), plus, for the byte budget, its metadata,
+/// emotion, request id and 200 bytes of ids, numbers and tags. `fits`
+/// drops the message that passed a budget (the newest one stays whatever
+/// its bytes, like a listing page's first item: the byte budget leaves room
+/// for it); `chosen` also drops tool results at the
 /// window's start, whose tool call lies outside it.
 ///
 /// Every row carries the conversation and its state; with an empty window
@@ -39,7 +41,10 @@ walk AS (
     JOIN memory.messages m ON m.conversation_id = conv.id AND m.seq = conv.message_count
     CROSS JOIN LATERAL (
         SELECT memory.message_tokens(m, $5) AS tokens,
-               memory.message_bytes(m) + octet_length(m.metadata::text) + 200 AS bytes
+               memory.message_bytes(m) + octet_length(m.metadata::text)
+               + COALESCE(octet_length(m.emotion_scores::text), 0)
+               + COALESCE(octet_length(m.emotion_label), 0)
+               + COALESCE(octet_length(m.request_id), 0) + 200 AS bytes
     ) size
     UNION ALL
     SELECT m.seq, m.id, m.role, m.content, m.emotion_score, m.emotion_label, m.emotion_scores,
@@ -50,12 +55,15 @@ walk AS (
     JOIN memory.messages m ON m.conversation_id = $1 AND m.seq = w.seq - 1
     CROSS JOIN LATERAL (
         SELECT memory.message_tokens(m, $5) AS tokens,
-               memory.message_bytes(m) + octet_length(m.metadata::text) + 200 AS bytes
+               memory.message_bytes(m) + octet_length(m.metadata::text)
+               + COALESCE(octet_length(m.emotion_scores::text), 0)
+               + COALESCE(octet_length(m.emotion_label), 0)
+               + COALESCE(octet_length(m.request_id), 0) + 200 AS bytes
     ) size
     WHERE w.total_tokens <= $2 AND w.total_bytes <= $4 AND w.n < $3
 ),
 fits AS (
-    SELECT * FROM walk WHERE total_tokens <= $2 AND total_bytes <= $4
+    SELECT * FROM walk WHERE total_tokens <= $2 AND (n = 1 OR total_bytes <= $4)
 ),
 chosen AS (
     SELECT * FROM fits

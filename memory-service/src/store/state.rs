@@ -26,13 +26,17 @@ WHERE c.id = $1 AND c.erased_at IS NULL
 /// the row still has it when locked: the UPDATE re-checks `version` on the
 /// newest row version after waiting for a concurrent writer, so of two
 /// writers from the same version exactly one wins. A first write inserts;
-/// a concurrent first write makes the other's INSERT do nothing. Returns
+/// a concurrent first write makes the other's INSERT do nothing. The key
+/// share lock on the conversation (what the foreign key check takes anyway,
+/// taken first) keeps a purge from deleting the row in between: the write
+/// then finds no conversation instead of failing on the foreign key. Returns
 /// whether the conversation exists, the version the snapshot saw, the new
 /// state's JSON type and stored size (to explain a refusal), and the new
 /// version and state (jsonb's text form) when written.
 pub const WRITE_STATE: &str = r#"
 WITH conv AS (
     SELECT id FROM memory.conversations WHERE id = $1 AND erased_at IS NULL
+    FOR KEY SHARE
 ),
 current AS (
     SELECT version, state FROM memory.conversation_states WHERE conversation_id = $1
@@ -142,13 +146,12 @@ pub async fn write(
     } else {
         // Valid and from the expected version, yet not written: a concurrent
         // writer moved the version after this statement's snapshot.
-        let current = get(pool, update.conversation_id)
-            .await?
-            .and_then(|row| row.version)
-            .unwrap_or(0);
-        match current {
-            0 if update.expected_version == 0 => WriteOutcome::NotFound,
-            current => WriteOutcome::VersionMismatch { current },
+        // Gone meanwhile (erased): not found, whatever the version.
+        match get(pool, update.conversation_id).await? {
+            None => WriteOutcome::NotFound,
+            Some(row) => WriteOutcome::VersionMismatch {
+                current: row.version.unwrap_or(0),
+            },
         }
     })
 }

@@ -366,4 +366,46 @@ async fn the_answer_is_cut_at_the_byte_budget_whatever_the_messages_claim_in_tok
     assert_eq!(window.messages.len(), 3);
     assert_eq!((window.token_count, window.truncated), (3, true));
     assert!(window.messages[0].content.starts_with('2'));
+
+    // Full emotions and request ids count too: 32 per-emotion scores with
+    // long labels make each of these messages weigh about 2 KB more.
+    let id = uuid::Uuid::now_v7().to_string();
+    for i in 0..5 {
+        let mut request = counted(&id, pb::Role::User, &format!("{i}{}", "e".repeat(999)), 1);
+        request.request_id = format!("{i}{}", "r".repeat(120));
+        request.emotion = Some(pb::Emotion {
+            score: 0.5,
+            label: "joy".into(),
+            scores: (0..32)
+                .map(|k| (format!("{k:02}{}", "x".repeat(30)), 0.5))
+                .collect(),
+        });
+        app.store(request).await.expect("stored");
+    }
+    let window = context(&app, &id, 1_000_000, 500).await.expect("context");
+    assert_eq!(
+        window.messages.len(),
+        3,
+        "about 3.3 KB each, three fit in 10,000 bytes"
+    );
+}
+
+#[tokio::test]
+async fn the_newest_message_is_never_left_out_for_its_bytes() {
+    let app = crate::support::spawn_app_with(|s| s.max_page_bytes = 1_000).await;
+    let id = uuid::Uuid::now_v7().to_string();
+    for i in 0..3 {
+        app.store(counted(
+            &id,
+            pb::Role::User,
+            &format!("{i}{}", "z".repeat(2_999)),
+            1,
+        ))
+        .await
+        .expect("stored");
+    }
+    let window = context(&app, &id, 1_000, 0).await.expect("context");
+    assert_eq!(window.messages.len(), 1);
+    assert!(window.messages[0].content.starts_with('2'));
+    assert_eq!((window.token_count, window.truncated), (1, true));
 }

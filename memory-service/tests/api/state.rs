@@ -263,11 +263,29 @@ async fn states_that_are_not_objects_too_large_or_unstorable_are_refused_and_not
             "merge_patch_json",
             "STATE_TOO_LARGE",
         ),
-        // Within serde's range check but not jsonb's: refused, not a 500.
+        // Numbers jsonb would write out in thousands of digits.
         (
-            Update::StateJson(r#"{"n": 1e999999}"#.into()),
+            Update::StateJson(r#"{"n": 1e-16383}"#.into()),
             "state_json",
             "INVALID_STATE_JSON",
+        ),
+        (
+            Update::MergePatchJson(r#"{"n": [0e-16383]}"#.into()),
+            "merge_patch_json",
+            "INVALID_STATE_JSON",
+        ),
+        // 161 bytes as sent, 220 as stored: jsonb's text adds a space after
+        // each colon and comma.
+        (
+            Update::StateJson(format!(
+                "{{{}}}",
+                (0..21)
+                    .map(|i| format!("\"k{i:02}\":1"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
+            "state_json",
+            "STATE_TOO_LARGE",
         ),
     ];
     for (change, field, expected_reason) in cases {
