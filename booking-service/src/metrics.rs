@@ -90,7 +90,7 @@ impl BookingMetrics {
         };
         registry.register(
             "jobs",
-            "Follow-up jobs by queue and state (pending, scheduled, running, done, failed, killed)",
+            "Follow-up jobs by queue and state (pending, scheduled, running, failed, killed); finished (done) jobs are history and not counted",
             metrics.jobs.clone(),
         );
         registry.register(

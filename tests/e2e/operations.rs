@@ -28,15 +28,24 @@ async fn booking_metrics_show_rpcs_queues_jobs_and_follow_ups() {
         .await;
     let admin = stack.booking_admin.expect("admin port");
 
-    // Gauges are refreshed every 200 ms in tests: wait for the done jobs.
+    // Gauges are refreshed every 200 ms in tests: wait until the finished
+    // delivery left the gauges (finished jobs are history, not counted).
     let body = wait_for("job gauges", WITHIN, || async {
         let (_, body) = http_get(admin, "/metrics").await;
-        let done = sample(
+        let delivered = sample(
             &body,
-            "maitre_jobs",
-            &[("queue", "maitre.followup.deliver"), ("state", "done")],
+            "maitre_job_runs_total",
+            &[("queue", "maitre.followup.deliver"), ("outcome", "ok")],
         );
-        (done == Some(1.0)).then_some(body)
+        let live = ["pending", "scheduled", "running"].iter().any(|state| {
+            sample(
+                &body,
+                "maitre_jobs",
+                &[("queue", "maitre.followup.deliver"), ("state", state)],
+            )
+            .is_some_and(|n| n > 0.0)
+        });
+        (delivered == Some(1.0) && !live).then_some(body)
     })
     .await;
 
@@ -53,14 +62,13 @@ async fn booking_metrics_show_rpcs_queues_jobs_and_follow_ups() {
         sample(&body, "maitre_rpc_duration_seconds_count", &create),
         Some(1.0)
     );
-    assert_eq!(
-        sample(
-            &body,
-            "maitre_jobs",
-            &[("queue", "maitre.followup.plan"), ("state", "done")]
-        ),
-        Some(1.0)
-    );
+    for queue in ["maitre.followup.plan", "maitre.followup.deliver"] {
+        assert_eq!(
+            sample(&body, "maitre_jobs", &[("queue", queue), ("state", "done")]),
+            None,
+            "finished jobs are not counted: {body}"
+        );
+    }
     assert_eq!(
         sample(
             &body,

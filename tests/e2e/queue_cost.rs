@@ -1,7 +1,8 @@
-//! Issue 12: the queue's fetch and acknowledgement cost what the work at
-//! hand costs, whatever the retained history holds. These are the patched
-//! apalis-postgres statements (patches/apalis-postgres/PATCHES.md), planned
-//! the way the driver runs them: as generic plans of prepared statements.
+//! Issue 12: the queue's fetch and acknowledgement, and the depth gauge,
+//! cost what the work at hand costs, whatever the retained history holds.
+//! Fetch and ack are the patched apalis-postgres statements
+//! (patches/apalis-postgres/PATCHES.md); all are planned the way the driver
+//! runs them: as generic plans of prepared statements.
 
 // The statements below are built from the test's own constants only.
 use sqlx::{AssertSqlSafe, PgConnection, Row};
@@ -149,6 +150,42 @@ async fn fetch_and_ack_read_only_the_jobs_at_hand_whatever_the_history() {
         );
         assert!(largest_scan(&fetch) <= 16, "analyzed={analyzed}: {fetch}");
     }
+    drop(conn);
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_queue_depth_gauge_reads_the_live_jobs_not_the_history() {
+    let stack = spawn_stack_with(|s| s.disable_workers = true).await;
+    let mut conn = stack.db.acquire().await.expect("connection");
+    fill(&mut conn).await;
+    sqlx::query("ANALYZE apalis.jobs")
+        .execute(&mut *conn)
+        .await
+        .expect("analyze");
+    let depth = analyzed_plan(
+        &mut conn,
+        booking_service::store::jobs::DEPTH,
+        "text[]",
+        &format!("ARRAY['{QUEUE}']"),
+    )
+    .await;
+    assert!(depth.contains("maitre_jobs_type_status_idx"), "{depth}");
+    // 8 held and 100 waiting, never the 40,000 finished ones.
+    assert!(largest_scan(&depth) <= 108, "{depth}");
+    let counts = booking_service::store::jobs::depth(&stack.db)
+        .await
+        .expect("depth");
+    let count = |state: &str| {
+        counts
+            .iter()
+            .find(|(queue, s, _)| queue == QUEUE && s == state)
+            .map(|(_, _, n)| *n)
+    };
+    assert_eq!(
+        (count("Queued"), count("Pending"), count("Done")),
+        (Some(8), Some(100), None)
+    );
     drop(conn);
     stack.shutdown().await;
 }
