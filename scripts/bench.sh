@@ -14,7 +14,8 @@
 #     (skip with BENCH_NO_BUILD=1).
 #  3. target/release/maitre-bench "$@": starts both services from
 #     target/release as child processes, runs the scenarios (store-message,
-#     create-booking, journey, follow-ups) at 1, 4, 16 and 64 clients, each
+#     create-booking, journey, get-context-10/-1k/-100k, follow-ups) at 1, 4,
+#     16 and 64 clients, each
 #     beside pgbench running the same SQL, and writes target/bench/
 #     {results.json,chart.svg,report.txt} (--record: also bench/results/).
 #

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Result, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use crate::scenarios::Scenario;
 
@@ -16,18 +16,16 @@ use crate::scenarios::Scenario;
 #[command(name = "maitre-bench", version)]
 pub struct Cli {
     /// A short run for smoke tests (under a minute): clients 1,16, 0.5 s
-    /// warm-up + 1.5 s per run, 200 follow-ups, 20 plan-start samples.
+    /// warm-up + 1.5 s per run, 200 follow-ups, 20 plan-start samples,
+    /// GetContext on the 100,000-message conversation only.
     #[arg(long)]
     pub quick: bool,
 
-    /// Scenarios to run, comma-separated.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "store-message,create-booking,journey,follow-ups"
-    )]
-    pub scenarios: Vec<Scenario>,
+    /// Scenarios to run, comma-separated [default: all of them; quick: all
+    /// but get-context-10 and get-context-1k, which differ from
+    /// get-context-100k only by the conversation's length].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub scenarios: Option<Vec<Scenario>>,
 
     /// Client counts of the concurrency sweep [default: 1,4,16,64; quick: 1,16].
     #[arg(long, value_delimiter = ',')]
@@ -144,7 +142,15 @@ impl Cli {
         if duration.is_zero() {
             bail!("--duration must be more than zero");
         }
-        let mut scenarios = self.scenarios;
+        let mut scenarios = self.scenarios.unwrap_or_else(|| {
+            Scenario::value_variants()
+                .iter()
+                .copied()
+                .filter(|s| {
+                    !(quick && matches!(s, Scenario::GetContext10 | Scenario::GetContext1k))
+                })
+                .collect()
+        });
         scenarios.sort();
         scenarios.dedup();
         let bin_dir = self.bin_dir.unwrap_or_else(|| {
@@ -189,16 +195,42 @@ mod tests {
         let full = Cli::parse_from(["maitre-bench"]).plan().unwrap();
         assert_eq!(full.clients, [1, 4, 16, 64]);
         assert_eq!(full.duration, Duration::from_secs(10));
-        assert_eq!(full.scenarios.len(), 4);
+        assert_eq!(full.scenarios.len(), 7);
         let quick = Cli::parse_from(["maitre-bench", "--quick", "--clients", "2,8"])
             .plan()
             .unwrap();
         assert_eq!(quick.clients, [2, 8]);
+        assert_eq!(
+            quick.scenarios,
+            [
+                Scenario::StoreMessage,
+                Scenario::CreateBooking,
+                Scenario::Journey,
+                Scenario::GetContext100k,
+                Scenario::FollowUps
+            ]
+        );
         assert_eq!(quick.warmup, Duration::from_millis(500));
         let some = Cli::parse_from(["maitre-bench", "--scenarios", "journey,store-message"])
             .plan()
             .unwrap();
         assert_eq!(some.scenarios, [Scenario::StoreMessage, Scenario::Journey]);
+        let lengths = Cli::parse_from([
+            "maitre-bench",
+            "--quick",
+            "--scenarios",
+            "get-context-100k,get-context-10,get-context-1k",
+        ])
+        .plan()
+        .unwrap();
+        assert_eq!(
+            lengths.scenarios,
+            [
+                Scenario::GetContext10,
+                Scenario::GetContext1k,
+                Scenario::GetContext100k
+            ]
+        );
         assert!(
             Cli::parse_from(["maitre-bench", "--clients", "0"])
                 .plan()

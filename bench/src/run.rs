@@ -19,7 +19,7 @@ use crate::{
     },
     resources::{self, CpuUse, Probe},
     scenarios::{
-        Client, Endpoints, Scenario, create_booking::BookClient, follow_ups,
+        Client, Endpoints, Scenario, create_booking::BookClient, follow_ups, get_context,
         journey::JourneyClient, store_message::StoreClient,
     },
     services::{Launch, Stack},
@@ -227,10 +227,21 @@ impl Bench<'_> {
             floor_scripts.push(match scenario {
                 Scenario::StoreMessage => scripts::store_message_script()?,
                 Scenario::CreateBooking => scripts::create_booking_script()?,
-                _ => scripts::journey_script()?,
+                Scenario::Journey => scripts::journey_script()?,
+                s => {
+                    let length = s.context_length().context("not a closed-loop scenario")?;
+                    scripts::get_context_script(get_context::conversation_id(length))?
+                }
             });
         }
         for (&scenario, script) in closed_loop.iter().zip(floor_scripts) {
+            if let Some(length) = scenario.context_length() {
+                let seconds = get_context::set_up(&self.pool, length).await?;
+                eprintln!(
+                    "maitre-bench: {}: conversation of {length} messages made in {seconds:.1} s",
+                    scenario.name()
+                );
+            }
             let mut points = Vec::new();
             for &clients in &self.plan.clients {
                 points.push(self.point(scenario, clients, &script).await?);
@@ -317,7 +328,11 @@ impl Bench<'_> {
             Ok::<_, anyhow::Error>(match scenario {
                 Scenario::StoreMessage => Client::Store(StoreClient::new(e, run, i).await?),
                 Scenario::CreateBooking => Client::Book(BookClient::new(e, run, i).await?),
-                _ => Client::Journey(JourneyClient::new(e, run, i).await?),
+                Scenario::Journey => Client::Journey(JourneyClient::new(e, run, i).await?),
+                s => {
+                    let length = s.context_length().context("not a closed-loop scenario")?;
+                    Client::Context(get_context::ContextClient::new(e, length).await?)
+                }
             })
         }))
         .await?;
@@ -413,7 +428,8 @@ impl Bench<'_> {
         duration: Duration,
     ) -> Result<(Sample, CpuUse)> {
         let run = self.take_run();
-        if name != "single-write" && name != "store-message" {
+        // Only the booking scripts book seats.
+        if matches!(name, "create-booking" | "journey") {
             db::floor_slots(&self.pool, run, clients).await?;
         }
         let room = db::wait_for_connections(&self.pool, clients, Duration::from_secs(60)).await?;

@@ -6,6 +6,8 @@
 //! - create-booking: the `CREATE` statement, which also enqueues the plan
 //!   job, autocommit;
 //! - journey: three store-messages, then the create-booking transaction;
+//! - get-context-*: the one `GET_CONTEXT` statement on the scenario's
+//!   conversation, with the request's budgets (read only);
 //! - single-write: one durable single-row INSERT, the reference line.
 //!
 //! Ids are UUIDv7 like the services' (time-ordered B-tree inserts), made by
@@ -20,8 +22,13 @@ use booking_service::{
     store::{bookings::CREATE, jobs::APALIS_MAX_ATTEMPTS},
 };
 use memory_service::{
-    domain::emotion::{OVERFLOW_LABEL, TREND_WINDOW},
-    store::messages::STORE_MESSAGE,
+    domain::{
+        Limits, Role,
+        emotion::{OVERFLOW_LABEL, TREND_WINDOW},
+        state::DEFAULT_CONTEXT_MESSAGES,
+    },
+    startup::MAX_RESPONSE_BYTES,
+    store::{context::GET_CONTEXT, messages::STORE_MESSAGE},
 };
 use uuid::Uuid;
 
@@ -39,6 +46,10 @@ pub const CURRENCY: &str = "EUR";
 pub const DEPOSIT_MINOR: i64 = 2500;
 /// A W3C traceparent of the usual size, for the plan job's payload.
 const TRACE_PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+/// GetContext's token budget: 40 messages of [`CONTENT`] (25 tokens each
+/// by the service's estimate), so the token budget, not the 100-message
+/// default, ends the window.
+pub const CONTEXT_TOKEN_BUDGET: i32 = 1_000;
 /// Seats per slot (the API's maximum).
 pub const SLOT_CAPACITY: i64 = 10_000;
 /// Slots created per pgbench client: room for 200,000 bookings each.
@@ -262,6 +273,28 @@ pub fn journey_script() -> Result<String> {
     Ok(script)
 }
 
+/// `GET_CONTEXT` as GetContext runs it for `conversation` with a budget of
+/// [`CONTEXT_TOKEN_BUDGET`] tokens and `max_messages` 0 (the default), bound
+/// as `store::context::get` binds it (the byte budget from the default
+/// limits and the response limit).
+pub fn get_context_statement(conversation: Uuid) -> Result<String> {
+    let byte_budget = Limits::default().context_message_bytes(MAX_RESPONSE_BYTES);
+    let args = [
+        format!("{}::uuid", literal(&conversation.to_string())),
+        format!("{CONTEXT_TOKEN_BUDGET}::int8"),
+        format!("{DEFAULT_CONTEXT_MESSAGES}::int4"),
+        format!("{byte_budget}::int8"),
+        format!("{}::int2", Role::Assistant.as_i16()),
+        format!("{}::int2", Role::Tool.as_i16()),
+    ];
+    bind(GET_CONTEXT, &args).context("binding GET_CONTEXT")
+}
+
+/// One GetContext per transaction, every client on the same conversation.
+pub fn get_context_script(conversation: Uuid) -> Result<String> {
+    Ok(format!("{};\n", get_context_statement(conversation)?))
+}
+
 /// The reference: one durable single-row INSERT per transaction.
 pub fn single_write_script() -> String {
     format!(
@@ -282,6 +315,7 @@ mod tests {
             store_message_script().unwrap(),
             create_booking_script().unwrap(),
             journey_script().unwrap(),
+            get_context_script(Uuid::nil()).unwrap(),
             single_write_script(),
         ] {
             assert_eq!(crate::sql::placeholders(&script), 0, "{script}");
@@ -301,6 +335,17 @@ mod tests {
         }
         assert!(script.contains("'{\"booking_id\":\"' || bench.uuid7("));
         assert!(script.contains(FLOOR_QUEUE));
+    }
+
+    #[test]
+    fn get_context_is_one_statement_with_the_requests_budgets() {
+        let id = Uuid::now_v7();
+        let script = get_context_script(id).unwrap();
+        assert_eq!(script.matches(';').count(), 1, "{script}");
+        assert!(script.contains(&format!("('{id}'::uuid)")));
+        assert!(script.contains("(1000::int8)") && script.contains("(100::int4)"));
+        // pgbench reads `:name` as a variable: only `::` casts may appear.
+        assert!(!script.replace("::", "").contains(':'), "{script}");
     }
 
     #[test]

@@ -287,6 +287,7 @@ pub fn targets(results: &Results) -> Vec<Target> {
             ));
         }
     }
+    out.extend(context_targets(results));
     let follow_ups = results.follow_ups.as_ref();
     out.push(target(
         "follow-ups planned and delivered per second".into(),
@@ -336,6 +337,60 @@ pub fn targets(results: &Results) -> Vec<Target> {
             " MiB",
             |v| v < 64.0,
         ));
+    }
+    out
+}
+
+/// GetContext against its floor at each conversation length, and the
+/// cost against the conversation's length: 100,000 messages vs 1,000, both
+/// answering the same 40-message window (the 10-message conversation
+/// answers only 10, a smaller window, so it is no measure of growth).
+fn context_targets(results: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    let scenario = |name: &str| results.scenarios.iter().find(|s| s.name == name);
+    let point =
+        |name: &str, clients: usize| scenario(name)?.points.iter().find(|p| p.clients == clients);
+    for name in ["get-context-10", "get-context-1k", "get-context-100k"] {
+        if scenario(name).is_none() {
+            continue;
+        }
+        out.push(target(
+            format!("{name}, 1 client: median vs floor"),
+            "<= 1.3x",
+            point(name, 1).and_then(|p| p.ratio).map(|r| r.p50),
+            "x",
+            |v| v <= 1.3,
+        ));
+        for clients in [16, 64] {
+            out.push(target(
+                format!("{name}, {clients} clients: throughput vs floor"),
+                ">= 0.8x",
+                point(name, clients)
+                    .and_then(|p| p.ratio)
+                    .map(|r| r.throughput),
+                "x",
+                |v| v >= 0.8,
+            ));
+        }
+    }
+    let (long, short) = ("get-context-100k", "get-context-1k");
+    if scenario(long).is_some() && scenario(short).is_some() {
+        let p50 = |name: &str, floor: bool| {
+            let p = point(name, 1)?;
+            let m = if floor { p.floor.as_ref()? } else { &p.service };
+            Some(m.latency.p50_ms).filter(|&v| v > 0.0)
+        };
+        for (side, floor) in [("floor (pgbench)", true), ("service", false)] {
+            out.push(target(
+                format!("get-context, 1 client, {side}: median at 100,000 messages vs 1,000"),
+                "<= 1.2x",
+                p50(long, floor)
+                    .zip(p50(short, floor))
+                    .map(|(long, short)| long / short),
+                "x",
+                |v| v <= 1.2,
+            ));
+        }
     }
     out
 }

@@ -85,14 +85,20 @@ pub fn results() -> Results {
             rounds: 1,
             service_settings: vec![],
         },
-        scenarios: ["store-message", "create-booking"]
-            .iter()
-            .map(|name| ScenarioResult {
-                name: (*name).into(),
-                unit: "call".into(),
-                points: clients.iter().map(|&c| point(c)).collect(),
-            })
-            .collect(),
+        scenarios: [
+            "store-message",
+            "create-booking",
+            "get-context-10",
+            "get-context-1k",
+            "get-context-100k",
+        ]
+        .iter()
+        .map(|name| ScenarioResult {
+            name: (*name).into(),
+            unit: "call".into(),
+            points: clients.iter().map(|&c| point(c)).collect(),
+        })
+        .collect(),
         single_write: clients
             .iter()
             .map(|&c| FloorPoint {
@@ -141,6 +147,51 @@ fn targets_are_judged_from_the_ratios() {
         .met,
         Some(false)
     );
+}
+
+#[test]
+fn get_context_targets_per_length_and_against_length() {
+    let mut r = results();
+    // The 100,000-message floor slower at one client than the 1,000's:
+    // p50 2.5 ms vs 1.5 ms.
+    let slow = measurement(250, 2);
+    let one = r
+        .scenarios
+        .iter_mut()
+        .find(|s| s.name == "get-context-100k")
+        .and_then(|s| s.points.iter_mut().find(|p| p.clients == 1))
+        .unwrap();
+    one.ratio = Ratio::of(&one.service, &slow);
+    one.floor = Some(slow);
+    r.targets = targets(&r);
+    let find = |name: &str| r.targets.iter().find(|t| t.name == name).unwrap();
+    for length in ["10", "1k", "100k"] {
+        // 1 client: service p50 1.5 ms vs floor 1.5 ms (100k: vs 2.5 ms).
+        let median = find(&format!("get-context-{length}, 1 client: median vs floor"));
+        assert_eq!((median.met, median.goal.as_str()), (Some(true), "<= 1.3x"));
+        // 8000/s vs 11200/s = 0.71.
+        let sixteen = find(&format!(
+            "get-context-{length}, 16 clients: throughput vs floor"
+        ));
+        assert_eq!(
+            (sixteen.met, sixteen.measured.as_str()),
+            (Some(false), "0.71x")
+        );
+        assert!(
+            r.targets
+                .iter()
+                .any(|t| t.name == format!("get-context-{length}, 64 clients: throughput vs floor"))
+        );
+    }
+    let floor = find("get-context, 1 client, floor (pgbench): median at 100,000 messages vs 1,000");
+    assert_eq!((floor.met, floor.measured.as_str()), (Some(false), "1.67x"));
+    let service = find("get-context, 1 client, service: median at 100,000 messages vs 1,000");
+    assert_eq!(service.met, Some(true));
+    // No line for a length that did not run.
+    r.scenarios.retain(|s| s.name != "get-context-1k");
+    let without = targets(&r);
+    assert!(!without.iter().any(|t| t.name.starts_with("get-context,")));
+    assert!(!without.iter().any(|t| t.name.starts_with("get-context-1k")));
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 pub mod create_booking;
 pub mod follow_ups;
+pub mod get_context;
 pub mod journey;
 pub mod store_message;
 
@@ -34,6 +35,18 @@ pub enum Scenario {
     CreateBooking,
     /// Three StoreMessage calls (user, assistant, user) then CreateBooking.
     Journey,
+    /// GetContext with a 1,000-token budget on a conversation of 10 messages.
+    #[value(name = "get-context-10")]
+    #[serde(rename = "get-context-10")]
+    GetContext10,
+    /// The same on a conversation of 1,000 messages.
+    #[value(name = "get-context-1k")]
+    #[serde(rename = "get-context-1k")]
+    GetContext1k,
+    /// The same on a conversation of 100,000 messages.
+    #[value(name = "get-context-100k")]
+    #[serde(rename = "get-context-100k")]
+    GetContext100k,
     /// N bookings coming due at once: time to plan and deliver every follow-up.
     FollowUps,
 }
@@ -44,7 +57,20 @@ impl Scenario {
             Scenario::StoreMessage => "store-message",
             Scenario::CreateBooking => "create-booking",
             Scenario::Journey => "journey",
+            Scenario::GetContext10 => "get-context-10",
+            Scenario::GetContext1k => "get-context-1k",
+            Scenario::GetContext100k => "get-context-100k",
             Scenario::FollowUps => "follow-ups",
+        }
+    }
+
+    /// The GetContext scenarios: the length of the conversation they read.
+    pub fn context_length(self) -> Option<i64> {
+        match self {
+            Scenario::GetContext10 => Some(10),
+            Scenario::GetContext1k => Some(1_000),
+            Scenario::GetContext100k => Some(100_000),
+            _ => None,
         }
     }
 
@@ -60,9 +86,12 @@ impl Scenario {
     /// operation last (it counts the operations in pg_stat_statements).
     pub fn own_statements(self) -> Vec<&'static str> {
         use booking_service::store::bookings::CREATE;
-        use memory_service::store::messages::STORE_MESSAGE;
+        use memory_service::store::{context::GET_CONTEXT, messages::STORE_MESSAGE};
         match self {
             Scenario::StoreMessage => vec![STORE_MESSAGE],
+            Scenario::GetContext10 | Scenario::GetContext1k | Scenario::GetContext100k => {
+                vec![GET_CONTEXT]
+            }
             Scenario::CreateBooking | Scenario::FollowUps => vec![CREATE],
             Scenario::Journey => vec![STORE_MESSAGE, CREATE],
         }
@@ -74,13 +103,14 @@ pub enum Client {
     Store(store_message::StoreClient),
     Book(create_booking::BookClient),
     Journey(journey::JourneyClient),
+    Context(get_context::ContextClient),
 }
 
 impl Client {
     /// Unmeasured upkeep before an operation.
     pub async fn prepare(&mut self) -> Result<(), Status> {
         match self {
-            Client::Store(_) => Ok(()),
+            Client::Store(_) | Client::Context(_) => Ok(()),
             Client::Book(c) => c.prepare().await,
             Client::Journey(c) => c.prepare().await,
         }
@@ -92,6 +122,7 @@ impl Client {
             Client::Store(c) => c.op().await,
             Client::Book(c) => c.op().await,
             Client::Journey(c) => c.op().await,
+            Client::Context(c) => c.op().await,
         }
     }
 }

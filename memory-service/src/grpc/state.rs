@@ -91,25 +91,17 @@ impl MemoryApi {
     ) -> Result<pb::GetContextResponse, Error> {
         let query = ContextQuery::parse(request, &self.limits)?;
         let byte_budget = self.limits.context_message_bytes(MAX_RESPONSE_BYTES);
-        let rows = store::context::get(&self.pool, &query, byte_budget).await?;
-        let Some(first) = rows.first() else {
-            return Err(Error::ConversationNotFound(query.conversation_id));
-        };
+        let mut row = store::context::get(&self.pool, &query, byte_budget)
+            .await?
+            .ok_or(Error::ConversationNotFound(query.conversation_id))?;
+        let messages: Vec<pb::Message> = row.messages().into_iter().map(convert::message).collect();
         let state = convert::state(
             query.conversation_id,
-            first.state_version,
-            first.state_json.clone(),
-            first.state_updated_at,
+            row.state_version,
+            row.state_json,
+            row.state_updated_at,
         );
-        let conversation = first.conversation.clone();
-        let mut messages = Vec::with_capacity(rows.len());
-        let mut token_count = 0;
-        for mut row in rows {
-            if let Some((message, tokens)) = row.message() {
-                token_count += tokens;
-                messages.push(convert::message(message));
-            }
-        }
+        let conversation = row.conversation;
         let oldest = messages
             .first()
             .map_or(conversation.message_count + 1, |m| m.sequence);
@@ -117,7 +109,7 @@ impl MemoryApi {
             truncated: oldest > 1,
             conversation: Some(convert::conversation(conversation)),
             messages,
-            token_count,
+            token_count: row.m_token_count,
             state: Some(state),
         })
     }

@@ -22,9 +22,9 @@ use crate::domain::{Role, state::ContextQuery};
 /// for it); `chosen` also drops tool results at the
 /// window's start, whose tool call lies outside it.
 ///
-/// Every row carries the conversation and its state; with an empty window
-/// there is one row without a message, and none for an unknown or erased
-/// conversation.
+/// One row: the conversation, its state, and the window as one array per
+/// column, oldest first (NULL when empty), so nothing is sent or decoded
+/// twice; no row for an unknown or erased conversation.
 pub const GET_CONTEXT: &str = r#"
 WITH RECURSIVE conv AS (
     SELECT id, seq, user_id, channel, created_at, last_message_at, closed_at,
@@ -73,16 +73,25 @@ SELECT conv.id, conv.seq, conv.user_id, conv.channel, conv.created_at, conv.last
        conv.closed_at, conv.message_count, conv.scored_count, conv.score_sum, conv.label_counts,
        conv.recent_scores, conv.last_score,
        s.version AS state_version, s.state::text AS state_json, s.updated_at AS state_updated_at,
-       c.seq AS m_seq, c.id AS m_id, c.role AS m_role, c.content AS m_content,
-       c.emotion_score AS m_emotion_score, c.emotion_label AS m_emotion_label,
-       c.emotion_scores AS m_emotion_scores, c.metadata AS m_metadata,
-       c.input_tokens AS m_input_tokens, c.output_tokens AS m_output_tokens,
-       c.tool_calls AS m_tool_calls, c.tool_results AS m_tool_results,
-       c.request_id AS m_request_id, c.created_at AS m_created_at, c.tokens AS m_tokens
+       w.*
 FROM conv
 LEFT JOIN memory.conversation_states s ON s.conversation_id = conv.id
-LEFT JOIN chosen c ON true
-ORDER BY c.seq
+CROSS JOIN (
+    SELECT array_agg(seq ORDER BY seq) AS m_seq, array_agg(id ORDER BY seq) AS m_id,
+           array_agg(role ORDER BY seq) AS m_role, array_agg(content ORDER BY seq) AS m_content,
+           array_agg(emotion_score ORDER BY seq) AS m_emotion_score,
+           array_agg(emotion_label ORDER BY seq) AS m_emotion_label,
+           array_agg(emotion_scores::text ORDER BY seq) AS m_emotion_scores,
+           array_agg(metadata::text ORDER BY seq) AS m_metadata,
+           array_agg(input_tokens ORDER BY seq) AS m_input_tokens,
+           array_agg(output_tokens ORDER BY seq) AS m_output_tokens,
+           array_agg(tool_calls::text ORDER BY seq) AS m_tool_calls,
+           array_agg(tool_results::text ORDER BY seq) AS m_tool_results,
+           array_agg(request_id ORDER BY seq) AS m_request_id,
+           array_agg(created_at ORDER BY seq) AS m_created_at,
+           COALESCE(sum(tokens), 0)::bigint AS m_token_count
+    FROM chosen
+) w
 "#;
 
 #[tracing::instrument(skip(pool))]
@@ -90,7 +99,7 @@ pub async fn get(
     pool: &PgPool,
     query: &ContextQuery,
     byte_budget: usize,
-) -> Result<Vec<ContextRow>, sqlx::Error> {
+) -> Result<Option<ContextRow>, sqlx::Error> {
     sqlx::query_as::<_, ContextRow>(GET_CONTEXT)
         .bind(query.conversation_id)
         .bind(i64::from(query.token_budget))
@@ -98,6 +107,6 @@ pub async fn get(
         .bind(i64::try_from(byte_budget).unwrap_or(i64::MAX))
         .bind(Role::Assistant.as_i16())
         .bind(Role::Tool.as_i16())
-        .fetch_all(pool)
+        .fetch_optional(pool)
         .await
 }

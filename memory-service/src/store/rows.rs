@@ -67,8 +67,8 @@ pub struct StateRow {
     pub updated_at: Option<DateTime<Utc>>,
 }
 
-/// One row of GetContext's answer: the conversation and its state on every
-/// row, and one message of the window (none when the window is empty).
+/// GetContext's answer: the conversation, its state, and the window's
+/// messages as one array per column, oldest first (None: an empty window).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ContextRow {
     #[sqlx(flatten)]
@@ -76,52 +76,73 @@ pub struct ContextRow {
     pub state_version: Option<i64>,
     pub state_json: Option<String>,
     pub state_updated_at: Option<DateTime<Utc>>,
-    pub m_seq: Option<i64>,
-    pub m_id: Option<Uuid>,
-    pub m_role: Option<i16>,
-    pub m_content: Option<String>,
-    pub m_emotion_score: Option<f64>,
-    pub m_emotion_label: Option<String>,
-    pub m_emotion_scores: Option<Json<BTreeMap<String, f64>>>,
-    pub m_metadata: Option<Json<BTreeMap<String, String>>>,
-    pub m_input_tokens: Option<i32>,
-    pub m_output_tokens: Option<i32>,
-    pub m_tool_calls: Option<Json<Vec<ToolCall>>>,
-    pub m_tool_results: Option<Json<Vec<ToolResult>>>,
-    pub m_request_id: Option<String>,
-    pub m_created_at: Option<DateTime<Utc>>,
-    /// The message's tokens as the budget counted them.
-    pub m_tokens: Option<i64>,
+    pub m_seq: Option<Vec<i64>>,
+    pub m_id: Option<Vec<Uuid>>,
+    pub m_role: Option<Vec<i16>>,
+    pub m_content: Option<Vec<String>>,
+    pub m_emotion_score: Option<Vec<Option<f64>>>,
+    pub m_emotion_label: Option<Vec<Option<String>>>,
+    /// JSON text, parsed here: one column, not one per message.
+    pub m_emotion_scores: Option<Vec<Option<String>>>,
+    pub m_metadata: Option<Vec<String>>,
+    pub m_input_tokens: Option<Vec<Option<i32>>>,
+    pub m_output_tokens: Option<Vec<Option<i32>>>,
+    pub m_tool_calls: Option<Vec<Option<String>>>,
+    pub m_tool_results: Option<Vec<Option<String>>>,
+    pub m_request_id: Option<Vec<Option<String>>>,
+    pub m_created_at: Option<Vec<DateTime<Utc>>>,
+    /// The window's tokens as the budget counted them.
+    pub m_token_count: i64,
 }
 
 impl ContextRow {
-    /// The row's message, if the window holds one, with its tokens.
-    pub fn message(&mut self) -> Option<(MessageRow, i64)> {
-        let (seq, id, role, content, metadata, created_at) = (
-            self.m_seq?,
-            self.m_id?,
-            self.m_role?,
-            self.m_content.take()?,
-            self.m_metadata.take()?,
-            self.m_created_at?,
-        );
-        let message = MessageRow {
-            conversation_id: self.conversation.id,
-            seq,
-            id,
-            role,
-            content,
-            emotion_score: self.m_emotion_score,
-            emotion_label: self.m_emotion_label.take(),
-            emotion_scores: self.m_emotion_scores.take(),
-            metadata,
-            input_tokens: self.m_input_tokens,
-            output_tokens: self.m_output_tokens,
-            tool_calls: self.m_tool_calls.take(),
-            tool_results: self.m_tool_results.take(),
-            request_id: self.m_request_id.take(),
-            created_at,
-        };
-        Some((message, self.m_tokens.unwrap_or_default()))
+    /// The window's messages, oldest first. A JSON column that does not
+    /// parse (never written so by this service) reads as absent.
+    pub fn messages(&mut self) -> Vec<MessageRow> {
+        fn json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Option<Json<T>> {
+            text.and_then(|t| serde_json::from_str(&t).ok()).map(Json)
+        }
+        fn column<T>(values: &mut Option<Vec<T>>) -> std::vec::IntoIter<T> {
+            values.take().unwrap_or_default().into_iter()
+        }
+        let mut ids = column(&mut self.m_id);
+        let mut roles = column(&mut self.m_role);
+        let mut contents = column(&mut self.m_content);
+        let mut scores = column(&mut self.m_emotion_score);
+        let mut labels = column(&mut self.m_emotion_label);
+        let mut per_emotion = column(&mut self.m_emotion_scores);
+        let mut metadata = column(&mut self.m_metadata);
+        let mut inputs = column(&mut self.m_input_tokens);
+        let mut outputs = column(&mut self.m_output_tokens);
+        let mut calls = column(&mut self.m_tool_calls);
+        let mut results = column(&mut self.m_tool_results);
+        let mut request_ids = column(&mut self.m_request_id);
+        let mut created = column(&mut self.m_created_at);
+        let mut messages = Vec::new();
+        for seq in column(&mut self.m_seq) {
+            let (Some(id), Some(role), Some(content), Some(created_at)) =
+                (ids.next(), roles.next(), contents.next(), created.next())
+            else {
+                break;
+            };
+            messages.push(MessageRow {
+                conversation_id: self.conversation.id,
+                seq,
+                id,
+                role,
+                content,
+                emotion_score: scores.next().flatten(),
+                emotion_label: labels.next().flatten(),
+                emotion_scores: json(per_emotion.next().flatten()),
+                metadata: json(metadata.next()).unwrap_or_default(),
+                input_tokens: inputs.next().flatten(),
+                output_tokens: outputs.next().flatten(),
+                tool_calls: json(calls.next().flatten()),
+                tool_results: json(results.next().flatten()),
+                request_id: request_ids.next().flatten(),
+                created_at,
+            });
+        }
+        messages
     }
 }
