@@ -199,3 +199,49 @@ async fn a_deliver_job_that_died_is_swept_up_and_delivered_once() {
     assert_eq!(stack.assistant_messages(&conversation).await.len(), 1);
     stack.shutdown().await;
 }
+
+#[tokio::test]
+async fn jobs_a_stopped_worker_fetched_but_never_started_go_back_to_the_queue() {
+    let stack = spawn_stack_with(|s| s.disable_workers = true).await;
+    // What a fetch cut by the stop leaves: rows Queued under the stopped
+    // worker's name; beside them a started one, another worker's and
+    // another queue's, which stay as they are.
+    // Built from the test's constants only.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO apalis.workers (id, worker_type, storage_name) VALUES \
+         ('stopped', '{PLAN_QUEUE}', 'PostgresStorage'), ('alive', '{PLAN_QUEUE}', 'PostgresStorage'); \
+         INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, lock_at, lock_by) VALUES \
+         ('fetched-1', '{PLAN_QUEUE}', '\\x7b7d'::bytea, 'Queued', 0, 3, now(), now(), 'stopped'), \
+         ('fetched-2', '{PLAN_QUEUE}', '\\x7b7d'::bytea, 'Queued', 0, 3, now(), now(), 'stopped'), \
+         ('started', '{PLAN_QUEUE}', '\\x7b7d'::bytea, 'Running', 1, 3, now(), now(), 'stopped'), \
+         ('other-worker', '{PLAN_QUEUE}', '\\x7b7d'::bytea, 'Queued', 0, 3, now(), now(), 'alive'), \
+         ('other-queue', 'maitre.followup.deliver', '\\x7b7d'::bytea, 'Queued', 0, 3, now(), now(), 'stopped')"
+    )))
+    .execute(&stack.db)
+    .await
+    .expect("jobs");
+    let released =
+        booking_service::store::jobs::release_unstarted(&stack.db, PLAN_QUEUE, "stopped")
+            .await
+            .expect("released");
+    assert_eq!(released, 2);
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT id, status, lock_by FROM apalis.jobs ORDER BY id")
+            .fetch_all(&stack.db)
+            .await
+            .expect("rows");
+    assert_eq!(
+        rows,
+        [
+            ("fetched-1".into(), "Pending".into(), None),
+            ("fetched-2".into(), "Pending".into(), None),
+            (
+                "other-queue".into(),
+                "Queued".into(),
+                Some("stopped".into())
+            ),
+            ("other-worker".into(), "Queued".into(), Some("alive".into())),
+            ("started".into(), "Running".into(), Some("stopped".into())),
+        ]
+    );
+}

@@ -4,7 +4,8 @@
 //! poison guard clears unreadable rows out of its way (`poison`), and it is
 //! restarted with a growing delay under a new name (apalis refuses a name
 //! still registered), until shutdown. On shutdown, running jobs finish; jobs
-//! fetched but not started go back to the queue.
+//! fetched but not started go back to the queue (apalis returns its buffer;
+//! `store::jobs::release_unstarted` those of a fetch cut by the stop).
 
 use std::{future::Future, time::Duration};
 
@@ -76,7 +77,7 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
             }
         }
     };
-    let plan_worker = supervise(PLAN_QUEUE, stop.clone(), plan_guard, {
+    let plan_worker = supervise(PLAN_QUEUE, ctx.pool.clone(), stop.clone(), plan_guard, {
         let (ctx, settings) = (ctx.clone(), settings.clone());
         move |name, signal| {
             let backend = PostgresStorage::<PlanFollowUp>::new(&ctx.pool)
@@ -90,20 +91,26 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
                 .run_until(signal)
         }
     });
-    let deliver_worker = supervise(DELIVER_QUEUE, stop.clone(), deliver_guard, {
-        let (ctx, settings) = (ctx.clone(), settings.clone());
-        move |name, signal| {
-            let backend = PostgresStorage::<DeliverFollowUp>::new(&ctx.pool)
-                .with_config(settings.config(DELIVER_QUEUE))
-                .poll_with_strategy(settings.strategy(&ctx, DELIVER_QUEUE));
-            WorkerBuilder::new(name)
-                .backend(backend)
-                .data(ctx.clone())
-                .concurrency(settings.concurrency)
-                .build(deliver::handle)
-                .run_until(signal)
-        }
-    });
+    let deliver_worker = supervise(
+        DELIVER_QUEUE,
+        ctx.pool.clone(),
+        stop.clone(),
+        deliver_guard,
+        {
+            let (ctx, settings) = (ctx.clone(), settings.clone());
+            move |name, signal| {
+                let backend = PostgresStorage::<DeliverFollowUp>::new(&ctx.pool)
+                    .with_config(settings.config(DELIVER_QUEUE))
+                    .poll_with_strategy(settings.strategy(&ctx, DELIVER_QUEUE));
+                WorkerBuilder::new(name)
+                    .backend(backend)
+                    .data(ctx.clone())
+                    .concurrency(settings.concurrency)
+                    .build(deliver::handle)
+                    .run_until(signal)
+            }
+        },
+    );
     let listening = ctx
         .wakeups
         .clone()
@@ -123,6 +130,7 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// clears unreadable rows from the queue before the restart.
 async fn supervise<F, Fut, E, G, GFut>(
     queue: &'static str,
+    pool: sqlx::PgPool,
     stop: watch::Receiver<bool>,
     guard: G,
     run_worker: F,
@@ -155,6 +163,15 @@ async fn supervise<F, Fut, E, G, GFut>(
         tracing::info!(worker = %name, "worker starting");
         let error = match tokio::spawn(run_worker(name.clone(), signal)).await {
             Ok(Ok(())) => {
+                match store::jobs::release_unstarted(&pool, queue, &name).await {
+                    Ok(0) => {}
+                    Ok(released) => {
+                        tracing::info!(worker = %name, released, "jobs fetched at the stop put back in the queue")
+                    }
+                    Err(error) => {
+                        tracing::warn!(worker = %name, %error, "could not put back the jobs fetched at the stop; the heartbeat timeout will")
+                    }
+                }
                 tracing::info!(worker = %name, "worker stopped");
                 return;
             }

@@ -224,6 +224,31 @@ pub async fn depth(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Er
         .await
 }
 
+/// Puts the jobs a stopped worker fetched but never started (`Queued`
+/// under its name) back in the queue. apalis returns its fetched buffer on
+/// a graceful stop, but a fetch still in flight when the stop comes is
+/// dropped after its statement locked the rows; without this they would
+/// wait for the worker's heartbeat to time out. Started jobs were drained.
+pub const RELEASE_UNSTARTED: &str = r#"
+UPDATE apalis.jobs
+SET status = 'Pending', lock_by = NULL, lock_at = NULL
+WHERE job_type = $1 AND lock_by = $2 AND status = 'Queued'
+"#;
+
+/// See [`RELEASE_UNSTARTED`]; returns how many.
+pub async fn release_unstarted(
+    pool: &PgPool,
+    queue: &str,
+    worker: &str,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(RELEASE_UNSTARTED)
+        .bind(queue)
+        .bind(worker)
+        .execute(pool)
+        .await?
+        .rows_affected())
+}
+
 /// Rows deleted per statement while pruning, so that a large backlog never
 /// holds long locks.
 const PRUNE_BATCH_SIZE: u64 = 1000;
