@@ -61,3 +61,14 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
                 WHEN m.role <> assistant_role AND m.input_tokens > 0 THEN m.input_tokens::bigint
                 ELSE 4 + (memory.message_bytes(m) + 3) / 4 END
 $fn$;
+
+-- What a message weighs in GetContext's answer, for its byte budget: its
+-- size above plus metadata, emotion and request id, and 200 bytes of ids,
+-- numbers and protobuf tags.
+CREATE FUNCTION memory.message_answer_bytes(m memory.messages) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT memory.message_bytes(m) + octet_length(m.metadata::text)
+           + COALESCE(octet_length(m.emotion_scores::text), 0)
+           + COALESCE(octet_length(m.emotion_label), 0)
+           + COALESCE(octet_length(m.request_id), 0) + 200
+$fn$;

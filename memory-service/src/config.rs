@@ -222,10 +222,9 @@ impl Settings {
              {MAX_RESPONSE_BYTES}-byte response limit",
             limits.largest_history_bytes()
         );
-        let smallest_context =
-            limits.largest_conversation_bytes() + limits.max_state_bytes + self.max_request_bytes();
+        let smallest_context = limits.smallest_context_bytes();
         ensure!(
-            smallest_context + 4 * ENVELOPE_BYTES <= MAX_RESPONSE_BYTES,
+            smallest_context <= MAX_RESPONSE_BYTES,
             "MEMORY_MAX_STATE_BYTES, MEMORY_MAX_CONTENT_BYTES and MEMORY_MAX_METADATA_BYTES admit \
              GetContext answers (a conversation, its state and its newest message) of up to {} \
              bytes, over the {MAX_RESPONSE_BYTES}-byte response limit",

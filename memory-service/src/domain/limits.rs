@@ -65,13 +65,19 @@ impl Limits {
     /// The newest message always goes in (like a listing page's first item),
     /// so room is kept for one more of the largest.
     pub fn context_message_bytes(&self, response_limit: usize) -> usize {
-        let room = response_limit.saturating_sub(
-            self.largest_conversation_bytes()
-                + self.max_state_bytes
-                + self.largest_request_bytes()
-                + 4 * 1024,
-        );
+        let room = response_limit.saturating_sub(self.smallest_context_bytes());
         self.max_page_bytes.min(room).max(1)
+    }
+
+    /// An upper bound on a GetContext answer before its byte budget: the
+    /// conversation, its state, the newest message (always sent) and 4 KiB
+    /// of framing. Start-up refuses limits that put it over the response
+    /// limit.
+    pub fn smallest_context_bytes(&self) -> usize {
+        self.largest_conversation_bytes()
+            + self.max_state_bytes
+            + self.largest_request_bytes()
+            + 4 * 1024
     }
 
     /// Largest gRPC request the decoder accepts: the content limit plus room

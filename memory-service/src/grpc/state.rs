@@ -40,21 +40,7 @@ impl MemoryApi {
         let update = StateUpdate::parse(request, &self.limits)?;
         let now = maitre_runtime::db::now();
         let max_bytes = self.limits.max_state_bytes;
-        let outcome = match store::state::write(&self.pool, &update, now, max_bytes).await {
-            Ok(outcome) => outcome,
-            // A value the request checks let through and jsonb still refused
-            // (SQLSTATE class 22, data exception): the caller's, not ours.
-            Err(sqlx::Error::Database(db))
-                if db.code().is_some_and(|code| code.starts_with("22")) =>
-            {
-                return Err(invalid_state(
-                    &update,
-                    "INVALID_STATE_JSON",
-                    db.message().to_owned(),
-                ));
-            }
-            Err(other) => return Err(other.into()),
-        };
+        let outcome = store::state::write(&self.pool, &update, now, max_bytes).await?;
         match outcome {
             WriteOutcome::Written {
                 version,

@@ -13,10 +13,9 @@ use crate::domain::{Role, state::ContextQuery};
 /// sequences are gapless) one primary-key probe at a time, adding up tokens
 /// and bytes, and stops after the first message that passes a budget or at
 /// `$3` messages: its cost follows the window, never the conversation's
-/// length. A message's tokens and bytes are the SQL functions
-/// `memory.message_tokens` and `memory.message_bytes` (the migration that
-/// adds conversation state), plus, for the byte budget, its metadata,
-/// emotion, request id and 200 bytes of ids, numbers and tags. `fits`
+/// length. A message's tokens and its weight in the answer are the SQL
+/// functions `memory.message_tokens` and `memory.message_answer_bytes` (the
+/// migration that adds conversation state). `fits`
 /// drops the message that passed a budget (the newest one stays whatever
 /// its bytes, like a listing page's first item: the byte budget leaves room
 /// for it); `chosen` also drops tool results at the
@@ -40,11 +39,7 @@ walk AS (
     FROM conv
     JOIN memory.messages m ON m.conversation_id = conv.id AND m.seq = conv.message_count
     CROSS JOIN LATERAL (
-        SELECT memory.message_tokens(m, $5) AS tokens,
-               memory.message_bytes(m) + octet_length(m.metadata::text)
-               + COALESCE(octet_length(m.emotion_scores::text), 0)
-               + COALESCE(octet_length(m.emotion_label), 0)
-               + COALESCE(octet_length(m.request_id), 0) + 200 AS bytes
+        SELECT memory.message_tokens(m, $5) AS tokens, memory.message_answer_bytes(m) AS bytes
     ) size
     UNION ALL
     SELECT m.seq, m.id, m.role, m.content, m.emotion_score, m.emotion_label, m.emotion_scores,
@@ -54,11 +49,7 @@ walk AS (
     FROM walk w
     JOIN memory.messages m ON m.conversation_id = $1 AND m.seq = w.seq - 1
     CROSS JOIN LATERAL (
-        SELECT memory.message_tokens(m, $5) AS tokens,
-               memory.message_bytes(m) + octet_length(m.metadata::text)
-               + COALESCE(octet_length(m.emotion_scores::text), 0)
-               + COALESCE(octet_length(m.emotion_label), 0)
-               + COALESCE(octet_length(m.request_id), 0) + 200 AS bytes
+        SELECT memory.message_tokens(m, $5) AS tokens, memory.message_answer_bytes(m) AS bytes
     ) size
     WHERE w.total_tokens <= $2 AND w.total_bytes <= $4 AND w.n < $3
 ),

@@ -41,13 +41,16 @@ WITH conv AS (
 current AS (
     SELECT version, state FROM memory.conversation_states WHERE conversation_id = $1
 ),
-next AS (
+merged AS (
     SELECT CASE WHEN $4 THEN memory.jsonb_merge_patch((SELECT state FROM current), $3::text::jsonb)
                 ELSE $3::text::jsonb END AS state
 ),
+next AS (
+    SELECT state, jsonb_typeof(state) AS json_type, octet_length(state::text) AS bytes FROM merged
+),
 checked AS (
     SELECT state FROM next
-    WHERE jsonb_typeof(state) = 'object' AND octet_length(state::text) <= $6
+    WHERE json_type = 'object' AND bytes <= $6
       AND COALESCE((SELECT version FROM current), 0) = $2
 ),
 created AS (
@@ -65,8 +68,8 @@ updated AS (
 )
 SELECT EXISTS (SELECT 1 FROM conv) AS found,
        COALESCE((SELECT version FROM current), 0) AS seen_version,
-       (SELECT jsonb_typeof(state) FROM next) AS new_type,
-       (SELECT octet_length(state::text) FROM next) AS new_bytes,
+       (SELECT json_type FROM next) AS new_type,
+       (SELECT bytes FROM next) AS new_bytes,
        COALESCE((SELECT version FROM created), (SELECT version FROM updated)) AS written_version,
        COALESCE((SELECT state_json FROM created), (SELECT state_json FROM updated)) AS written_json
 "#;
