@@ -245,7 +245,10 @@ async fn an_erased_customer_gets_no_follow_up_and_leaves_only_pseudonymised_acco
     assert_eq!(erased.follow_ups_cancelled, 1);
     assert_eq!(erased.follow_ups_cleared, 2);
     assert_eq!(erased.conversations_deleted, 1);
-    assert!(erased.messages_deleted >= 2, "{erased:?}");
+    // No count of messages here: the call counts only those it purged
+    // itself, and memory-service's background purger may take them between
+    // the tombstone and the call's own batches. That none is left is
+    // asserted below, through memory-service's API.
 
     // Past the due time, the deliver job has run and found it cancelled.
     wait_for("the deliver job to run", WITHIN, || async {
@@ -564,7 +567,10 @@ async fn a_delivered_follow_up_loses_its_text_and_its_message() {
         (erased.follow_ups_cancelled, erased.follow_ups_cleared),
         (0, 1)
     );
-    assert!(erased.messages_deleted >= 2, "{erased:?}");
+    // No count of messages here: the call counts only those it purged
+    // itself, and memory-service's background purger may take them between
+    // the tombstone and the call's own batches. That none is left is
+    // asserted below, through memory-service's API.
     let after = &stack.follow_ups(&booked.booking_id).await[0];
     assert_eq!(
         after.state,
