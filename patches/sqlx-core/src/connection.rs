@@ -165,6 +165,26 @@ pub trait Connection: Send {
     #[doc(hidden)]
     fn should_flush(&self) -> bool;
 
+    /// Whether the connection owes the server nothing: no buffered writes,
+    /// no responses still to read, no transaction open. The pool returns
+    /// such a connection without the round trip of a release ping (maitre's
+    /// patch, see `patches/sqlx-core/PATCHES.md`); `false`, the default,
+    /// keeps the ping.
+    #[doc(hidden)]
+    fn is_idle_and_drained(&self) -> bool {
+        false
+    }
+
+    /// Whether the server says this connection is inside a transaction
+    /// block (open or failed), whatever the client-side depth says. The pool
+    /// closes such a connection instead of handing it to the next caller
+    /// (maitre's patch, see `patches/sqlx-core/PATCHES.md`); `false`, the
+    /// default, keeps upstream's behaviour.
+    #[doc(hidden)]
+    fn is_in_transaction_block(&self) -> bool {
+        false
+    }
+
     /// Establish a new database connection.
     ///
     /// A value of [`Options`][Self::Options] is parsed from the provided connection string. This parsing

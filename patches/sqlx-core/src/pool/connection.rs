@@ -304,6 +304,15 @@ impl<DB: Database> Floating<DB, Live<DB>> {
             }
         }
 
+        // A connection whose last exchange ran to its ReadyForQuery, with
+        // nothing buffered and no transaction open, was just proven viable
+        // and has nothing to flush: the ping below would only cost a round
+        // trip (maitre's patch, see PATCHES.md).
+        if self.raw.is_idle_and_drained() {
+            self.release();
+            return true;
+        }
+
         // test the connection on-release to ensure it is still viable,
         // and flush anything time-sensitive like transaction rollbacks
         // if an Executor future/stream is dropped during an `.await` call, the connection
@@ -319,6 +328,14 @@ impl<DB: Database> Floating<DB, Live<DB>> {
 
             // Connection is broken, don't try to gracefully close.
             self.close_hard().await;
+            false
+        } else if self.raw.is_in_transaction_block() {
+            // Settled, yet still inside a transaction block no guard will
+            // end (a `begin` cancelled after its BEGIN went out, a raw
+            // "BEGIN"): the next caller's statements would run, and stay
+            // uncommitted, inside it (maitre's patch, see PATCHES.md).
+            tracing::warn!("connection returned inside a transaction block; closing it");
+            self.close().await;
             false
         } else {
             // if the connection is still viable, release it to the pool

@@ -243,6 +243,18 @@ impl Connection for PgConnection {
     fn should_flush(&self) -> bool {
         !self.inner.stream.write_buffer().is_empty()
     }
+
+    #[doc(hidden)]
+    fn is_in_transaction_block(&self) -> bool {
+        !matches!(self.inner.transaction_status, TransactionStatus::Idle)
+    }
+
+    #[doc(hidden)]
+    fn is_idle_and_drained(&self) -> bool {
+        self.inner.stream.write_buffer().is_empty()
+            && self.inner.pending_ready_for_query_count == 0
+            && matches!(self.inner.transaction_status, TransactionStatus::Idle)
+    }
 }
 
 // Implement `AsMut<Self>` so that `PgConnection` can be wrapped in
