@@ -7,6 +7,7 @@
 
 use std::{
     net::SocketAddr,
+    str::FromStr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -18,7 +19,7 @@ use maitre_runtime::{
     db::{PoolSettings, connect_lazy},
     testkit::{fresh_database, wait_for, with_host},
 };
-use sqlx::PgPool;
+use sqlx::{PgPool, postgres::PgConnectOptions};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -38,16 +39,13 @@ fn settings(url: &str, max_connections: u32) -> PoolSettings {
 }
 
 /// host:port of the PostgreSQL server in `url`.
-fn server_addr(url: &str) -> SocketAddr {
-    let rest = &url[url.find("://").map(|i| i + 3).unwrap_or(0)..];
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let host_port = authority.rsplit('@').next().unwrap_or(authority);
-    let host_port = host_port.replace("localhost", "127.0.0.1");
-    host_port.parse().unwrap_or_else(|_| {
-        format!("{host_port}:5432")
-            .parse()
-            .expect("DATABASE_URL names host:port")
-    })
+async fn server_addr(url: &str) -> SocketAddr {
+    let options = PgConnectOptions::from_str(url).expect("DATABASE_URL parses");
+    tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await
+        .expect("DATABASE_URL's host resolves")
+        .next()
+        .expect("an address for DATABASE_URL's host")
 }
 
 /// A TCP proxy in front of PostgreSQL that counts the Sync messages clients
@@ -154,7 +152,7 @@ async fn all_idle(pool: &PgPool) {
 #[tokio::test]
 async fn a_completed_query_costs_one_round_trip_and_no_release_ping() {
     let url = fresh_database().await;
-    let proxy = SyncCounter::start(server_addr(&url)).await;
+    let proxy = SyncCounter::start(server_addr(&url).await).await;
     // In clear, so the proxy can read the messages (sqlx prefers TLS when
     // the server offers it).
     let proxied = with_host(&url, &proxy.addr.to_string());

@@ -253,7 +253,7 @@ impl Connection for PgConnection {
     fn is_idle_and_drained(&self) -> bool {
         self.inner.stream.write_buffer().is_empty()
             && self.inner.pending_ready_for_query_count == 0
-            && matches!(self.inner.transaction_status, TransactionStatus::Idle)
+            && !self.is_in_transaction_block()
     }
 }
 
