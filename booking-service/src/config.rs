@@ -152,7 +152,7 @@ pub struct Settings {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// Where memory-service answers gRPC.
+    /// Where memory-service answers gRPC: one URL or several, comma-separated. Every name is resolved again each BOOKING_MEMORY_RESOLVE_INTERVAL and calls are spread over all its reachable addresses (a Kubernetes headless Service gives one per ready pod).
     #[arg(
         long,
         env = "BOOKING_MEMORY_URL",
@@ -160,6 +160,10 @@ pub struct Settings {
         global = true
     )]
     pub memory_service_url: String,
+
+    /// How often BOOKING_MEMORY_URL's names are resolved again and their addresses probed; replicas that appear join, those that vanish or stop answering leave (a failed call also triggers a round).
+    #[arg(long, env = "BOOKING_MEMORY_RESOLVE_INTERVAL", default_value = "5s", value_parser = duration, global = true)]
+    pub memory_resolve_interval: Duration,
 
     /// File holding the bearer token booking-service presents to memory-service.
     #[arg(long, env = "BOOKING_MEMORY_TOKEN_FILE", global = true)]
@@ -347,10 +351,11 @@ impl Settings {
         let read = |path: &PathBuf, what: &str| {
             std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
         };
-        let plaintext = self
-            .memory_service_url
-            .to_ascii_lowercase()
-            .starts_with("http://");
+        let targets =
+            crate::memory_endpoints::parse_targets(&self.memory_service_url).map_err(|e| {
+                anyhow::anyhow!("BOOKING_MEMORY_URL {:?}: {e}", self.memory_service_url)
+            })?;
+        let plaintext = targets.iter().all(|target| !target.tls);
         let client_certificate = self.memory_service_client_cert_file.is_some();
         if plaintext && (self.memory_service_ca_file.is_some() || client_certificate) {
             anyhow::bail!(
@@ -408,7 +413,7 @@ impl Settings {
                 Some(tls)
             }
         };
-        if token.is_some() && plaintext && !url_is_loopback(&self.memory_service_url) {
+        if token.is_some() && plaintext && !targets.iter().all(is_loopback) {
             tracing::warn!(
                 url = %self.memory_service_url,
                 "the memory-service token travels in clear over http://; use https:// with BOOKING_MEMORY_CA_FILE"
@@ -419,6 +424,7 @@ impl Settings {
             timeout: self.memory_call_timeout,
             token,
             tls,
+            resolve_interval: self.memory_resolve_interval,
         })
     }
 
@@ -444,13 +450,10 @@ impl Settings {
 const CLAIM_LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// True when `url`'s host is a loopback address or `localhost`.
-fn url_is_loopback(url: &str) -> bool {
-    let Ok(uri) = url.parse::<http::Uri>() else {
-        return false;
-    };
-    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
-    host.eq_ignore_ascii_case("localhost")
-        || host
+fn is_loopback(target: &crate::memory_endpoints::Target) -> bool {
+    target.host.eq_ignore_ascii_case("localhost")
+        || target
+            .host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
 }
@@ -534,9 +537,32 @@ mod tests {
 
     #[test]
     fn loopback_urls_are_recognised() {
-        assert!(url_is_loopback("http://127.0.0.1:50051"));
-        assert!(url_is_loopback("http://localhost:50051"));
-        assert!(url_is_loopback("http://[::1]:50051"));
-        assert!(!url_is_loopback("http://memory-service:50051"));
+        let loopback = |url: &str| {
+            crate::memory_endpoints::parse_targets(url)
+                .unwrap()
+                .iter()
+                .all(is_loopback)
+        };
+        assert!(loopback("http://127.0.0.1:50051"));
+        assert!(loopback("http://localhost:50051"));
+        assert!(loopback("http://[::1]:50051"));
+        assert!(loopback("http://127.0.0.1:50051,http://localhost:50061"));
+        assert!(!loopback("http://memory-service:50051"));
+        assert!(!loopback(
+            "http://127.0.0.1:50051,http://memory-service:50051"
+        ));
+    }
+
+    #[test]
+    fn a_list_of_memory_urls_keeps_the_tls_rules() {
+        // One plaintext entry among TLS ones would send the token in clear.
+        let mut mixed = settings("https://memory-a:50051,http://memory-b:50051");
+        mixed.memory_service_ca_file = Some("/dev/null".into());
+        let error = refusal(&mixed);
+        assert!(error.contains("mixes http:// and https://"), "{error}");
+        let error = refusal(&settings("memory:50051"));
+        assert!(error.contains("http:// or https://"), "{error}");
+        let list = settings("http://127.0.0.1:50051,http://127.0.0.1:50061").memory_client();
+        assert!(list.is_ok_and(|list| list.url == "http://127.0.0.1:50051,http://127.0.0.1:50061"));
     }
 }

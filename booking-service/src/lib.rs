@@ -24,6 +24,7 @@ pub mod error;
 pub mod grpc;
 pub mod jobs;
 pub mod memory_client;
+pub mod memory_endpoints;
 pub mod metrics;
 pub mod startup;
 pub mod store;

@@ -17,6 +17,8 @@ use tonic::{
 };
 use uuid::Uuid;
 
+use crate::memory_endpoints::{self, Dial, Discovery};
+
 /// The ErrorInfo reason memory-service gives a StoreMessage into a
 /// conversation that was erased (FAILED_PRECONDITION).
 pub const CONVERSATION_ERASED: &str = "CONVERSATION_ERASED";
@@ -123,12 +125,17 @@ pub struct MemoryClientSettings {
     /// TLS: the CA memory-service's certificate chains to, and optionally
     /// this service's client certificate, for mTLS.
     pub tls: Option<ClientTlsConfig>,
+    /// How often the endpoints' names are resolved again and their
+    /// addresses probed (zero: [`memory_endpoints::DEFAULT_RESOLVE_INTERVAL`]).
+    pub resolve_interval: Duration,
 }
 
-/// Cheap to clone: one HTTP/2 channel shared by all jobs.
+/// Cheap to clone: one balanced channel (an HTTP/2 connection per
+/// memory-service replica) shared by all jobs.
 #[derive(Debug, Clone)]
 pub struct MemoryClient {
     client: MemoryServiceClient<Channel>,
+    discovery: Discovery,
     timeout: Duration,
     /// `Bearer <token>`, ready to send.
     authorization: Option<MetadataValue<Ascii>>,
@@ -138,14 +145,20 @@ pub struct MemoryClient {
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Runs `call`, and once more after [`RETRY_PAUSE`] when it fails
-/// UNAVAILABLE (refused or draining: nothing reached the server).
-async fn once_more_if_unavailable<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+/// UNAVAILABLE (refused or draining: nothing reached the server), after
+/// asking `discovery` to probe the replicas again so that the retry does not
+/// go to a dead one.
+async fn once_more_if_unavailable<T, F, Fut>(
+    discovery: &Discovery,
+    mut call: F,
+) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     match call().await {
         Err(status) if status.code() == Code::Unavailable => {
+            discovery.suspect();
             tokio::time::sleep(RETRY_PAUSE).await;
             call().await
         }
@@ -155,15 +168,19 @@ where
 
 impl MemoryClient {
     /// Connects lazily: booking-service starts while memory-service is down.
+    /// Balances over every replica `settings.url` names ([`memory_endpoints`]);
+    /// needs a Tokio runtime.
     pub fn new(settings: &MemoryClientSettings) -> anyhow::Result<Self> {
-        let mut endpoint = Channel::from_shared(settings.url.clone())
-            .map_err(|e| anyhow::anyhow!("BOOKING_MEMORY_URL {:?}: {e}", settings.url))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .timeout(settings.timeout);
-        if let Some(tls) = &settings.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
-        }
+        let targets = memory_endpoints::parse_targets(&settings.url)
+            .map_err(|e| anyhow::anyhow!("BOOKING_MEMORY_URL {:?}: {e}", settings.url))?;
+        let (channel, discovery) = memory_endpoints::balanced_channel(
+            targets,
+            Dial {
+                timeout: settings.timeout,
+                tls: settings.tls.clone(),
+                resolve_interval: settings.resolve_interval,
+            },
+        );
         let authorization = match &settings.token {
             Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
                 anyhow::anyhow!("the memory-service token has characters a header cannot carry")
@@ -171,7 +188,8 @@ impl MemoryClient {
             None => None,
         };
         Ok(Self {
-            client: MemoryServiceClient::new(endpoint.connect_lazy()),
+            client: MemoryServiceClient::new(channel),
+            discovery,
             timeout: settings.timeout,
             authorization,
         })
@@ -204,9 +222,11 @@ impl MemoryClient {
         F: Fn(MemoryServiceClient<Channel>, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
-        once_more_if_unavailable(|| rpc(self.client.clone(), self.request(message.clone())))
-            .await
-            .map(tonic::Response::into_inner)
+        once_more_if_unavailable(&self.discovery, || {
+            rpc(self.client.clone(), self.request(message.clone()))
+        })
+        .await
+        .map(tonic::Response::into_inner)
     }
 
     /// Scores of the last `limit` scored messages, oldest first.
@@ -331,6 +351,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             token: Some("secret-token-for-memory-01".into()),
             tls: None,
+            resolve_interval: Duration::ZERO,
         })
         .unwrap();
         let call = CallContext {

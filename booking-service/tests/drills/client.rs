@@ -97,13 +97,18 @@ pub fn reason(status: &Status) -> String {
 /// shedding or out of time, or the connection broke mid-call (which the
 /// transport reports as UNKNOWN/INTERNAL without a service's reason).
 pub fn retryable(status: &Status) -> bool {
-    match status.code() {
+    retryable_code(status.code(), &reason(status))
+}
+
+/// [`retryable`], from a status's code and ErrorInfo reason.
+pub fn retryable_code(code: Code, reason: &str) -> bool {
+    match code {
         Code::Unavailable
         | Code::Cancelled
         | Code::DeadlineExceeded
         | Code::ResourceExhausted
         | Code::Aborted => true,
-        Code::Unknown | Code::Internal => reason(status).is_empty(),
+        Code::Unknown | Code::Internal => reason.is_empty(),
         _ => false,
     }
 }

@@ -57,6 +57,10 @@ pub struct Options {
     pub booking_env: Vec<(&'static str, String)>,
     /// Extra settings for memory-service (they win over the drills' common ones).
     pub memory_env: Vec<(&'static str, String)>,
+    /// memory-service processes; booking-service is given all their URLs
+    /// and balances over them. With more than one, each gets its own admin
+    /// port ([`Stack::memory_admin`]).
+    pub memory_processes: usize,
 }
 
 impl Default for Options {
@@ -67,6 +71,7 @@ impl Default for Options {
             db_acquire_timeout: None,
             booking_env: Vec::new(),
             memory_env: Vec::new(),
+            memory_processes: 1,
         }
     }
 }
@@ -77,6 +82,11 @@ pub struct Stack {
     pub db: PgPool,
     pub proxy: Option<TcpProxy>,
     pub memory: Process,
+    /// memory-service processes beyond the first ([`Options::memory_processes`]).
+    pub more_memory: Vec<Process>,
+    /// Admin (`/metrics`) address of each memory-service process, first
+    /// one first; empty with a single process.
+    pub memory_admin: Vec<SocketAddr>,
     pub booking: Vec<Process>,
 }
 
@@ -125,10 +135,32 @@ impl Stack {
                 .fold(spec, |spec, (k, v)| spec.env(*k, v.clone()))
         };
 
-        let memory = with(spec("memory-service", &memory_binary), &options.memory_env);
-        let memory = Process::start(memory)
-            .await
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        let mut memory = Vec::new();
+        let mut memory_admin = Vec::new();
+        for i in 0..options.memory_processes.max(1) {
+            let mut spec = match options.memory_processes {
+                0 | 1 => spec("memory-service", &memory_binary),
+                _ => {
+                    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                    memory_admin.push(admin);
+                    spec(&format!("memory-service-{}", i + 1), &memory_binary)
+                        .env("ADMIN_ADDR", admin.to_string())
+                }
+            };
+            spec = with(spec, &options.memory_env);
+            memory.push(
+                Process::start(spec)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e:#}")),
+            );
+        }
+        let memory_urls = memory
+            .iter()
+            .map(Process::url)
+            .collect::<Vec<_>>()
+            .join(",");
+        let more_memory = memory.split_off(1);
+        let memory = memory.remove(0);
 
         let mut booking = Vec::new();
         for i in 0..options.booking_processes {
@@ -138,7 +170,8 @@ impl Stack {
                 format!("booking-service-{}", i + 1)
             };
             let spec = spec(&name, &booking_binary)
-                .env("BOOKING_MEMORY_URL", memory.url())
+                .env("BOOKING_MEMORY_URL", &memory_urls)
+                .env("BOOKING_MEMORY_RESOLVE_INTERVAL", "500ms")
                 .env("BOOKING_FOLLOWUP_DELAY", "0s")
                 .env("BOOKING_WORKER_POLL_INTERVAL", "100ms")
                 .env("BOOKING_WORKER_HEARTBEAT_INTERVAL", "1s")
@@ -162,6 +195,8 @@ impl Stack {
             db,
             proxy,
             memory,
+            more_memory,
+            memory_admin,
             booking,
         }
     }

@@ -23,5 +23,6 @@ mod crash_mid_load;
 mod database_outage;
 mod graceful_shutdown;
 mod memory_crash;
+mod replicas;
 mod slow_memory;
 mod two_workers;
