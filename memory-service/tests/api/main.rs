@@ -4,6 +4,7 @@
 mod support;
 
 mod access;
+mod connection_age;
 mod context;
 mod conversations;
 mod erasure;
