@@ -143,6 +143,9 @@ pub struct MemoryClient {
 
 /// Pause before the one retry of an UNAVAILABLE call.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Beyond a call's deadline, how long it may wait for the balancer before
+/// it fails: the endpoint's own timer normally ends it first.
+const QUEUE_MARGIN: Duration = Duration::from_millis(500);
 
 /// Runs `call`, and once more after [`RETRY_PAUSE`] when it fails
 /// UNAVAILABLE (refused or draining: nothing reached the server), after
@@ -223,7 +226,19 @@ impl MemoryClient {
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
         once_more_if_unavailable(&self.discovery, || {
-            rpc(self.client.clone(), self.request(message.clone()))
+            let call = rpc(self.client.clone(), self.request(message.clone()));
+            // The endpoint enforces the deadline once a call reaches one; this
+            // bounds the wait for one (the balancer queues calls while it
+            // knows no replica, e.g. when the name never resolved).
+            async move {
+                tokio::time::timeout(self.timeout + QUEUE_MARGIN, call)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(tonic::Status::deadline_exceeded(
+                            "no memory-service replica took the call within its deadline",
+                        ))
+                    })
+            }
         })
         .await
         .map(tonic::Response::into_inner)
@@ -342,6 +357,27 @@ mod tests {
         // The reason shows in the error the follow-up records.
         let erased = MemoryError::from(with_reason(Code::FailedPrecondition, CONVERSATION_ERASED));
         assert!(erased.to_string().contains(CONVERSATION_ERASED), "{erased}");
+    }
+
+    #[tokio::test]
+    async fn a_name_that_never_resolves_fails_the_call_in_time_instead_of_hanging() {
+        let client = MemoryClient::new(&MemoryClientSettings {
+            url: "http://memory-replica.invalid:50051".into(),
+            timeout: Duration::from_millis(300),
+            token: None,
+            tls: None,
+            resolve_interval: Duration::from_secs(60),
+        })
+        .unwrap();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.emotion_scores(Uuid::now_v7(), 5),
+        )
+        .await
+        .expect("the call hung with no replica known");
+        let error = answer.expect_err("no replica, yet an answer");
+        assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+        assert_eq!(error.kind(), FailureKind::Transient);
     }
 
     #[tokio::test]
