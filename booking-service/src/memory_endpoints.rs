@@ -17,7 +17,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -111,22 +113,26 @@ impl Discovery {
 pub fn balanced_channel(targets: Vec<Target>, dial: Dial) -> (Channel, Discovery) {
     let (channel, changes) = Channel::balance_channel::<SocketAddr>(BALANCER_BUFFER);
     let early_round = Arc::new(Notify::new());
-    let keeper = Keeper {
-        targets,
-        dial,
-        changes,
-        early_round: early_round.clone(),
-        current: BTreeSet::new(),
-        resolved: BTreeMap::new(),
-        none_reachable: false,
-    };
+    let keeper = Keeper::new(targets, dial, changes, early_round.clone(), Arc::new(dns));
     tokio::spawn(keeper.run());
     (channel, Discovery { early_round })
+}
+
+/// How a target's name becomes addresses (DNS; a fake in tests).
+type Resolver = Arc<
+    dyn Fn(Target) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+fn dns(target: Target) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+    Box::pin(async move { resolve(&target).await })
 }
 
 struct Keeper {
     targets: Vec<Target>,
     dial: Dial,
+    resolver: Resolver,
     changes: Sender<Change<SocketAddr, Endpoint>>,
     early_round: Arc<Notify>,
     /// Addresses the balancer has now.
@@ -139,6 +145,25 @@ struct Keeper {
 }
 
 impl Keeper {
+    fn new(
+        targets: Vec<Target>,
+        dial: Dial,
+        changes: Sender<Change<SocketAddr, Endpoint>>,
+        early_round: Arc<Notify>,
+        resolver: Resolver,
+    ) -> Self {
+        Self {
+            targets,
+            dial,
+            resolver,
+            changes,
+            early_round,
+            current: BTreeSet::new(),
+            resolved: BTreeMap::new(),
+            none_reachable: false,
+        }
+    }
+
     async fn run(mut self) {
         let interval = match self.dial.resolve_interval {
             Duration::ZERO => DEFAULT_RESOLVE_INTERVAL,
@@ -161,7 +186,7 @@ impl Keeper {
     /// the balancer is gone.
     async fn round(&mut self) -> Result<(), ()> {
         for (index, target) in self.targets.iter().enumerate() {
-            match resolve(target).await {
+            match (self.resolver)(target.clone()).await {
                 Ok(addrs) if !addrs.is_empty() => {
                     self.resolved.insert(index, addrs);
                 }
@@ -275,7 +300,93 @@ fn endpoint(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tokio::{net::TcpListener, sync::mpsc};
+
     use super::*;
+
+    /// What the balancer was told, in order: `+addr` inserted, `-addr` removed.
+    fn drain(changes: &mut mpsc::Receiver<Change<SocketAddr, Endpoint>>) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(change) = changes.try_recv() {
+            seen.push(match change {
+                Change::Insert(addr, _) => format!("+{}", addr.port()),
+                Change::Remove(addr) => format!("-{}", addr.port()),
+            });
+        }
+        seen.sort();
+        seen
+    }
+
+    /// Replicas that come and go in "DNS", and one that stops answering.
+    #[tokio::test]
+    async fn replicas_join_and_leave_as_dns_and_probes_say() {
+        let live: Vec<TcpListener> = futures::future::join_all(
+            (0..3).map(|_| async { TcpListener::bind("127.0.0.1:0").await.unwrap() }),
+        )
+        .await;
+        let addrs: Vec<SocketAddr> = live.iter().map(|l| l.local_addr().unwrap()).collect();
+        let dead = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let answer: Arc<Mutex<std::io::Result<Vec<SocketAddr>>>> =
+            Arc::new(Mutex::new(Ok(vec![addrs[0]])));
+        let dns_answer = answer.clone();
+        let resolver: Resolver = Arc::new(move |_| {
+            let answer = match &*dns_answer.lock().unwrap() {
+                Ok(addrs) => Ok(addrs.clone()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            Box::pin(async move { answer })
+        });
+        let (tx, mut changes) = mpsc::channel(64);
+        let mut keeper = Keeper::new(
+            parse_targets("http://memory-service-pods:50051").unwrap(),
+            Dial {
+                timeout: Duration::from_secs(1),
+                tls: None,
+                resolve_interval: Duration::from_secs(60),
+            },
+            tx,
+            Arc::new(Notify::new()),
+            resolver,
+        );
+        let port = |i: usize| addrs[i].port();
+        let mut set = |addrs: Vec<SocketAddr>| *answer.lock().unwrap() = Ok(addrs);
+
+        keeper.round().await.unwrap();
+        assert_eq!(drain(&mut changes), [format!("+{}", port(0))]);
+
+        // The autoscaler added two pods.
+        set(addrs.clone());
+        keeper.round().await.unwrap();
+        assert_eq!(
+            drain(&mut changes),
+            [format!("+{}", port(1)), format!("+{}", port(2))]
+        );
+
+        // One pod left DNS, and DNS lists one whose process is gone.
+        set(vec![addrs[1], addrs[2], dead]);
+        keeper.round().await.unwrap();
+        assert_eq!(drain(&mut changes), [format!("-{}", port(0))]);
+
+        // DNS fails: the last known set stays.
+        *answer.lock().unwrap() = Err(std::io::Error::other("SERVFAIL"));
+        keeper.round().await.unwrap();
+        assert_eq!(drain(&mut changes), Vec::<String>::new());
+
+        // Nothing answers the probe: every resolved address goes in, so calls
+        // fail fast rather than wait for a replica.
+        drop(live);
+        set(vec![addrs[2], dead]);
+        keeper.round().await.unwrap();
+        assert_eq!(
+            drain(&mut changes),
+            [format!("+{}", dead.port()), format!("-{}", port(1))]
+        );
+    }
 
     #[test]
     fn lists_parse_with_one_scheme() {

@@ -442,16 +442,27 @@ pub fn run_load(
     slots: Vec<SlotInfo>,
     load: Load,
 ) -> tokio::task::JoinHandle<Ledger> {
+    run_load_until(drill, clients, slots, load, Arc::default())
+}
+
+/// [`run_load`] that also ends (no new booking starts) once `stop` is set.
+pub fn run_load_until(
+    drill: &'static str,
+    clients: Vec<Client>,
+    slots: Vec<SlotInfo>,
+    load: Load,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Ledger> {
     let slots = Arc::new(slots);
     let end = Instant::now() + load.run_for;
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..load.tasks)
         .map(|task| {
             let client = clients[task % clients.len()].clone();
-            let (slots, counter) = (slots.clone(), counter.clone());
+            let (slots, counter, stop) = (slots.clone(), counter.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut ledger = Ledger::default();
-                while Instant::now() < end {
+                while Instant::now() < end && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if load.limit.is_some_and(|limit| n >= limit) {
                         break;
