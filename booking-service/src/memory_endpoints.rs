@@ -354,7 +354,7 @@ mod tests {
             resolver,
         );
         let port = |i: usize| addrs[i].port();
-        let mut set = |addrs: Vec<SocketAddr>| *answer.lock().unwrap() = Ok(addrs);
+        let set = |addrs: Vec<SocketAddr>| *answer.lock().unwrap() = Ok(addrs);
 
         keeper.round().await.unwrap();
         assert_eq!(drain(&mut changes), [format!("+{}", port(0))]);
