@@ -14,10 +14,10 @@
 #     PgBouncer, DB_POOLER=transaction, DATABASE_DIRECT_URL straight to the
 #     server (migrations, LISTEN); scripts/grpcurl-journey.sh against it
 #     (follow-ups delivered through the queue); SIGTERM, clean exits;
-#  4. the bench's create-booking scenario ($POOLER_LOAD_CLIENTS = 16
-#     clients, $POOLER_LOAD_SECONDS = 10 s, follow-up workers on), once
-#     direct and once through PgBouncer: prints both throughputs; any failed
-#     call fails the script.
+#  4. a bench scenario ($POOLER_LOAD_SCENARIO = create-booking, with the
+#     follow-up workers on; $POOLER_LOAD_CLIENTS = 16 clients,
+#     $POOLER_LOAD_SECONDS = 10 s), once direct and once through PgBouncer:
+#     prints both throughputs; any failed call fails the script.
 #
 # Needs target/release/{memory-service,booking-service,maitre-bench} (cargo
 # build --release -p memory-service -p booking-service -p maitre-bench) and
@@ -36,6 +36,7 @@ out="$root/target/ci-pooler"
 pool_size="${POOLER_POOL_SIZE:-20}"
 clients="${POOLER_LOAD_CLIENTS:-16}"
 seconds="${POOLER_LOAD_SECONDS:-10}"
+scenario="${POOLER_LOAD_SCENARIO:-create-booking}"
 
 for name in memory-service booking-service maitre-bench; do
     [[ -x "$target_dir/release/$name" ]] || die "$target_dir/release/$name not built (cargo build --release -p memory-service -p booking-service -p maitre-bench)"
@@ -120,22 +121,22 @@ timeout 60 scripts/smoke.sh stop
 log "the grpcurl journey passed through PgBouncer"
 
 # ---------------------------------------------------------------- load
-# bench ARGS...: the create-booking scenario; prints its calls per second.
+# bench DIR ARGS...: the scenario; prints its calls per second.
 bench() {
     local dir="$1"
     shift
     DATABASE_URL="$admin_url" timeout 300 "$target_dir/release/maitre-bench" \
         --bin-dir "$target_dir/release" --out "$dir" --no-floor \
-        --scenarios create-booking --clients "$clients" --duration "${seconds}s" --warmup 2s --rounds 1 \
+        --scenarios "$scenario" --clients "$clients" --duration "${seconds}s" --warmup 2s --rounds 1 \
         "$@" >"$dir.log" 2>&1 || { tail -n 30 "$dir.log" >&2; die "maitre-bench $* failed (log: $dir.log)"; }
     python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(round(d["scenarios"][0]["points"][0]["service"]["per_second"], 1))' "$dir/results.json"
 }
 direct="$(bench "$out/direct")"
 pooled="$(bench "$out/pgbouncer" --pooler "127.0.0.1:$port")"
-python3 - "$direct" "$pooled" "$clients" "$seconds" "$pool_size" <<'EOF' | tee "$out/throughput.txt"
+python3 - "$direct" "$pooled" "$scenario" "$clients" "$seconds" "$pool_size" <<'EOF' | tee "$out/throughput.txt"
 import sys
-direct, pooled, clients, seconds, pool = float(sys.argv[1]), float(sys.argv[2]), *sys.argv[3:]
-print(f"CreateBooking, {clients} clients, {seconds} s, follow-up workers on:")
+direct, pooled, scenario, clients, seconds, pool = float(sys.argv[1]), float(sys.argv[2]), *sys.argv[3:]
+print(f"{scenario}, {clients} clients, {seconds} s, follow-up workers on:")
 print(f"  direct:                                  {direct:8.1f} calls/s")
 print(f"  through PgBouncer (transaction, pool {pool}): {pooled:8.1f} calls/s ({pooled / direct:.0%} of direct)")
 EOF
