@@ -34,11 +34,16 @@ pub fn binary() -> Option<PathBuf> {
 /// Under CI (`CI` set) a missing pgbouncer fails the test instead: a skip
 /// there would prove nothing.
 pub fn require(test: &str) -> Option<PathBuf> {
-    if let Some(binary) = binary() {
-        return Some(binary);
+    decide(test, binary(), std::env::var_os("CI").is_some())
+}
+
+/// [`require`]'s rule, apart from the machine it runs on.
+fn decide(test: &str, found: Option<PathBuf>, under_ci: bool) -> Option<PathBuf> {
+    if found.is_some() {
+        return found;
     }
     let how = "install it: apt-get install -y pgbouncer (scripts/install-tools.sh does, as root)";
-    if std::env::var_os("CI").is_some() {
+    if under_ci {
         panic!("{test}: pgbouncer not found on PATH nor at {DEBIAN_BINARY}; {how}");
     }
     eprintln!("{test}: SKIPPED, pgbouncer not found on PATH nor at {DEBIAN_BINARY}; {how}");
@@ -189,5 +194,22 @@ mod tempdir {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_pgbouncer_skips_locally_and_fails_under_ci() {
+        let found = Some(PathBuf::from("/usr/sbin/pgbouncer"));
+        assert_eq!(decide("t", found.clone(), true), found);
+        assert_eq!(decide("t", None, false), None);
+        let under_ci = std::panic::catch_unwind(|| decide("t", None, true));
+        assert!(
+            under_ci.is_err(),
+            "under CI a missing pgbouncer fails the test"
+        );
     }
 }
