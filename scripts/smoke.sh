@@ -12,7 +12,10 @@
 #
 # Needs target/release/{memory-service,booking-service} (cargo build
 # --release) and grpcurl (scripts/install-tools.sh). Follow-ups are due at
-# once (BOOKING_FOLLOWUP_DELAY=0s) so the clients see them. The stack's
+# once (BOOKING_FOLLOWUP_DELAY=0s) so the clients see them. With
+# SMOKE_POOLER=host:port, `start` runs both services through that
+# transaction-mode pooler (DB_POOLER=transaction, DATABASE_DIRECT_URL
+# straight to the server; scripts/pooler-check.sh). The stack's
 # ports and pids are in target/ci-smoke/stack.env, logs next to it; `stop`
 # does nothing when no stack runs, so it can sit in an EXIT trap.
 set -euo pipefail
@@ -43,6 +46,11 @@ free_port() {
 # with_database ADMIN_URL NAME: the same server URL with the database set to NAME.
 with_database() {
     python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$1" "$2"
+}
+
+# with_host URL HOST:PORT: the same URL pointing at another server.
+with_host() {
+    python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); cred = p.netloc.rpartition("@"); print(u.urlunsplit(p._replace(netloc=cred[0] + cred[1] + sys.argv[2])))' "$1" "$2"
 }
 
 grpcurl_bin() { echo "${GRPCURL:-$(scripts/install-tools.sh 2>/dev/null | tail -n 1)/grpcurl}"; }
@@ -115,6 +123,10 @@ start() {
         -u TLS_CLIENT_CA_FILE -u BOOKING_MEMORY_TOKEN_FILE -u BOOKING_MEMORY_CA_FILE
         -u BOOKING_MEMORY_CLIENT_CERT_FILE -u BOOKING_MEMORY_CLIENT_KEY_FILE
         AUTH_MODE=none DATABASE_URL="$url" RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1)
+    if [[ -n "${SMOKE_POOLER:-}" ]]; then
+        log "both services through the pooler at $SMOKE_POOLER (DB_POOLER=transaction)"
+        common+=(DATABASE_URL="$(with_host "$url" "$SMOKE_POOLER")" DATABASE_DIRECT_URL="$url" DB_POOLER=transaction)
+    fi
     {
         echo "MEMORY_ADDR=127.0.0.1:$memory_port"
         echo "BOOKING_ADDR=127.0.0.1:$booking_port"

@@ -100,6 +100,14 @@ pub struct Cli {
     /// Exit 0 even when calls failed (by default any error exits 2).
     #[arg(long)]
     pub allow_errors: bool,
+
+    /// host:port of a transaction-mode pooler (PgBouncer) in front of the
+    /// same server: the services reach the database through it
+    /// (DB_POOLER=transaction, DATABASE_DIRECT_URL straight to the server
+    /// for migrations and LISTEN); the bench's own connections and pgbench
+    /// stay direct. scripts/pooler-check.sh uses it.
+    #[arg(long)]
+    pub pooler: Option<String>,
 }
 
 /// The run, every default resolved.
@@ -122,6 +130,8 @@ pub struct Plan {
     pub record: bool,
     pub workers_during_load: bool,
     pub allow_errors: bool,
+    /// host:port of the pooler the services go through, if any.
+    pub pooler: Option<String>,
 }
 
 impl Cli {
@@ -182,6 +192,7 @@ impl Cli {
             record: self.record,
             workers_during_load: !self.workers_off,
             allow_errors: self.allow_errors,
+            pooler: self.pooler,
         })
     }
 }

@@ -70,6 +70,7 @@ pub async fn run(plan: Plan) -> Result<u8> {
         bin_dir: plan.bin_dir.clone(),
         database_url: database_url.clone(),
         log_dir: logs,
+        pooler: plan.pooler.clone(),
     };
     launch.migrate("memory-service")?;
     launch.migrate("booking-service")?;

@@ -5,7 +5,10 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
-use maitre_runtime::testkit::process::{self, Process, Spec, free_port};
+use maitre_runtime::testkit::{
+    process::{self, Process, Spec, free_port},
+    with_host,
+};
 
 /// How long a service may take to become SERVING.
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -17,6 +20,9 @@ pub struct Launch {
     pub bin_dir: PathBuf,
     pub database_url: String,
     pub log_dir: PathBuf,
+    /// host:port of a transaction-mode pooler the services go through
+    /// (`--pooler`); `None`: straight to `database_url`.
+    pub pooler: Option<String>,
 }
 
 /// Both services, wired together.
@@ -28,10 +34,17 @@ pub struct Stack {
 impl Launch {
     fn spec(&self, name: &str) -> Result<Spec> {
         let binary = process::binary(name, Some(&self.bin_dir))?;
-        Ok(Spec::new(name, binary, free_port())
+        let spec = Spec::new(name, binary, free_port())
             .log(Some(self.log_dir.join(format!("{name}.log"))), true)
-            .ready_within(READY_WITHIN)
-            .env("DATABASE_URL", &self.database_url)
+            .ready_within(READY_WITHIN);
+        let spec = match &self.pooler {
+            None => spec.env("DATABASE_URL", &self.database_url),
+            Some(pooler) => spec
+                .env("DATABASE_URL", with_host(&self.database_url, pooler))
+                .env("DATABASE_DIRECT_URL", &self.database_url)
+                .env("DB_POOLER", "transaction"),
+        };
+        Ok(spec
             .env("RUST_LOG", "warn")
             // The bench's clients present no credentials and speak plain HTTP/2.
             .env("AUTH_MODE", "none")

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Subcommand};
 use maitre_runtime::{
     config::{CommonArgs, RenamedVariables, ServiceDefaults},
-    db::PoolSettings,
+    db::{NoDirectUrl, PoolSettings, Pooler},
     server::ServerArgs,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -323,6 +323,25 @@ impl Settings {
             asynchronous_commit: true,
             ..self.pool()
         }
+    }
+
+    /// The workers' LISTEN for job wake-ups, when it cannot take a worker
+    /// pool connection: DATABASE_URL goes through a pooler (a
+    /// transaction-mode one would hand the LISTEN's session to other
+    /// clients) or DATABASE_DIRECT_URL names another server. Then one
+    /// connection of its own, straight to PostgreSQL; `None`: a connection
+    /// of the worker pool, as without a pooler.
+    pub fn listener_pool(&self) -> Result<Option<PoolSettings>, NoDirectUrl> {
+        let workers = self.worker_pool();
+        if workers.pooler == Pooler::None && !workers.has_separate_direct_url() {
+            return Ok(None);
+        }
+        Ok(Some(PoolSettings {
+            max_connections: 1,
+            application_name: "booking-service-listener".into(),
+            asynchronous_commit: false,
+            ..workers.direct()?
+        }))
     }
 
     pub fn policy(&self) -> FollowUpPolicy {

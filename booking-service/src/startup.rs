@@ -54,6 +54,10 @@ impl Application {
         // Fail on bad auth/TLS configuration before binding anything.
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
         let memory = MemoryClient::new(&settings.memory_client()?)?;
+        if !settings.disable_workers {
+            // A pooler without a direct URL: refuse now, not once serving.
+            settings.listener_pool()?;
+        }
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("booking-service");
         let booking_metrics = BookingMetrics::register(metrics.registry_mut());
@@ -112,6 +116,17 @@ impl Application {
         };
         let worker_pool = maitre_runtime::db::connect_lazy(&settings.worker_pool())
             .context("parsing DATABASE_URL")?;
+        let direct_listener = match settings.disable_workers {
+            true => None,
+            false => settings.listener_pool()?,
+        };
+        let listener_pool = match direct_listener {
+            Some(direct) => {
+                maitre_runtime::db::connect_lazy(&direct).context("parsing DATABASE_DIRECT_URL")?
+            }
+            None => worker_pool.clone(),
+        };
+        let listener_pool_handle = listener_pool.clone();
         let worker_pool_handle = worker_pool.clone();
         let background = |stopping: tokio::sync::watch::Receiver<bool>| {
             let refresher = jobs::gauges::refresh_until(
@@ -133,7 +148,7 @@ impl Application {
                     metrics: booking_metrics,
                     wakeups,
                 };
-                jobs::workers::run(ctx, settings.workers(), stopping)
+                jobs::workers::run(ctx, settings.workers(), listener_pool, stopping)
             });
             Some(tokio::spawn(async move {
                 match workers {
@@ -145,6 +160,7 @@ impl Application {
                     }
                 }
                 worker_pool_handle.close().await;
+                listener_pool_handle.close().await;
             }))
         };
         let (horizon_low, horizon_high) = settings.retry_horizon();

@@ -17,7 +17,11 @@ use clap::Args;
 
 pub use renamed::{RenamedVariables, RenamedVariablesSet};
 
-use crate::{db::PoolSettings, server::AdminAddr, telemetry::LogArgs};
+use crate::{
+    db::{PoolSettings, Pooler},
+    server::AdminAddr,
+    telemetry::LogArgs,
+};
 
 /// Where a service listens, how it uses its database, how it stops and logs.
 #[derive(Debug, Clone, Args)]
@@ -39,6 +43,19 @@ pub struct CommonArgs {
         global = true
     )]
     pub database_url: String,
+
+    /// PostgreSQL URL straight to the server, not through a pooler: migrations (sqlx's session advisory lock) and booking-service's LISTEN for job wake-ups use it. Unset: DATABASE_URL. Required with DB_POOLER=transaction.
+    #[arg(
+        long,
+        env = "DATABASE_DIRECT_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_direct_url: Option<String>,
+
+    /// What DATABASE_URL reaches: `none` = PostgreSQL itself (or a session-mode pooler); `transaction` = a transaction-mode pooler such as PgBouncer with pool_mode=transaction. With `transaction` no named prepared statement is kept on the server (each statement is parsed in the same round trip as its execution; descriptions are cached), no `options` or `extra_float_digits` startup parameter is sent (PgBouncer refuses them), so DB_STATEMENT_TIMEOUT must be set on the server for the role (ALTER ROLE ... SET statement_timeout; a WARN says when it differs); DATABASE_DIRECT_URL is then required.
+    #[arg(long, env = "DB_POOLER", value_enum, default_value_t = Pooler::None, global = true)]
+    pub db_pooler: Pooler,
 
     /// Most database connections the pool opens.
     #[arg(long, env = "DB_MAX_CONNECTIONS", global = true)]
@@ -77,6 +94,8 @@ impl CommonArgs {
     pub fn pool(&self, application_name: &str) -> PoolSettings {
         PoolSettings {
             url: self.database_url.clone(),
+            direct_url: self.database_direct_url.clone(),
+            pooler: self.db_pooler,
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             statement_timeout: self.db_statement_timeout,

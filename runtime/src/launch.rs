@@ -81,16 +81,20 @@ pub async fn bind(
 }
 
 /// Creates the database if missing, then runs `apply` (the service's
-/// migrators, in order) on a pool of its own, closed afterwards.
+/// migrators, in order) on a pool of its own, closed afterwards. Both go
+/// straight to PostgreSQL (`DATABASE_DIRECT_URL`, else `DATABASE_URL`):
+/// sqlx's migrator holds a session advisory lock, which a transaction-mode
+/// pooler would leave on whichever server connection ran it.
 pub async fn migrate(
     service: &str,
     pool: &PoolSettings,
     apply: impl AsyncFnOnce(&PgPool) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    db::create_database_if_missing(&pool.url)
-        .await
-        .context("creating the database (is PostgreSQL running? see DATABASE_URL)")?;
-    let migration_pool = db::connect_lazy(pool)?;
+    let direct = pool.direct()?;
+    db::create_database_if_missing(&direct.url).await.context(
+        "creating the database (is PostgreSQL running? see DATABASE_DIRECT_URL, else DATABASE_URL)",
+    )?;
+    let migration_pool = db::connect_lazy(&direct)?;
     let applied = apply(&migration_pool).await;
     migration_pool.close().await;
     applied?;

@@ -16,7 +16,7 @@ use std::{
 };
 
 use maitre_runtime::{
-    db::{PoolSettings, connect_lazy},
+    db::{PoolSettings, Pooler, connect_lazy},
     testkit::{fresh_database, wait_for, with_host},
 };
 use sqlx::{PgPool, postgres::PgConnectOptions};
@@ -30,6 +30,8 @@ const WITHIN: Duration = Duration::from_secs(20);
 fn settings(url: &str, max_connections: u32) -> PoolSettings {
     PoolSettings {
         url: url.to_owned(),
+        direct_url: None,
+        pooler: Pooler::None,
         max_connections,
         acquire_timeout: Duration::from_secs(10),
         statement_timeout: Duration::from_secs(30),

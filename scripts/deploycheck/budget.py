@@ -13,7 +13,10 @@
   hold one LISTEN connection for job wake-ups, taken from the worker pool
   (PgListener::connect_with(pool)), so it is inside
   BOOKING_WORKER_DB_MAX_CONNECTIONS, not on top; the wake-up NOTIFYs use the
-  API pool. With BOOKING_DISABLE_WORKERS the
+  API pool. (Behind a transaction-mode pooler, DB_POOLER=transaction, the
+  LISTEN moves to DATABASE_DIRECT_URL and the pools' connections go to the
+  pooler: README.md's "Behind PgBouncer" counts that case; the manifests
+  here use no pooler.) With BOOKING_DISABLE_WORKERS the
   worker pool opens nothing. Pool sizes come from the container's env and
   ConfigMaps, else from README.md's configuration tables (kept equal to the code by tests/config) for the
   service's Rust code.

@@ -13,6 +13,7 @@ mod idempotency;
 mod operations;
 mod overbooking;
 mod pipeline;
+mod pooler;
 mod queue_cost;
 mod resilience;
 mod wakeups;

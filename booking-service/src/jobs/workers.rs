@@ -56,8 +56,15 @@ impl WorkerSettings {
     }
 }
 
-/// Runs both workers and the pruner until `stop` turns true.
-pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receiver<bool>) {
+/// Runs both workers and the pruner until `stop` turns true; the wake-ups
+/// from other replicas are listened for on a connection of `listener`
+/// (straight to PostgreSQL: LISTEN needs a session of its own).
+pub async fn run(
+    ctx: JobContext,
+    settings: WorkerSettings,
+    listener: sqlx::PgPool,
+    stop: watch::Receiver<bool>,
+) {
     let plan_guard = {
         let ctx = ctx.clone();
         move |stopped: String| {
@@ -111,10 +118,7 @@ pub async fn run(ctx: JobContext, settings: WorkerSettings, stop: watch::Receive
             }
         },
     );
-    let listening = ctx
-        .wakeups
-        .clone()
-        .listen_until(ctx.pool.clone(), stop.clone());
+    let listening = ctx.wakeups.clone().listen_until(listener, stop.clone());
     let housekeeping = housekeeping(ctx.clone(), settings.clone(), stop);
     tokio::join!(plan_worker, deliver_worker, housekeeping, listening);
 }

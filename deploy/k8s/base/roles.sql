@@ -71,7 +71,13 @@ SELECT format('CREATE DATABASE %I', :'dbname')
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'dbname') \gexec
 REVOKE ALL ON DATABASE :"dbname" FROM PUBLIC;
 GRANT CONNECT, CREATE ON DATABASE :"dbname" TO maitre_memory, maitre_booking;
--- sqlx's pool sets statement_timeout per connection; nothing else is needed.
+-- The services set statement_timeout on each connection they open. Behind a
+-- transaction-mode pooler (DB_POOLER=transaction) they cannot: PgBouncer
+-- refuses the `options` startup parameter, so each role carries it, equal to
+-- DB_STATEMENT_TIMEOUT (a service WARNs when the server's differs). Without
+-- a pooler it changes nothing: a connection's own setting takes precedence.
+ALTER ROLE maitre_memory  IN DATABASE :"dbname" SET statement_timeout = '5s';
+ALTER ROLE maitre_booking IN DATABASE :"dbname" SET statement_timeout = '5s';
 
 \connect :"dbname"
 

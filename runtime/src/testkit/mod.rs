@@ -1,10 +1,12 @@
 //! Helpers for the services' integration tests and the bench: fresh
 //! databases on the PostgreSQL named by `DATABASE_URL` (an admin URL, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), a TCP proxy to make a
-//! dependency "go away", waiting for a condition with a deadline, and the
-//! services' real binaries as child processes ([`process`]).
+//! dependency "go away", waiting for a condition with a deadline, the
+//! services' real binaries as child processes ([`process`]), and a real
+//! PgBouncer in transaction mode in front of the server ([`pgbouncer`]).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod pgbouncer;
 pub mod process;
 pub mod proxy;
 

@@ -33,6 +33,7 @@ const SCRUBBED_PREFIXES: &[&str] = &[
 ];
 const SCRUBBED_NAMES: &[&str] = &[
     "DATABASE_URL",
+    "DATABASE_DIRECT_URL",
     "GRPC_ADDR",
     "ADMIN_ADDR",
     "SKIP_MIGRATIONS",

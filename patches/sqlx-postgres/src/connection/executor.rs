@@ -171,18 +171,34 @@ impl PgConnection {
             return Ok((*statement).clone());
         }
 
+        if self.inner.statement_cache_describe_only {
+            if let Some(metadata) = metadata {
+                // A described statement the caller holds: nothing to ask.
+                return Ok((StatementId::UNNAMED, metadata));
+            }
+        }
+
+        // Describe-only: never a named statement on the server; the unnamed
+        // one is parsed again by every run (`run`), so the cache keeps the
+        // description under `StatementId::UNNAMED`.
         let statement = prepare(
             self,
             sql,
             parameters,
             metadata,
-            persistent,
+            persistent && !self.inner.statement_cache_describe_only,
             resolve_column_origin,
         )
         .await?;
 
         if persistent && self.inner.cache_statement.is_enabled() {
-            if let Some((id, _)) = self.inner.cache_statement.insert(sql, statement.clone()) {
+            if let Some((id, _)) = self
+                .inner
+                .cache_statement
+                .insert(sql, statement.clone())
+                // An evicted description has nothing on the server to close.
+                .filter(|(id, _)| *id != StatementId::UNNAMED)
+            {
                 self.inner.stream.write_msg(Close::Statement(id))?;
                 self.write_sync();
 
@@ -236,8 +252,27 @@ impl PgConnection {
             // patch holes created during encoding
             arguments.apply_patches(self, &metadata.parameters).await?;
 
+            // Describe-only: the described parameter types, for the `Parse`
+            // sent with the `Bind` (no query: they came from the server).
+            let reparse = if self.inner.statement_cache_describe_only {
+                Some(self.resolve_types(&metadata.parameters).await?)
+            } else {
+                None
+            };
+
             // consume messages till `ReadyForQuery` before bind and execute
             self.wait_until_ready().await?;
+
+            if let Some(param_types) = &reparse {
+                // Parse, Bind and Execute up to one `Sync`: a pooler in
+                // transaction mode keeps one server connection for all of it
+                // (the result loop below skips the `ParseComplete`).
+                self.inner.stream.write_msg(Parse {
+                    param_types,
+                    query: sql,
+                    statement: StatementId::UNNAMED,
+                })?;
+            }
 
             // bind to attach the arguments to the statement and create a portal
             self.inner.stream.write_msg(Bind {

@@ -62,6 +62,11 @@ pub struct PgConnectionInner {
     // cache statement by query string to the id and columns
     cache_statement: StatementCache<(StatementId, Arc<PgStatementMetadata>)>,
 
+    // `PgConnectOptions::statement_cache_describe_only`: `cache_statement`
+    // holds only descriptions (every id in it is `StatementId::UNNAMED`) and
+    // every run parses its statement again in the same round trip
+    statement_cache_describe_only: bool,
+
     // cache user-defined types by id <-> info
     cache_type_info: HashMap<Oid, PgTypeInfo>,
     cache_type_oid: HashMap<UStr, Oid>,
@@ -215,6 +220,10 @@ impl Connection for PgConnection {
         self.wait_until_ready().await?;
 
         while let Some((id, _)) = self.inner.cache_statement.remove_lru() {
+            // A description-only entry has nothing on the server to close.
+            if id == StatementId::UNNAMED {
+                continue;
+            }
             self.inner.stream.write_msg(Close::Statement(id))?;
             cleared += 1;
         }

@@ -26,6 +26,7 @@ pub struct PgConnectOptions {
     pub(crate) ssl_client_cert: Option<CertificateInput>,
     pub(crate) ssl_client_key: Option<CertificateInput>,
     pub(crate) statement_cache_capacity: usize,
+    pub(crate) statement_cache_describe_only: bool,
     pub(crate) application_name: Option<String>,
     pub(crate) log_settings: LogSettings,
     pub(crate) extra_float_digits: Option<Cow<'static, str>>,
@@ -93,6 +94,7 @@ impl PgConnectOptions {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_default(),
             statement_cache_capacity: 100,
+            statement_cache_describe_only: false,
             application_name: var("PGAPPNAME").ok(),
             extra_float_digits: Some("2".into()),
             log_settings: Default::default(),
@@ -351,6 +353,30 @@ impl PgConnectOptions {
     /// The default cache capacity is 100 statements.
     pub fn statement_cache_capacity(mut self, capacity: usize) -> Self {
         self.statement_cache_capacity = capacity;
+        self
+    }
+
+    /// Caches only what the server says about a statement (its parameter
+    /// types and its columns), never a prepared statement on the server.
+    ///
+    /// Off by default. When on, no named statement (`sqlx_s_N`) is ever
+    /// created: the first run of a query describes it with the unnamed
+    /// statement (one round trip that only reads metadata), and every run
+    /// sends `Parse` (unnamed, with the described parameter types), `Bind`,
+    /// `Execute`, `Close` and `Sync` together, so a run is one round trip
+    /// that needs nothing left on the server by an earlier one. That is what
+    /// a transaction-mode connection pooler (PgBouncer with
+    /// `pool_mode = transaction` and no `max_prepared_statements`) requires:
+    /// it may hand each `Sync`-delimited exchange to another server
+    /// connection, where a named statement, or the unnamed statement parsed
+    /// in a separate exchange, does not exist. The cost is the server parsing
+    /// and planning each statement on every run (as with pgx's
+    /// `QueryExecModeCacheDescribe`). The cache's size is still
+    /// [`statement_cache_capacity`](Self::statement_cache_capacity); with
+    /// capacity 0 every run is described first (two round trips, each
+    /// self-contained).
+    pub fn statement_cache_describe_only(mut self, enabled: bool) -> Self {
+        self.statement_cache_describe_only = enabled;
         self
     }
 
