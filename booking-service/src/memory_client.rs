@@ -89,6 +89,15 @@ impl MemoryError {
         }
     }
 
+    /// memory-service's ErrorInfo reason; empty when the failure did not
+    /// come from memory-service itself (the transport, a proxy).
+    pub fn reason(&self) -> &str {
+        match self {
+            MemoryError::NotFound => "",
+            MemoryError::Failed { reason, .. } => reason,
+        }
+    }
+
     /// The status code, for metrics.
     pub fn code(&self) -> Code {
         match self {
@@ -146,6 +155,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Beyond a call's deadline, how long it may wait for the balancer before
 /// it fails: the endpoint's own timer normally ends it first.
 const QUEUE_MARGIN: Duration = Duration::from_millis(500);
+/// Longest wait for the replicas to be probed before the retry of a call
+/// the transport failed.
+const SUSPECT_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs `call`, and once more after [`RETRY_PAUSE`] when it fails
 /// UNAVAILABLE (refused or draining: nothing reached the server), after
@@ -161,8 +173,14 @@ where
 {
     match call().await {
         Err(status) if status.code() == Code::Unavailable => {
-            discovery.suspect();
-            tokio::time::sleep(RETRY_PAUSE).await;
+            if MemoryError::from(status).reason().is_empty() {
+                // The transport failed (memory-service's own refusals carry a
+                // reason): have the replicas probed before the retry, so it
+                // does not go to one that just died.
+                discovery.suspect(SUSPECT_WAIT).await;
+            } else {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
             call().await
         }
         other => other,
@@ -183,7 +201,7 @@ impl MemoryClient {
                 tls: settings.tls.clone(),
                 resolve_interval: settings.resolve_interval,
             },
-        );
+        )?;
         let authorization = match &settings.token {
             Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
                 anyhow::anyhow!("the memory-service token has characters a header cannot carry")
@@ -227,10 +245,16 @@ impl MemoryClient {
     {
         once_more_if_unavailable(&self.discovery, || {
             let call = rpc(self.client.clone(), self.request(message.clone()));
+            let discovery = &self.discovery;
             // The endpoint enforces the deadline once a call reaches one; this
             // bounds the wait for one (the balancer queues calls while it
             // knows no replica, e.g. when the name never resolved).
             async move {
+                if !discovery.has_replicas(self.timeout).await {
+                    return Err(tonic::Status::unavailable(
+                        "no memory-service replica known: BOOKING_MEMORY_URL resolves to no address",
+                    ));
+                }
                 tokio::time::timeout(self.timeout + QUEUE_MARGIN, call)
                     .await
                     .unwrap_or_else(|_| {
@@ -360,10 +384,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_name_that_never_resolves_fails_the_call_in_time_instead_of_hanging() {
+    async fn a_name_that_never_resolves_fails_the_call_unavailable_instead_of_hanging() {
         let client = MemoryClient::new(&MemoryClientSettings {
             url: "http://memory-replica.invalid:50051".into(),
-            timeout: Duration::from_millis(300),
+            timeout: Duration::from_secs(3),
             token: None,
             tls: None,
             resolve_interval: Duration::from_secs(60),
@@ -376,8 +400,22 @@ mod tests {
         .await
         .expect("the call hung with no replica known");
         let error = answer.expect_err("no replica, yet an answer");
-        assert_eq!(error.code(), Code::DeadlineExceeded, "{error}");
+        assert_eq!(error.code(), Code::Unavailable, "{error}");
         assert_eq!(error.kind(), FailureKind::Transient);
+    }
+
+    #[tokio::test]
+    async fn unusable_tls_material_stops_the_start() {
+        // A client certificate whose key is not a key.
+        let garbage = tonic::transport::Identity::from_pem("not a certificate", "not a key");
+        let settings = MemoryClientSettings {
+            url: "https://memory-a:50051,https://memory-b:50051".into(),
+            timeout: Duration::from_secs(1),
+            token: None,
+            tls: Some(ClientTlsConfig::new().identity(garbage)),
+            resolve_interval: Duration::ZERO,
+        };
+        assert!(MemoryClient::new(&settings).is_err());
     }
 
     #[tokio::test]

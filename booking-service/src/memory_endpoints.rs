@@ -3,17 +3,27 @@
 //! `BOOKING_MEMORY_URL` names one or more endpoints, comma-separated. A
 //! background task resolves every name again each `resolve_interval` (a
 //! Kubernetes headless Service answers with one address per ready pod) and
-//! probes each address with a TCP connect; tonic's balancer (power of two
-//! choices on in-flight calls) picks among the reachable ones. Replicas that
-//! appear join without a restart; replicas that vanish from DNS or stop
-//! answering leave. A call that fails UNAVAILABLE asks for an early round
-//! ([`Discovery::suspect`]), so its retry finds a dead replica gone.
+//! probes each address with a TCP connect; tonic's balancer sends each call
+//! to one of the reachable replicas, picked at random (tonic's connections
+//! report no load, so its power-of-two-choices comes down to a uniform
+//! pick: a fair share each). Replicas that appear join without a restart;
+//! replicas that vanish from DNS leave; a replica whose port refuses
+//! connections leaves at once, one that does not answer the probe after
+//! two rounds in a row. A call that fails UNAVAILABLE at the transport asks
+//! for an early round ([`Discovery::suspect`], probes only) and its retry
+//! waits for that round, so it does not go to the replica that just died.
 //!
-//! Two fallbacks keep calls failing fast rather than waiting for a replica
-//! that may never come (tonic's balancer queues a call while it has no
+//! What a TCP probe cannot see: a replica that accepts connections but
+//! does not answer (stopped process, sidecar proxy); its calls end at their
+//! deadline and are retried by the jobs.
+//!
+//! Fallbacks keep calls failing fast rather than waiting for a replica that
+//! may never come (tonic's balancer queues a call while it has no
 //! endpoint): when no address answers the probe, every resolved address
 //! stays in (calls then fail UNAVAILABLE at once, as with a single
-//! endpoint); when resolution itself fails, the last set is kept.
+//! endpoint); when resolution fails, the last set is kept; when no name has
+//! ever resolved, calls fail UNAVAILABLE without waiting
+//! ([`Discovery::has_replicas`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,19 +35,23 @@ use std::{
 };
 
 use http::Uri;
-use tokio::sync::{Notify, mpsc::Sender};
+use tokio::sync::{Notify, mpsc::Sender, watch};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, channel::Change};
 
 /// Re-resolution interval when the settings leave it at zero.
 pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a probe's TCP connect may take before the address counts as dead.
+/// How long a probe's TCP connect may take before it counts as unanswered.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Unanswered probes in a row that take a replica out (a refused connection
+/// takes it out at once): one lost SYN must not drop a busy replica.
+const UNANSWERED_ROUNDS: u8 = 2;
 /// How long a name's resolution may take before the round keeps the last set.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Least time between two rounds, however many calls report a failure.
-const MIN_ROUND_GAP: Duration = Duration::from_millis(100);
-/// Calls queued in the balancer while it picks an endpoint.
-const BALANCER_BUFFER: usize = 1024;
+const MIN_ROUND_GAP: Duration = Duration::from_millis(250);
+/// Endpoint changes queued for the balancer (which takes them when it next
+/// routes a call).
+const CHANGES_BUFFER: usize = 1024;
 
 /// One entry of `BOOKING_MEMORY_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,29 +107,75 @@ pub struct Dial {
     pub resolve_interval: Duration,
 }
 
+/// What the background task has done so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    /// Rounds started and finished.
+    started: u64,
+    finished: u64,
+    /// Replicas in the balancer after the last round.
+    endpoints: usize,
+}
+
 /// Handle on the background task that keeps the balancer's endpoints.
 #[derive(Debug, Clone)]
 pub struct Discovery {
     early_round: Arc<Notify>,
+    progress: watch::Receiver<Progress>,
 }
 
 impl Discovery {
-    /// A call just failed UNAVAILABLE: probe again now rather than at the
-    /// next interval.
-    pub fn suspect(&self) {
+    /// A call just failed at the transport: probe the replicas again now
+    /// rather than at the next interval. Waits (at most `within`) until a
+    /// round started after this call has finished, so a retry made next
+    /// sees its outcome.
+    pub async fn suspect(&self, within: Duration) {
+        let mut progress = self.progress.clone();
+        let started = progress.borrow_and_update().started;
         self.early_round.notify_one();
+        let _ = tokio::time::timeout(within, progress.wait_for(|p| p.finished > started)).await;
+    }
+
+    /// False when the balancer holds no replica at all (no name ever
+    /// resolved): a call would wait for one. Waits (at most `within`) for
+    /// the first round; true when it has not finished by then.
+    pub async fn has_replicas(&self, within: Duration) -> bool {
+        let mut progress = self.progress.clone();
+        match tokio::time::timeout(within, progress.wait_for(|p| p.finished > 0)).await {
+            Ok(Ok(progress)) => progress.endpoints > 0,
+            _ => true,
+        }
     }
 }
 
 /// A channel that balances over every reachable address of `targets`, and
 /// the handle of the task that keeps it current. The task stops when the
-/// channel and all its clones are gone. Needs a Tokio runtime.
-pub fn balanced_channel(targets: Vec<Target>, dial: Dial) -> (Channel, Discovery) {
-    let (channel, changes) = Channel::balance_channel::<SocketAddr>(BALANCER_BUFFER);
+/// channel and all its clones are gone. Needs a Tokio runtime. Fails on
+/// settings no replica could be dialled with (e.g. unusable TLS material),
+/// so that they stop the service at start.
+pub fn balanced_channel(
+    targets: Vec<Target>,
+    dial: Dial,
+) -> Result<(Channel, Discovery), tonic::transport::Error> {
+    for target in &targets {
+        endpoint(
+            target,
+            SocketAddr::from(([127, 0, 0, 1], target.port)),
+            &dial,
+        )?;
+    }
+    let (channel, changes) = Channel::balance_channel::<SocketAddr>(CHANGES_BUFFER);
     let early_round = Arc::new(Notify::new());
+    let (progress_tx, progress) = watch::channel(Progress::default());
     let keeper = Keeper::new(targets, dial, changes, early_round.clone(), Arc::new(dns));
-    tokio::spawn(keeper.run());
-    (channel, Discovery { early_round })
+    tokio::spawn(keeper.run(progress_tx));
+    Ok((
+        channel,
+        Discovery {
+            early_round,
+            progress,
+        },
+    ))
 }
 
 /// How a target's name becomes addresses (DNS; a fake in tests).
@@ -140,8 +200,20 @@ struct Keeper {
     /// The last successful resolution of each target (by index), kept when
     /// a later one fails.
     resolved: BTreeMap<usize, Vec<SocketAddr>>,
+    /// Unanswered probes in a row, by address.
+    unanswered: BTreeMap<SocketAddr, u8>,
     /// Set while no address answers, to warn once per streak.
     none_reachable: bool,
+}
+
+/// What a probe found at an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Accepted,
+    /// Nothing listens there: the replica is gone.
+    Refused,
+    /// No answer in time, or another error: maybe a passing hiccup.
+    Unanswered,
 }
 
 impl Keeper {
@@ -160,33 +232,100 @@ impl Keeper {
             early_round,
             current: BTreeSet::new(),
             resolved: BTreeMap::new(),
+            unanswered: BTreeMap::new(),
             none_reachable: false,
         }
     }
 
-    async fn run(mut self) {
+    async fn run(mut self, progress: watch::Sender<Progress>) {
         let interval = match self.dial.resolve_interval {
             Duration::ZERO => DEFAULT_RESOLVE_INTERVAL,
             interval => interval,
         };
+        let mut resolve = true;
         loop {
-            if self.round().await.is_err() {
-                tracing::debug!("memory-service channel dropped; endpoint discovery stops");
-                return;
+            progress.send_modify(|p| p.started += 1);
+            // Early rounds only probe, unless no name has resolved yet.
+            let resolve_now = resolve || self.resolved.is_empty();
+            if self.round(resolve_now).await.is_err() {
+                break;
             }
-            tokio::time::sleep(MIN_ROUND_GAP).await;
+            let endpoints = self.current.len();
+            progress.send_modify(|p| {
+                p.finished += 1;
+                p.endpoints = endpoints;
+            });
             tokio::select! {
-                () = tokio::time::sleep(interval.saturating_sub(MIN_ROUND_GAP)) => {}
-                () = self.early_round.notified() => {}
+                () = tokio::time::sleep(MIN_ROUND_GAP) => {}
+                () = self.changes.closed() => break,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval.saturating_sub(MIN_ROUND_GAP)) => resolve = true,
+                () = self.early_round.notified() => resolve = false,
+                () = self.changes.closed() => break,
             }
         }
+        tracing::debug!("memory-service channel dropped; endpoint discovery stops");
     }
 
-    /// Resolves, probes and hands the balancer what changed. Errs only when
-    /// the balancer is gone.
-    async fn round(&mut self) -> Result<(), ()> {
-        for (index, target) in self.targets.iter().enumerate() {
-            match (self.resolver)(target.clone()).await {
+    /// Resolves (when `resolve`), probes and hands the balancer what
+    /// changed. Errs only when the balancer is gone.
+    async fn round(&mut self, resolve: bool) -> Result<(), ()> {
+        if resolve {
+            self.resolve().await;
+        }
+        let candidates: BTreeSet<SocketAddr> = self.resolved.values().flatten().copied().collect();
+        let probes = futures::future::join_all(
+            candidates
+                .iter()
+                .map(|&addr| async move { (addr, probe(addr).await) }),
+        )
+        .await;
+        self.unanswered.retain(|addr, _| candidates.contains(addr));
+        let mut usable = BTreeSet::new();
+        let mut answering = 0;
+        for (addr, probe) in probes {
+            let strikes = self.unanswered.entry(addr).or_default();
+            *strikes = match probe {
+                Probe::Accepted => 0,
+                Probe::Refused => UNANSWERED_ROUNDS,
+                Probe::Unanswered => strikes.saturating_add(1),
+            };
+            // A replica in the balancer stays through one unanswered probe; a
+            // new one joins only once it answers.
+            let stays = self.current.contains(&addr) && *strikes < UNANSWERED_ROUNDS;
+            if probe == Probe::Accepted {
+                answering += 1;
+            }
+            if probe == Probe::Accepted || stays {
+                usable.insert(addr);
+            }
+        }
+
+        let wanted = if answering == 0 {
+            if !self.none_reachable && !candidates.is_empty() {
+                tracing::warn!(addresses = ?candidates, "no memory-service replica answers; calls will fail UNAVAILABLE until one does");
+            }
+            self.none_reachable = true;
+            candidates
+        } else {
+            if self.none_reachable {
+                tracing::info!(addresses = ?usable, "memory-service replicas answer again");
+            }
+            self.none_reachable = false;
+            usable
+        };
+        self.apply(&wanted).await
+    }
+
+    /// Resolves every target at once; a target whose resolution fails or
+    /// comes back empty keeps its last addresses.
+    async fn resolve(&mut self) {
+        let answers =
+            futures::future::join_all(self.targets.iter().map(|t| (self.resolver)(t.clone())))
+                .await;
+        for ((index, target), answer) in self.targets.iter().enumerate().zip(answers) {
+            match answer {
                 Ok(addrs) if !addrs.is_empty() => {
                     self.resolved.insert(index, addrs);
                 }
@@ -198,39 +337,21 @@ impl Keeper {
                 }
             }
         }
-        let candidates: BTreeSet<SocketAddr> = self.resolved.values().flatten().copied().collect();
-        let reachable: BTreeSet<SocketAddr> = futures::future::join_all(
-            candidates
-                .iter()
-                .map(|&addr| async move { probe(addr).await.then_some(addr) }),
-        )
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+    }
 
-        let wanted = if reachable.is_empty() {
-            if !self.none_reachable && !candidates.is_empty() {
-                tracing::warn!(addresses = ?candidates, "no memory-service replica answers; calls will fail UNAVAILABLE until one does");
-            }
-            self.none_reachable = true;
-            candidates
-        } else {
-            if self.none_reachable {
-                tracing::info!(addresses = ?reachable, "memory-service replicas answer again");
-            }
-            self.none_reachable = false;
-            reachable
-        };
-
-        for &gone in self.current.difference(&wanted) {
+    /// Hands the balancer the difference between what it has and `wanted`.
+    async fn apply(&mut self, wanted: &BTreeSet<SocketAddr>) -> Result<(), ()> {
+        let leaving: Vec<SocketAddr> = self.current.difference(wanted).copied().collect();
+        for gone in leaving {
             tracing::info!(address = %gone, "memory-service replica leaves the balancer");
             self.changes
                 .send(Change::Remove(gone))
                 .await
                 .map_err(|_| ())?;
+            self.current.remove(&gone);
         }
-        for &new in wanted.difference(&self.current) {
+        let joining: Vec<SocketAddr> = wanted.difference(&self.current).copied().collect();
+        for new in joining {
             let Some(target) = self.target_of(new) else {
                 continue;
             };
@@ -241,13 +362,14 @@ impl Keeper {
                         .send(Change::Insert(new, endpoint))
                         .await
                         .map_err(|_| ())?;
+                    self.current.insert(new);
                 }
+                // Not counted as in the balancer: tried again next round.
                 Err(error) => {
-                    tracing::error!(address = %new, %error, "cannot build an endpoint for a memory-service replica");
+                    tracing::error!(address = %new, %error, "cannot build an endpoint for a memory-service replica")
                 }
             }
         }
-        self.current = wanted;
         Ok(())
     }
 
@@ -271,12 +393,13 @@ async fn resolve(target: &Target) -> std::io::Result<Vec<SocketAddr>> {
     }
 }
 
-/// True when something accepts TCP connections at `addr`.
-async fn probe(addr: SocketAddr) -> bool {
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+/// Whether something accepts TCP connections at `addr`.
+async fn probe(addr: SocketAddr) -> Probe {
+    match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Probe::Accepted,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Probe::Refused,
+        _ => Probe::Unanswered,
+    }
 }
 
 /// The endpoint of one replica: dialled by address, addressed (authority,
@@ -356,12 +479,12 @@ mod tests {
         let port = |i: usize| addrs[i].port();
         let set = |addrs: Vec<SocketAddr>| *answer.lock().unwrap() = Ok(addrs);
 
-        keeper.round().await.unwrap();
+        keeper.round(true).await.unwrap();
         assert_eq!(drain(&mut changes), [format!("+{}", port(0))]);
 
         // The autoscaler added two pods.
         set(addrs.clone());
-        keeper.round().await.unwrap();
+        keeper.round(true).await.unwrap();
         assert_eq!(
             drain(&mut changes),
             [format!("+{}", port(1)), format!("+{}", port(2))]
@@ -369,19 +492,19 @@ mod tests {
 
         // One pod left DNS, and DNS lists one whose process is gone.
         set(vec![addrs[1], addrs[2], dead]);
-        keeper.round().await.unwrap();
+        keeper.round(true).await.unwrap();
         assert_eq!(drain(&mut changes), [format!("-{}", port(0))]);
 
         // DNS fails: the last known set stays.
         *answer.lock().unwrap() = Err(std::io::Error::other("SERVFAIL"));
-        keeper.round().await.unwrap();
+        keeper.round(true).await.unwrap();
         assert_eq!(drain(&mut changes), Vec::<String>::new());
 
         // Nothing answers the probe: every resolved address goes in, so calls
         // fail fast rather than wait for a replica.
         drop(live);
         set(vec![addrs[2], dead]);
-        keeper.round().await.unwrap();
+        keeper.round(true).await.unwrap();
         assert_eq!(
             drain(&mut changes),
             [format!("+{}", dead.port()), format!("-{}", port(1))]

@@ -10,6 +10,7 @@ mod erasure;
 mod follow_ups;
 mod garbage;
 mod idempotency;
+mod memory_tls;
 mod operations;
 mod overbooking;
 mod pipeline;
