@@ -13,6 +13,7 @@ use maitre_api::booking::v1::booking_service_server::BookingServiceServer;
 use maitre_runtime::{
     launch::{self, Bound},
     metrics::Metrics,
+    otel::Tracer,
     server::{ServeSpec, serve},
 };
 
@@ -46,6 +47,7 @@ pub struct Application {
     memory: MemoryClient,
     metrics: Arc<Metrics>,
     booking_metrics: Arc<BookingMetrics>,
+    tracer: Tracer,
     settings: Settings,
 }
 
@@ -57,11 +59,16 @@ impl Application {
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("booking-service");
         let booking_metrics = BookingMetrics::register(metrics.registry_mut());
+        let tracer = settings
+            .common
+            .trace
+            .tracer("booking-service", metrics.registry_mut())?;
         Ok(Self {
             bound,
             memory,
             metrics: Arc::new(metrics),
             booking_metrics,
+            tracer,
             settings,
         })
     }
@@ -86,6 +93,7 @@ impl Application {
             memory,
             metrics,
             booking_metrics,
+            tracer,
             settings,
         } = self;
         let Bound { grpc, admin, pool } = bound;
@@ -109,6 +117,7 @@ impl Application {
             max_request_bytes: MAX_REQUEST_BYTES + 1024,
             health_interval: settings.common.health_interval,
             shutdown_timeout: settings.common.shutdown_timeout,
+            tracer: tracer.clone(),
         };
         let worker_pool = maitre_runtime::db::connect_lazy(&settings.worker_pool())
             .context("parsing DATABASE_URL")?;
@@ -132,6 +141,7 @@ impl Application {
                     policy: settings.policy(),
                     metrics: booking_metrics,
                     wakeups,
+                    tracer,
                 };
                 jobs::workers::run(ctx, settings.workers(), stopping)
             });

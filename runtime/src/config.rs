@@ -70,6 +70,9 @@ pub struct CommonArgs {
 
     #[command(flatten)]
     pub log: LogArgs,
+
+    #[command(flatten)]
+    pub trace: crate::otel::TraceArgs,
 }
 
 impl CommonArgs {
