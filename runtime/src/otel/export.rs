@@ -188,3 +188,118 @@ async fn export<E: SpanExporter>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::SystemTime,
+    };
+
+    use opentelemetry::{
+        InstrumentationScope,
+        trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
+    };
+    use opentelemetry_sdk::{
+        error::OTelSdkResult,
+        trace::{SpanEvents, SpanLinks},
+    };
+
+    use super::*;
+
+    fn span(n: u64) -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(u128::from(n) + 1),
+                SpanId::from(n + 1),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: "test".into(),
+            start_time: SystemTime::now(),
+            end_time: SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: InstrumentationScope::default(),
+        }
+    }
+
+    /// Never answers, like a collector that accepted the connection and hung.
+    #[derive(Debug)]
+    struct Stuck;
+
+    impl SpanExporter for Stuck {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            std::future::pending().await
+        }
+    }
+
+    /// Accepts everything, counting spans.
+    #[derive(Debug, Default)]
+    struct Counting(Arc<AtomicUsize>);
+
+    impl SpanExporter for Counting {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.fetch_add(batch.len(), Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn settings(max_queue: usize, max_batch: usize) -> BatchSettings {
+        BatchSettings {
+            max_queue,
+            max_batch,
+            schedule_delay: Duration::from_secs(3600),
+            export_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let metrics = ExportMetrics::default();
+        let pipeline = Pipeline::start(Stuck, settings(2, 1), metrics.clone());
+        for n in 0..10 {
+            pipeline.send(span(n)); // returns at once even with the exporter stuck
+        }
+        tokio::task::yield_now().await;
+        // The queue holds 2, the stuck batch at most 1: the rest are counted.
+        let dropped = metrics.dropped.get();
+        assert!((7..=8).contains(&dropped), "dropped {dropped}");
+        // Shutdown gives up on the stuck export after its bound.
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            pipeline.shutdown(Duration::from_millis(50)),
+        )
+        .await
+        .expect("bounded shutdown");
+    }
+
+    #[tokio::test]
+    async fn shutdown_exports_what_is_queued() {
+        let metrics = ExportMetrics::default();
+        let received = Arc::new(AtomicUsize::new(0));
+        let pipeline = Pipeline::start(
+            Counting(received.clone()),
+            settings(100, 4),
+            metrics.clone(),
+        );
+        for n in 0..10 {
+            pipeline.send(span(n));
+        }
+        pipeline.shutdown(Duration::from_secs(30)).await;
+        assert_eq!(received.load(Ordering::SeqCst), 10);
+        assert_eq!(metrics.exported.get(), 10);
+        assert_eq!(metrics.dropped.get(), 0);
+        assert_eq!(metrics.failed.get(), 0);
+    }
+}
