@@ -55,6 +55,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Fail on bad auth/TLS configuration before binding anything.
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
+        settings.common.trace.validate()?;
         let memory = MemoryClient::new(&settings.memory_client()?)?;
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("booking-service");

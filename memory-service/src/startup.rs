@@ -53,6 +53,7 @@ impl Application {
         // Fail on bad limits, auth or TLS configuration before binding anything.
         settings.check_limits()?;
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
+        settings.common.trace.validate()?;
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("memory-service");
         let tracer = settings

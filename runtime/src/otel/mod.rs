@@ -169,6 +169,15 @@ impl TraceArgs {
             .build())
     }
 
+    /// Checks what [`Self::tracer`] would refuse (sampler ratio, resource
+    /// attributes), without starting anything: for start-up, before any
+    /// port is bound.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.sampler()?;
+        self.resource("check")?;
+        Ok(())
+    }
+
     /// The server's tracer: always its sampler; an export pipeline (a
     /// spawned task, so call within the tokio runtime) only when an
     /// endpoint is set. Its counters go into `registry` either way.
@@ -406,4 +415,81 @@ where
     F: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        trace: TraceArgs,
+    }
+
+    fn args(flags: &[&str]) -> TraceArgs {
+        Cli::try_parse_from(std::iter::once("test").chain(flags.iter().copied()))
+            .expect("flags")
+            .trace
+    }
+
+    #[test]
+    fn the_traces_endpoint_wins_and_none_means_off() {
+        assert_eq!(args(&[]).endpoint(), None);
+        let both = args(&[
+            "--otel-exporter-otlp-endpoint",
+            "http://all:4317",
+            "--otel-exporter-otlp-traces-endpoint",
+            "http://traces:4317",
+        ]);
+        assert_eq!(both.endpoint(), Some("http://traces:4317"));
+        let blank = args(&["--otel-exporter-otlp-endpoint", " "]);
+        assert_eq!(blank.endpoint(), None);
+    }
+
+    #[test]
+    fn the_resource_names_the_service_and_bad_settings_are_refused() {
+        let resource = args(&["--otel-resource-attributes", "service.name=x, env=prod"])
+            .resource("memory-service")
+            .expect("resource");
+        let get = |key: &'static str| resource.get(&opentelemetry::Key::from_static_str(key));
+        assert_eq!(get("service.name").map(|v| v.to_string()), Some("x".into()));
+        assert_eq!(get("env").map(|v| v.to_string()), Some("prod".into()));
+        let named = args(&[
+            "--otel-service-name",
+            "y",
+            "--otel-resource-attributes",
+            "service.name=x",
+        ])
+        .resource("memory-service")
+        .expect("resource");
+        assert_eq!(
+            named
+                .get(&opentelemetry::Key::from_static_str("service.name"))
+                .map(|v| v.to_string()),
+            Some("y".into())
+        );
+        assert!(
+            args(&["--otel-resource-attributes", "novalue"])
+                .validate()
+                .is_err()
+        );
+        assert!(
+            args(&["--otel-traces-sampler-arg", "2"])
+                .validate()
+                .is_err()
+        );
+        assert!(
+            args(&[
+                "--otel-traces-sampler",
+                "parentbased_traceidratio",
+                "--otel-traces-sampler-arg",
+                "0.25"
+            ])
+            .validate()
+            .is_ok()
+        );
+    }
 }
