@@ -37,10 +37,22 @@ done
 command -v psql >/dev/null 2>&1 || die "psql not found (apt-get install postgresql-client)"
 
 # ---------------------------------------------------------------- receiver venv
+make_venv() { rm -rf "$venv" && python3 -m venv "$venv" >&2; }
 if [[ ! -x "$venv/bin/python" ]]; then
     log "creating virtualenv $venv"
     mkdir -p "$tools"
-    python3 -m venv "$venv" >&2 || die "python3 -m venv failed (on Debian: apt-get install python3-venv)"
+    if ! make_venv; then
+        # Debian's python3 has no ensurepip without python3-venv (as in
+        # scripts/python-client.sh, which CI runs only after this step).
+        if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+            log "python3 -m venv failed: apt-get install python3-venv"
+            { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv; } >&2 \
+                || die "apt-get install python3-venv failed"
+            make_venv || die "python3 -m venv failed even with python3-venv"
+        else
+            die "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"
+        fi
+    fi
 fi
 stamp="$venv/.maitre-requirements"
 if ! cmp -s "$requirements" "$stamp"; then
