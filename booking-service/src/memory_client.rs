@@ -6,10 +6,13 @@
 //! once after a short pause, since nothing reached the server; other
 //! failures go back to the job, which retries with backoff.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use maitre_api::memory::v1::{self as pb, memory_service_client::MemoryServiceClient};
-use maitre_runtime::rpc::CallContext;
+use maitre_runtime::{
+    otel,
+    rpc::{CallContext, context::TraceParent},
+};
 use tonic::{
     Code, Request,
     metadata::{Ascii, MetadataValue},
@@ -22,6 +25,11 @@ use crate::memory_endpoints::{self, Dial, Discovery};
 /// The ErrorInfo reason memory-service gives a StoreMessage into a
 /// conversation that was erased (FAILED_PRECONDITION).
 pub const CONVERSATION_ERASED: &str = "CONVERSATION_ERASED";
+
+// The methods called, as client spans name them (`package.Service/Method`).
+const GET_EMOTION_HISTORY: &str = "maitre.memory.v1.MemoryService/GetEmotionHistory";
+const STORE_MESSAGE: &str = "maitre.memory.v1.MemoryService/StoreMessage";
+const DELETE_USER_DATA: &str = "maitre.memory.v1.MemoryService/DeleteUserData";
 
 /// A failed memory-service call, as the jobs see it.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +158,40 @@ pub struct MemoryClient {
     authorization: Option<MetadataValue<Ascii>>,
 }
 
+/// Exports the client span of one attempt of a call to memory-service.
+fn record_attempt<R>(
+    call: &CallContext,
+    hop: &TraceParent,
+    method: &'static str,
+    result: &Result<R, tonic::Status>,
+    elapsed: Duration,
+) {
+    let code = match result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    };
+    let (start, end) = otel::started_before(elapsed);
+    let mut attributes = otel::rpc_attributes(method, code);
+    attributes.push(otel::KeyValue::new(
+        "maitre.request_id",
+        call.request_id.clone(),
+    ));
+    call.tracer.record(otel::FinishedSpan {
+        trace: hop,
+        parent_span_id: Some(&call.trace.span_id),
+        parent_is_remote: false,
+        kind: otel::SpanKind::Client,
+        name: method.into(),
+        start,
+        end,
+        attributes,
+        status: match code {
+            Code::Ok => otel::Status::Unset,
+            other => otel::Status::error(format!("{other:?}")),
+        },
+    });
+}
+
 /// Pause before the one retry of an UNAVAILABLE call.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Beyond a call's deadline, how long it may wait for the balancer before
@@ -216,53 +258,79 @@ impl MemoryClient {
         })
     }
 
-    /// A request with the deadline, credentials, trace and request id.
-    fn request<T>(&self, message: T) -> Request<T> {
+    /// A request with the deadline, credentials, trace and request id;
+    /// `call` is the current call or job and `hop` the span of this attempt
+    /// (a child of the call's), which the request carries as `traceparent`.
+    fn request<T>(
+        &self,
+        message: T,
+        call: Option<&CallContext>,
+        hop: Option<&TraceParent>,
+    ) -> Request<T> {
         let mut request = Request::new(message);
         request.set_timeout(self.timeout);
         let metadata = request.metadata_mut();
         if let Some(authorization) = &self.authorization {
             metadata.insert("authorization", authorization.clone());
         }
-        if let Some(call) = CallContext::current() {
-            if let Ok(value) = call.trace.child().header_value().parse() {
-                metadata.insert("traceparent", value);
-            }
-            if let Ok(value) = call.request_id.parse() {
-                metadata.insert("x-request-id", value);
-            }
+        if let Some(hop) = hop
+            && let Ok(value) = hop.header_value().parse()
+        {
+            metadata.insert("traceparent", value);
+        }
+        if let Some(call) = call
+            && let Ok(value) = call.request_id.parse()
+        {
+            metadata.insert("x-request-id", value);
         }
         request
     }
 
-    /// Calls `rpc` with `message` as a full request ([`Self::request`]),
-    /// once more if it fails UNAVAILABLE; answers the response's message.
-    async fn call<M, R, F, Fut>(&self, message: M, rpc: F) -> Result<R, tonic::Status>
+    /// Calls `rpc` (`method`: its name, for the client span) with `message`
+    /// as a full request ([`Self::request`]), once more if it fails
+    /// UNAVAILABLE; answers the response's message. Each attempt is a hop of
+    /// its own in the trace, and an exported client span when recorded.
+    async fn call<M, R, F, Fut>(
+        &self,
+        method: &'static str,
+        message: M,
+        rpc: F,
+    ) -> Result<R, tonic::Status>
     where
         M: Clone,
         F: Fn(MemoryServiceClient<Channel>, Request<M>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
-        once_more_if_unavailable(&self.discovery, || {
-            let call = rpc(self.client.clone(), self.request(message.clone()));
-            let discovery = &self.discovery;
+        let call = CallContext::current();
+        let discovery = &self.discovery;
+        once_more_if_unavailable(discovery, || async {
+            if !discovery.has_replicas(self.timeout).await {
+                return Err(tonic::Status::unavailable(
+                    "no memory-service replica known: BOOKING_MEMORY_URL resolves to no address",
+                ));
+            }
+            let hop = call.as_ref().map(|call| call.trace.child());
+            let request = self.request(message.clone(), call.as_ref(), hop.as_ref());
+            let started = Instant::now();
             // The endpoint enforces the deadline once a call reaches one; this
             // bounds the wait for one (the balancer queues calls while it
             // knows no replica, e.g. when the name never resolved).
-            async move {
-                if !discovery.has_replicas(self.timeout).await {
-                    return Err(tonic::Status::unavailable(
-                        "no memory-service replica known: BOOKING_MEMORY_URL resolves to no address",
-                    ));
-                }
-                tokio::time::timeout(self.timeout + QUEUE_MARGIN, call)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(tonic::Status::deadline_exceeded(
-                            "no memory-service replica took the call within its deadline",
-                        ))
-                    })
+            let result = tokio::time::timeout(
+                self.timeout + QUEUE_MARGIN,
+                rpc(self.client.clone(), request),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(
+                    "no memory-service replica took the call within its deadline",
+                ))
+            });
+            if let (Some(call), Some(hop)) = (&call, &hop)
+                && call.tracer.is_recording(hop)
+            {
+                record_attempt(call, hop, method, &result, started.elapsed());
             }
+            result
         })
         .await
         .map(tonic::Response::into_inner)
@@ -279,9 +347,11 @@ impl MemoryClient {
             limit,
         };
         let response = self
-            .call(message, |mut client, request| async move {
-                client.get_emotion_history(request).await
-            })
+            .call(
+                GET_EMOTION_HISTORY,
+                message,
+                |mut client, request| async move { client.get_emotion_history(request).await },
+            )
             .await?;
         Ok(response.points.into_iter().map(|p| p.score).collect())
     }
@@ -293,7 +363,7 @@ impl MemoryClient {
         message: pb::StoreMessageRequest,
     ) -> Result<Uuid, MemoryError> {
         let response = self
-            .call(message, |mut client, request| async move {
+            .call(STORE_MESSAGE, message, |mut client, request| async move {
                 client.store_message(request).await
             })
             .await?;
@@ -315,9 +385,11 @@ impl MemoryClient {
         let message = pb::DeleteUserDataRequest {
             user_id: user_id.to_owned(),
         };
-        self.call(message, |mut client, request| async move {
-            client.delete_user_data(request).await
-        })
+        self.call(
+            DELETE_USER_DATA,
+            message,
+            |mut client, request| async move { client.delete_user_data(request).await },
+        )
         .await
         .map_err(MemoryError::from)
     }
@@ -325,8 +397,6 @@ impl MemoryClient {
 
 #[cfg(test)]
 mod tests {
-    use maitre_runtime::rpc::context::{CallContext, TraceParent};
-
     use super::*;
 
     fn with_reason(code: Code, reason: &str) -> tonic::Status {
@@ -428,13 +498,13 @@ mod tests {
             resolve_interval: Duration::ZERO,
         })
         .unwrap();
-        let call = CallContext {
-            request_id: "plan-42".into(),
-            trace: TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-                .unwrap(),
-            caller: None,
-        };
-        let request = call.scope(async { client.request(()) }).await;
+        let call = CallContext::continuing(
+            "plan-42".into(),
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            &Default::default(),
+        );
+        let hop = call.trace.child();
+        let request = client.request((), Some(&call), Some(&hop));
         let metadata = request.metadata();
         let traceparent = metadata.get("traceparent").unwrap().to_str().unwrap();
         let next_hop = TraceParent::parse(traceparent).unwrap();
@@ -443,9 +513,10 @@ mod tests {
             "same trace"
         );
         assert_ne!(
-            next_hop.span_id, "00f067aa0ba902b7",
+            next_hop.span_id, call.trace.span_id,
             "a new span for the hop"
         );
+        assert_eq!(next_hop, hop);
         assert_eq!(metadata.get("x-request-id").unwrap(), "plan-42");
         assert_eq!(
             metadata.get("authorization").unwrap(),

@@ -13,6 +13,7 @@ use maitre_api::booking::v1::booking_service_server::BookingServiceServer;
 use maitre_runtime::{
     launch::{self, Bound},
     metrics::Metrics,
+    otel::Tracer,
     server::{ServeSpec, serve},
 };
 
@@ -46,6 +47,7 @@ pub struct Application {
     memory: MemoryClient,
     metrics: Arc<Metrics>,
     booking_metrics: Arc<BookingMetrics>,
+    tracer: Tracer,
     settings: Settings,
 }
 
@@ -53,6 +55,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Fail on bad auth/TLS configuration before binding anything.
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
+        settings.common.trace.validate()?;
         let memory = MemoryClient::new(&settings.memory_client()?)?;
         if !settings.disable_workers {
             // A pooler without a direct URL: refuse now, not once serving.
@@ -61,11 +64,16 @@ impl Application {
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("booking-service");
         let booking_metrics = BookingMetrics::register(metrics.registry_mut());
+        let tracer = settings
+            .common
+            .trace
+            .tracer("booking-service", metrics.registry_mut())?;
         Ok(Self {
             bound,
             memory,
             metrics: Arc::new(metrics),
             booking_metrics,
+            tracer,
             settings,
         })
     }
@@ -90,6 +98,7 @@ impl Application {
             memory,
             metrics,
             booking_metrics,
+            tracer,
             settings,
         } = self;
         let Bound { grpc, admin, pool } = bound;
@@ -113,6 +122,7 @@ impl Application {
             max_request_bytes: MAX_REQUEST_BYTES + 1024,
             health_interval: settings.common.health_interval,
             shutdown_timeout: settings.common.shutdown_timeout,
+            tracer: tracer.clone(),
         };
         let worker_pool = maitre_runtime::db::connect_lazy(&settings.worker_pool())
             .context("parsing DATABASE_URL")?;
@@ -147,6 +157,7 @@ impl Application {
                     policy: settings.policy(),
                     metrics: booking_metrics,
                     wakeups,
+                    tracer,
                 };
                 jobs::workers::run(ctx, settings.workers(), listener_pool, stopping)
             });

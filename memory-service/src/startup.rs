@@ -12,6 +12,7 @@ use maitre_api::memory::v1::memory_service_server::MemoryServiceServer;
 use maitre_runtime::{
     launch::{self, Bound},
     metrics::Metrics,
+    otel::Tracer,
     server::{ServeSpec, serve},
 };
 
@@ -41,6 +42,7 @@ pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 pub struct Application {
     bound: Bound,
     metrics: Arc<Metrics>,
+    tracer: Tracer,
     settings: Settings,
 }
 
@@ -51,11 +53,17 @@ impl Application {
         // Fail on bad limits, auth or TLS configuration before binding anything.
         settings.check_limits()?;
         settings.server.validate(SERVICE_NAME, DEFAULT_GRANTS)?;
+        settings.common.trace.validate()?;
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
-        let metrics = Arc::new(Metrics::new("memory-service"));
+        let mut metrics = Metrics::new("memory-service");
+        let tracer = settings
+            .common
+            .trace
+            .tracer("memory-service", metrics.registry_mut())?;
         Ok(Self {
             bound,
-            metrics,
+            metrics: Arc::new(metrics),
+            tracer,
             settings,
         })
     }
@@ -78,6 +86,7 @@ impl Application {
         let Self {
             bound,
             metrics,
+            tracer,
             settings,
         } = self;
         let Bound { grpc, admin, pool } = bound;
@@ -105,6 +114,7 @@ impl Application {
             max_request_bytes: settings.max_request_bytes() + 1024,
             health_interval: settings.common.health_interval,
             shutdown_timeout: settings.common.shutdown_timeout,
+            tracer,
         };
         serve(spec, api, shutdown, move |stopping| {
             Some(tokio::spawn(purger.run(stopping)))

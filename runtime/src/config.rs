@@ -87,6 +87,9 @@ pub struct CommonArgs {
 
     #[command(flatten)]
     pub log: LogArgs,
+
+    #[command(flatten)]
+    pub trace: crate::otel::TraceArgs,
 }
 
 impl CommonArgs {

@@ -6,6 +6,8 @@
 //! - [`launch`]: each `main`'s body, binding the ports and the database,
 //!   running migrations.
 //! - [`telemetry`]: tracing set-up.
+//! - [`otel`]: OpenTelemetry spans (RPCs, jobs, SQL) exported over
+//!   OTLP/gRPC, with our own trace context's ids and sampling decision.
 //! - [`rpc`]: the tower layer every call passes: request id and trace
 //!   context, authentication and grants, load shedding, deadlines, metrics,
 //!   one log line.
@@ -35,6 +37,7 @@ pub mod health;
 pub mod launch;
 pub mod listener;
 pub mod metrics;
+pub mod otel;
 pub mod pagination;
 pub mod reflection;
 pub mod rpc;

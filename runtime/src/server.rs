@@ -345,7 +345,12 @@ pub struct ServeSpec {
     pub health_interval: Duration,
     /// Longest drain after shutdown begins.
     pub shutdown_timeout: Duration,
+    /// Sampling and span export (`otel::TraceArgs::tracer`); flushed last.
+    pub tracer: crate::otel::Tracer,
 }
+
+/// Longest wait for queued spans to reach the collector at exit.
+const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `api` until `shutdown`; `background` starts tasks (workers) that
 /// must stop when the watch turns true. Then: NOT_SERVING, drain calls and
@@ -377,6 +382,7 @@ where
         max_request_bytes,
         health_interval,
         shutdown_timeout,
+        tracer,
     } = spec;
     let access = args.access(service_name, default_grants)?;
     let local_addr = listener.local_addr()?;
@@ -416,7 +422,7 @@ where
         max_pending_request_bytes: args.max_pending_request_bytes,
     };
     let connection_metrics = metrics.connections.clone();
-    let policy = RpcPolicy::new(service_name, metrics, limits, access);
+    let policy = RpcPolicy::new(service_name, metrics, limits, access, tracer.clone());
     let reflection = if args.reflection {
         Some(crate::reflection::services(service_name)?)
     } else {
@@ -488,6 +494,8 @@ where
         let _ = admin.await;
     }
     pool.close().await;
+    // After the drain, so the spans of the last calls and jobs go out too.
+    tracer.shutdown(TRACE_FLUSH_TIMEOUT).await;
     tracing::info!(service = service_name, "stopped");
     Ok(())
 }

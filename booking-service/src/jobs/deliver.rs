@@ -34,7 +34,7 @@ use maitre_api::memory::v1 as memory;
 use uuid::Uuid;
 
 use super::{
-    DELIVER_QUEUE, DeliverFollowUp, JobContext, current_trace, jitter, job_context, run_job,
+    DELIVER_QUEUE, DeliverFollowUp, JobContext, JobRun, current_trace, jitter, job_context, run_job,
 };
 use crate::{
     domain::booking::CONFIRMED,
@@ -48,13 +48,20 @@ use crate::{
 
 pub async fn handle(job: DeliverFollowUp, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     let call = job_context(
+        &ctx,
         "deliver",
         job.follow_up_id,
         job.attempt,
         job.trace_parent.as_deref(),
     );
     let make_span = |trace_id: &str| tracing::info_span!("deliver_follow_up", follow_up_id = %job.follow_up_id, attempt = job.attempt, trace_id);
-    run_job(&ctx, DELIVER_QUEUE, call, make_span, deliver(&job, &ctx)).await
+    let run = JobRun {
+        queue: DELIVER_QUEUE,
+        name: "deliver_follow_up",
+        attempt: job.attempt,
+        subject: ("maitre.follow_up_id", job.follow_up_id),
+    };
+    run_job(&ctx, run, call, make_span, deliver(&job, &ctx)).await
 }
 
 async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {

@@ -40,7 +40,10 @@ use std::{
 use apalis::prelude::BoxDynError;
 use tracing::Instrument;
 
-use maitre_runtime::rpc::context::{CallContext, TraceParent};
+use maitre_runtime::{
+    otel::{self, KeyValue, SpanKind, Status, Tracer},
+    rpc::context::{CallContext, TraceParent},
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -75,14 +78,28 @@ pub struct JobContext {
     pub policy: FollowUpPolicy,
     pub metrics: Arc<BookingMetrics>,
     pub wakeups: wakeups::Wakeups,
+    /// Sampling and span export: each run is a span of the trace it continues.
+    pub tracer: Tracer,
+}
+
+/// What a job run's exported span says about it.
+struct JobRun {
+    queue: &'static str,
+    /// The span's name (the same as the run's log span).
+    name: &'static str,
+    attempt: u32,
+    /// The attribute naming what the job works on, e.g. `("maitre.booking_id", id)`.
+    subject: (&'static str, Uuid),
 }
 
 /// Runs one job: in its call context (the trace it continues, or a new one,
 /// and a request id naming the job) and in the span `make_span` builds from
 /// the trace id; records the run in the metrics and logs an unexpected error.
+/// A recorded trace gets a consumer span for the run, under the span that
+/// enqueued the job (its payload's `traceparent`), however long ago.
 async fn run_job<W>(
     ctx: &JobContext,
-    queue: &'static str,
+    run: JobRun,
     call: CallContext,
     make_span: impl FnOnce(&str) -> tracing::Span,
     work: W,
@@ -92,27 +109,66 @@ where
 {
     let span = make_span(&call.trace.trace_id);
     let started = Instant::now();
+    // Kept only when recorded: with export off nothing is cloned.
+    let exported = call.tracer.is_recording(&call.trace).then(|| call.clone());
     let result = call.scope(work).instrument(span.clone()).await;
-    ctx.metrics
-        .job_run(queue, result.is_ok(), started.elapsed());
+    let elapsed = started.elapsed();
+    ctx.metrics.job_run(run.queue, result.is_ok(), elapsed);
+    if let Some(call) = exported {
+        record_run(&call, &run, &result, elapsed);
+    }
     result.map_err(|error| {
         span.in_scope(|| tracing::error!(error = ?error, "job failed; apalis retries it at once"));
         error.into()
     })
 }
 
+/// Exports the span of a finished job run.
+fn record_run(
+    call: &CallContext,
+    run: &JobRun,
+    result: &Result<(), sqlx::Error>,
+    elapsed: Duration,
+) {
+    let (start, end) = otel::started_before(elapsed);
+    let (subject, id) = run.subject;
+    call.tracer.record(otel::FinishedSpan {
+        trace: &call.trace,
+        parent_span_id: call.parent_span_id.as_deref(),
+        parent_is_remote: true,
+        kind: SpanKind::Consumer,
+        name: run.name.into(),
+        start,
+        end,
+        attributes: vec![
+            KeyValue::new("messaging.system", "apalis"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", run.queue),
+            KeyValue::new("maitre.job.attempt", i64::from(run.attempt)),
+            KeyValue::new("maitre.request_id", call.request_id.clone()),
+            KeyValue::new(subject, id.to_string()),
+        ],
+        status: match result {
+            Ok(()) => Status::Unset,
+            Err(error) => Status::error(error.to_string()),
+        },
+    });
+}
+
 /// The call context a job runs in: the trace it continues (or a new one),
 /// and a request id naming the job, for log lines and the memory call.
-fn job_context(kind: &str, id: Uuid, attempt: u32, trace_parent: Option<&str>) -> CallContext {
-    let trace = trace_parent
-        .and_then(TraceParent::parse)
-        .map(|parent| parent.child())
-        .unwrap_or_else(TraceParent::new_root);
-    CallContext {
-        request_id: format!("{kind}-{id}-{attempt}"),
-        trace,
-        caller: None,
-    }
+fn job_context(
+    ctx: &JobContext,
+    kind: &str,
+    id: Uuid,
+    attempt: u32,
+    trace_parent: Option<&str>,
+) -> CallContext {
+    CallContext::continuing(
+        format!("{kind}-{id}-{attempt}"),
+        trace_parent.and_then(TraceParent::parse),
+        &ctx.tracer,
+    )
 }
 
 /// The current trace as a `traceparent` to hand to the next job.

@@ -13,8 +13,8 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{
-    DELIVER_QUEUE, DeliverFollowUp, JobContext, PLAN_QUEUE, PlanFollowUp, current_trace, jitter,
-    job_context, run_job,
+    DELIVER_QUEUE, DeliverFollowUp, JobContext, JobRun, PLAN_QUEUE, PlanFollowUp, current_trace,
+    jitter, job_context, run_job,
 };
 use crate::{
     domain::{
@@ -30,13 +30,20 @@ use crate::{
 /// expected failures are retried by re-scheduling, inside `plan`.
 pub async fn handle(job: PlanFollowUp, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     let call = job_context(
+        &ctx,
         "plan",
         job.booking_id,
         job.attempt,
         job.trace_parent.as_deref(),
     );
     let make_span = |trace_id: &str| tracing::info_span!("plan_follow_up", booking_id = %job.booking_id, attempt = job.attempt, trace_id);
-    run_job(&ctx, PLAN_QUEUE, call, make_span, plan(&job, &ctx)).await
+    let run = JobRun {
+        queue: PLAN_QUEUE,
+        name: "plan_follow_up",
+        attempt: job.attempt,
+        subject: ("maitre.booking_id", job.booking_id),
+    };
+    run_job(&ctx, run, call, make_span, plan(&job, &ctx)).await
 }
 
 /// What a run of a plan attempt must do about a memory-service failure.

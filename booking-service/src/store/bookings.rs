@@ -1,6 +1,7 @@
 //! Creating, reading and cancelling bookings.
 
 use chrono::{DateTime, Utc};
+use maitre_runtime::otel::TracedStatement;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -203,6 +204,7 @@ pub async fn create(
             .bind(&plan.idempotency_key)
             .bind(&booking.fingerprint)
             .fetch_optional(pool)
+            .traced("bookings::CREATE")
             .await;
         match result {
             Ok(row) => break row,
@@ -252,6 +254,7 @@ pub async fn create(
             let state = sqlx::query_as::<_, (i32, DateTime<Utc>)>(SLOT_STATE)
                 .bind(booking.slot_id)
                 .fetch_optional(pool)
+                .traced("bookings::SLOT_STATE")
                 .await?;
             Ok(match state {
                 None => CreateOutcome::SlotNotFound,
@@ -276,6 +279,7 @@ async fn replay(pool: &PgPool, booking: &NewBooking) -> Result<CreateOutcome, sq
         .bind(&booking.customer_id)
         .bind(&booking.request_id)
         .fetch_one(pool)
+        .traced("bookings::BY_REQUEST_ID")
         .await?;
     Ok(
         if same_request(earlier.request_fingerprint.as_deref(), &booking.fingerprint) {
@@ -291,6 +295,7 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<BookingRow>, sqlx::Er
     sqlx::query_as::<_, BookingRow>(GET)
         .bind(id)
         .fetch_optional(pool)
+        .traced("bookings::GET")
         .await
 }
 

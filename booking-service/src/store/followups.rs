@@ -4,6 +4,7 @@
 //! ListFollowUps reads them.
 
 use chrono::{DateTime, Utc};
+use maitre_runtime::otel::TracedStatement;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -63,6 +64,7 @@ RETURNING id
         now
     )
     .fetch_optional(&mut *tx)
+    .traced("followups::insert")
     .await?;
     Ok(inserted.is_some())
 }
@@ -117,6 +119,7 @@ RETURNING f.id AS "id!", f.booking_id AS "booking_id!", f.customer_id AS "custom
         attempts_made
     )
     .fetch_optional(pool)
+    .traced("followups::claim")
     .await
 }
 
@@ -141,6 +144,7 @@ WHERE f.id = $1
         id
     )
     .fetch_optional(pool)
+    .traced("followups::unclaimed")
     .await
 }
 
@@ -164,6 +168,7 @@ WHERE f.id = $1 AND b.id = f.booking_id
         now
     )
     .execute(pool)
+    .traced("followups::cancel_for_cancelled_booking")
     .await?;
     Ok(cancelled.rows_affected() == 1)
 }
@@ -207,6 +212,7 @@ RETURNING state AS "state!"
         SENT_AFTER_CANCEL_NOTE
     )
     .fetch_optional(pool)
+    .traced("followups::finish_sent")
     .await
 }
 
@@ -254,6 +260,7 @@ RETURNING attempts AS "attempts!"
         next_at
     )
     .fetch_optional(&mut *tx)
+    .traced("followups::finish_failed_attempt")
     .await
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use apalis_core::task::builder::TaskBuilder;
 use apalis_postgres::PgTask;
 use chrono::{DateTime, Utc};
+use maitre_runtime::otel::TracedStatement;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -83,7 +84,10 @@ async fn push(
 ) -> Result<Enqueued, sqlx::Error> {
     for _ in 0..2 {
         let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-        match apalis_postgres::queries::push_tasks(&mut *savepoint, queue, vec![make()?]).await {
+        let pushed = apalis_postgres::queries::push_tasks(&mut *savepoint, queue, vec![make()?])
+            .traced("jobs::push")
+            .await;
+        match pushed {
             Ok(()) => {
                 savepoint.commit().await?;
                 return Ok(Enqueued::New);
@@ -139,6 +143,7 @@ pub async fn push_first_deliver(
     let key = deliver_key(job.follow_up_id, job.attempt);
     let task = task(job, key, Some(SystemTime::from(at)))?;
     apalis_postgres::queries::push_tasks(&mut *tx, DELIVER_QUEUE, vec![task])
+        .traced("jobs::push_first_deliver")
         .await
         .map_err(|error| match error {
             apalis_postgres::Error::Database(e) => e,

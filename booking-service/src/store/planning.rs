@@ -7,6 +7,7 @@
 //! records its outcome; the sweep reads only that index.
 
 use chrono::{DateTime, Utc};
+use maitre_runtime::otel::TracedStatement;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -32,6 +33,7 @@ WHERE id = $1
         booking_id
     )
     .fetch_optional(pool)
+    .traced("planning::progress")
     .await
 }
 
@@ -57,6 +59,7 @@ WHERE id = $1 AND plan_attempt = $2 - 1
         next
     )
     .execute(&mut *tx)
+    .traced("planning::advance")
     .await?;
     Ok(advanced.rows_affected() == 1)
 }
@@ -77,6 +80,7 @@ WHERE id = $1 AND followup_planned_at IS NULL
         now
     )
     .execute(&mut *tx)
+    .traced("planning::mark_planned")
     .await?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! GetContext: the newest messages within a token budget, the conversation
 //! and its state, in one statement.
 
+use maitre_runtime::otel;
 use sqlx::PgPool;
 
 use super::rows::ContextRow;
@@ -91,13 +92,13 @@ pub async fn get(
     query: &ContextQuery,
     byte_budget: usize,
 ) -> Result<Option<ContextRow>, sqlx::Error> {
-    sqlx::query_as::<_, ContextRow>(GET_CONTEXT)
+    let statement = sqlx::query_as::<_, ContextRow>(GET_CONTEXT)
         .bind(query.conversation_id)
         .bind(i64::from(query.token_budget))
         .bind(i32::try_from(query.max_messages).unwrap_or(i32::MAX))
         .bind(i64::try_from(byte_budget).unwrap_or(i64::MAX))
         .bind(Role::Assistant.as_i16())
         .bind(Role::Tool.as_i16())
-        .fetch_optional(pool)
-        .await
+        .fetch_optional(pool);
+    otel::sql("context::GET_CONTEXT", statement).await
 }

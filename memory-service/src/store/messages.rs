@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
+use maitre_runtime::otel;
 use sqlx::{PgPool, types::Json};
 use uuid::Uuid;
 
@@ -221,8 +222,8 @@ pub async fn store(
         .bind(OVERFLOW_LABEL)
         .bind(key.caller)
         .bind(key.fingerprint)
-        .fetch_optional(pool)
-        .await;
+        .fetch_optional(pool);
+    let result = otel::sql("messages::STORE_MESSAGE", result).await;
     match result {
         Ok(Some((outcome, sequence, message_count, conversation_created))) => {
             match outcome.as_str() {
@@ -248,8 +249,8 @@ SELECT EXISTS (SELECT 1 FROM memory.erased_conversations WHERE conversation_id =
 "#,
                 message.conversation_id
             )
-            .fetch_one(pool)
-            .await?;
+            .fetch_one(pool);
+            let erased = otel::sql("messages::erased", erased).await?;
             Ok(if erased {
                 StoreOutcome::ConversationErased
             } else {
@@ -277,8 +278,8 @@ async fn replay(
         .bind(message.request_id.as_deref())
         .bind(key.caller)
         .bind(key.fingerprint)
-        .fetch_optional(pool)
-        .await?;
+        .fetch_optional(pool);
+    let row = otel::sql("messages::REPLAY", row).await?;
     let Some(row) = row else {
         // The message went between the two statements: only a purge removes
         // messages, so its conversation was erased.

@@ -17,4 +17,5 @@ mod reads;
 mod request_keys;
 mod state;
 mod store_message;
+mod trace_export;
 mod validation;

@@ -7,6 +7,8 @@
 
 use uuid::Uuid;
 
+use crate::otel::Tracer;
+
 tokio::task_local! {
     static CURRENT: CallContext;
     /// When the running call's deadline passes (the client's `grpc-timeout`,
@@ -25,11 +27,17 @@ pub struct CallContext {
     /// The authenticated caller (`AUTH_GRANTS` name); `None` when the
     /// server runs with AUTH_MODE=none or outside a call.
     pub caller: Option<String>,
+    /// The span this call's span belongs under (the caller's, from its
+    /// `traceparent` or the job's payload); `None` when the trace starts here.
+    pub parent_span_id: Option<String>,
+    /// The server's sampler and span export, for the spans of this call.
+    pub tracer: Tracer,
 }
 
 impl CallContext {
     /// From incoming headers; anything missing or malformed is generated.
-    pub fn from_headers(headers: &http::HeaderMap) -> Self {
+    /// `tracer` decides whether the call is sampled.
+    pub fn from_headers(headers: &http::HeaderMap, tracer: &Tracer) -> Self {
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
@@ -40,17 +48,40 @@ impl CallContext {
             })
             .map(str::to_owned)
             .unwrap_or_else(|| Uuid::now_v7().to_string());
-        let trace = headers
+        let parent = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse)
-            .map(|parent| parent.child())
-            .unwrap_or_else(TraceParent::new_root);
+            .and_then(TraceParent::parse);
+        Self::continuing(request_id, parent, tracer)
+    }
+
+    /// A call (or job) with `request_id` that continues `parent`'s trace,
+    /// or starts one, as `tracer`'s sampler decides.
+    pub fn continuing(request_id: String, parent: Option<TraceParent>, tracer: &Tracer) -> Self {
+        let (trace, parent_span_id) = match parent {
+            Some(parent) => (tracer.continue_remote(&parent), Some(parent.span_id)),
+            None => (tracer.new_root(), None),
+        };
         Self {
             request_id,
             trace,
             caller: None,
+            parent_span_id,
+            tracer: tracer.clone(),
         }
+    }
+
+    /// The current call's tracer and trace, only when its spans are
+    /// recorded: with export off nothing is cloned.
+    pub fn recording() -> Option<(Tracer, TraceParent)> {
+        CURRENT
+            .try_with(|c| {
+                c.tracer
+                    .is_recording(&c.trace)
+                    .then(|| (c.tracer.clone(), c.trace.clone()))
+            })
+            .ok()
+            .flatten()
     }
 
     /// The current call's authenticated caller name, if any.
@@ -95,6 +126,7 @@ pub struct TraceParent {
 }
 
 impl TraceParent {
+    /// A new trace, sampled (`Tracer::new_root` applies the sampler).
     pub fn new_root() -> Self {
         Self {
             trace_id: random_hex(16),
@@ -186,8 +218,46 @@ mod tests {
     fn request_id_is_taken_or_generated() {
         let mut headers = http::HeaderMap::new();
         headers.insert("x-request-id", "abc-123".parse().unwrap());
-        assert_eq!(CallContext::from_headers(&headers).request_id, "abc-123");
+        let tracer = Tracer::default();
+        assert_eq!(
+            CallContext::from_headers(&headers, &tracer).request_id,
+            "abc-123"
+        );
         headers.insert("x-request-id", "has space".parse().unwrap());
-        assert_ne!(CallContext::from_headers(&headers).request_id, "has space");
+        assert_ne!(
+            CallContext::from_headers(&headers, &tracer).request_id,
+            "has space"
+        );
+    }
+
+    #[test]
+    fn the_propagated_flag_is_the_samplers_decision() {
+        use crate::otel::{Sampler, SamplerName};
+        let tracer = |name, arg| Tracer::with_sampler(Sampler::new(name, arg).unwrap());
+        let mut headers = http::HeaderMap::new();
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        headers.insert("traceparent", unsampled.parse().unwrap());
+        let call =
+            CallContext::from_headers(&headers, &tracer(SamplerName::ParentBasedAlwaysOn, None));
+        assert!(
+            !call.trace.sampled,
+            "a parent-based sampler follows the caller"
+        );
+        assert!(call.trace.header_value().ends_with("-00"));
+        assert_eq!(call.parent_span_id.as_deref(), Some("00f067aa0ba902b7"));
+        let call = CallContext::from_headers(&headers, &tracer(SamplerName::AlwaysOn, None));
+        assert!(call.trace.sampled);
+        // A new trace: decided by the ratio.
+        let none = tracer(SamplerName::ParentBasedTraceIdRatio, Some(0.0));
+        let call = CallContext::from_headers(&http::HeaderMap::new(), &none);
+        assert!(!call.trace.sampled);
+        assert!(call.trace.header_value().ends_with("-00"));
+        assert_eq!(call.parent_span_id, None);
+        let all = tracer(SamplerName::ParentBasedTraceIdRatio, Some(1.0));
+        assert!(
+            CallContext::from_headers(&http::HeaderMap::new(), &all)
+                .trace
+                .sampled
+        );
     }
 }

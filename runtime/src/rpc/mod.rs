@@ -93,6 +93,8 @@ pub struct RpcPolicy {
     pub request_buffers: Arc<Semaphore>,
     /// `None` leaves the server open (AUTH_MODE=none).
     pub access: Option<Arc<Access>>,
+    /// Sampling and span export for the calls of this server.
+    pub tracer: crate::otel::Tracer,
 }
 
 /// The limits of [`RpcPolicy`], from the server's flags.
@@ -113,6 +115,7 @@ impl RpcPolicy {
         metrics: Arc<Metrics>,
         limits: RpcLimits,
         access: Option<Access>,
+        tracer: crate::otel::Tracer,
     ) -> Self {
         let own = format!("{service_name}/");
         let known_methods = methods::known_methods(&[
@@ -138,6 +141,7 @@ impl RpcPolicy {
                     .clamp(limits.max_request_bytes, Semaphore::MAX_PERMITS),
             )),
             access: access.map(Arc::new),
+            tracer,
         }
     }
 }
@@ -273,7 +277,7 @@ where
         let health = method.starts_with("grpc.health.v1.Health/");
         let health_watch = method == "grpc.health.v1.Health/Watch";
         let reflection = method.starts_with("grpc.reflection.");
-        let mut context = CallContext::from_headers(request.headers());
+        let mut context = CallContext::from_headers(request.headers(), &self.policy.tracer);
         let span = tracing::info_span!(
             "rpc",
             method = %method,
@@ -283,12 +287,19 @@ where
             code = Empty,
             duration_ms = Empty,
         );
+        // Probes and reflection would only bury the traces worth reading.
+        let exported = !health && !reflection && context.tracer.is_recording(&context.trace);
         let outcome = Outcome {
             metrics: self.policy.metrics.clone(),
             method: method.clone(),
             request_id: context.request_id.clone(),
             started,
             span: span.clone(),
+            exported: exported.then(|| ServerSpan {
+                tracer: context.tracer.clone(),
+                trace: context.trace.clone(),
+                parent_span_id: context.parent_span_id.clone(),
+            }),
         };
         let policy = self.policy.clone();
         let refuse = |outcome: Outcome, code, reason, message: &str| -> Self::Future {
@@ -563,6 +574,49 @@ struct Outcome {
     request_id: String,
     started: Instant,
     span: tracing::Span,
+    /// The call's server span, when it is exported.
+    exported: Option<ServerSpan>,
+}
+
+/// What the exported server span of a call needs once its code is known.
+struct ServerSpan {
+    tracer: crate::otel::Tracer,
+    trace: context::TraceParent,
+    parent_span_id: Option<String>,
+}
+
+impl ServerSpan {
+    fn record(self, method: &str, request_id: &str, code: Code, elapsed: Duration) {
+        use opentelemetry::trace::{SpanKind, Status};
+        let (start, end) = crate::otel::started_before(elapsed);
+        let mut attributes = crate::otel::rpc_attributes(method, code);
+        attributes.push(opentelemetry::KeyValue::new(
+            "maitre.request_id",
+            request_id.to_owned(),
+        ));
+        // Server-side failures only (OpenTelemetry's gRPC conventions): a
+        // refused request is the caller's doing, not an error of ours.
+        let status = match code {
+            Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss => Status::error(code_name(code)),
+            _ => Status::Unset,
+        };
+        self.tracer.record(crate::otel::FinishedSpan {
+            trace: &self.trace,
+            parent_span_id: self.parent_span_id.as_deref(),
+            parent_is_remote: true,
+            kind: SpanKind::Server,
+            name: method.to_owned().into(),
+            start,
+            end,
+            attributes,
+            status,
+        });
+    }
 }
 
 impl Outcome {
@@ -586,8 +640,11 @@ impl Outcome {
         }
     }
 
-    fn record(self, code: Code) {
+    fn record(mut self, code: Code) {
         let elapsed = self.started.elapsed();
+        if let Some(span) = self.exported.take() {
+            span.record(&self.method, &self.request_id, code, elapsed);
+        }
         let labels = RpcLabels {
             method: self.method.clone(),
             code: code_name(code).to_owned(),
