@@ -119,6 +119,7 @@ common=(-u AUTH_TOKENS -u AUTH_TOKENS_FILE -u AUTH_GRANTS -u TLS_CERT_FILE -u TL
     -u TLS_CLIENT_CA_FILE -u BOOKING_MEMORY_TOKEN_FILE -u BOOKING_MEMORY_CA_FILE
     -u BOOKING_MEMORY_CLIENT_CERT_FILE -u BOOKING_MEMORY_CLIENT_KEY_FILE
     -u OTEL_EXPORTER_OTLP_TRACES_ENDPOINT -u OTEL_SERVICE_NAME -u OTEL_RESOURCE_ATTRIBUTES
+    -u OTEL_EXPORTER_OTLP_HEADERS -u OTEL_EXPORTER_OTLP_TRACES_HEADERS -u DB_POOLER -u DATABASE_DIRECT_URL
     AUTH_MODE=none DATABASE_URL="$url" ADMIN_ADDR=off RUST_LOG="${RUST_LOG:-info}" NO_COLOR=1
     OTEL_EXPORTER_OTLP_ENDPOINT="$collector" OTEL_TRACES_SAMPLER=parentbased_always_on
     OTEL_BSP_SCHEDULE_DELAY=200)
@@ -141,8 +142,9 @@ call() { "$grpcurl" -plaintext -max-time 10 -d "$2" "127.0.0.1:$booking_port" "$
 field() { python3 -c 'import json, sys; d = json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
 rfc3339() { date -u -d "@$(($(date +%s) + $1))" +%Y-%m-%dT%H:%M:%SZ; }
 
-# The slot starts in 3 s and ends a second later: the follow-up is due then.
-slot="$(call CreateSlot "{\"start_time\":\"$(rfc3339 3)\",\"end_time\":\"$(rfc3339 4)\",\"capacity\":2,\"label\":\"trace check\",\"request_id\":\"trace-check-slot\"}" \
+# The slot starts in 10 s (the booking must come before) and ends a second
+# later: the follow-up is due then.
+slot="$(call CreateSlot "{\"start_time\":\"$(rfc3339 10)\",\"end_time\":\"$(rfc3339 11)\",\"capacity\":2,\"label\":\"trace check\",\"request_id\":\"trace-check-slot\"}" \
     | field 'd["slot"]["slotId"]')" || die "CreateSlot failed"
 conversation="$(python3 -c 'import uuid; print(uuid.uuid4())')"
 booking="$(call CreateBooking "{\"customer_id\":\"trace-check\",\"customer_name\":\"Ada Trace\",\"conversation_id\":\"$conversation\",\"slot_id\":\"$slot\",\"party_size\":1,\"deposit\":{\"currency_code\":\"EUR\",\"amount_minor\":100},\"request_id\":\"trace-check-booking\"}" \

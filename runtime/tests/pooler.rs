@@ -13,7 +13,10 @@
 use std::{str::FromStr, time::Duration};
 
 use maitre_runtime::{
-    db::{DbFailure, PoolSettings, Pooler, classify, connect_lazy, server_statement_timeout},
+    db::{
+        DbFailure, PoolSettings, Pooler, classify, connect_lazy, connect_options,
+        server_statement_timeout,
+    },
     testkit::{fresh_database, pgbouncer},
 };
 use sqlx::{
@@ -190,17 +193,72 @@ async fn named_statements_and_the_two_round_trip_path_fail_through_pgbouncer() {
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with(options.clone());
         let errors = workload(&pool, persistent).await;
-        assert!(
-            !errors.is_empty(),
-            "{what}: expected failures through PgBouncer in transaction mode, none"
-        );
         eprintln!(
             "{what}: {} of {TASKS} clients failed, e.g. {:?}",
             errors.len(),
-            errors[0]
+            errors.first()
         );
+        // Named statements fail whenever a client's next exchange lands on
+        // another server connection: with 40 clients on 2, always some. The
+        // one-off path fails only when two clients' exchanges interleave
+        // (about 40 % here, but a quiet run could see none): reported only.
+        if persistent {
+            assert!(
+                !errors.is_empty(),
+                "{what}: expected failures through PgBouncer in transaction mode, none"
+            );
+        }
         pool.close().await;
     }
+}
+
+/// A column changed under a running pool (a migration during a rolling
+/// deploy): the pooler mode decodes rows by what the server says now, not
+/// by the description it cached at the statement's first run.
+#[tokio::test]
+async fn a_changed_column_is_read_as_it_is_now_through_pgbouncer() {
+    let Some(binary) = pgbouncer::require("pooler schema change") else {
+        return;
+    };
+    let bouncer = pgbouncer::PgBouncer::start(&binary, 2);
+    let direct = fresh_database().await;
+    let admin = PgPool::connect(&direct).await.expect("direct connection");
+    sqlx::raw_sql(
+        "CREATE TABLE shifting (id int PRIMARY KEY, a int4 NOT NULL, b text NOT NULL);
+         INSERT INTO shifting VALUES (1, 7, 'seven')",
+    )
+    .execute(&admin)
+    .await
+    .expect("schema");
+    let settings = pooled(&bouncer.url(&direct), &direct, Duration::from_secs(5));
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect_options(&settings).unwrap())
+        .await
+        .expect("pool through pgbouncer");
+    let read = "SELECT * FROM shifting WHERE id = $1";
+    let (_, a, b): (i32, i32, String) = sqlx::query_as(read)
+        .bind(1)
+        .fetch_one(&pool)
+        .await
+        .expect("first read");
+    assert_eq!((a, b.as_str()), (7, "seven"));
+
+    // The columns swap places and types; the same SQL on the same connection.
+    sqlx::raw_sql(
+        "ALTER TABLE shifting DROP COLUMN a;
+         ALTER TABLE shifting ADD COLUMN a text NOT NULL DEFAULT 'new';
+         UPDATE shifting SET b = 'eight'",
+    )
+    .execute(&admin)
+    .await
+    .expect("migration");
+    let (_, b, a): (i32, String, String) = sqlx::query_as(read)
+        .bind(1)
+        .fetch_one(&pool)
+        .await
+        .expect("read after the migration");
+    assert_eq!((b.as_str(), a.as_str()), ("eight", "new"));
 }
 
 #[tokio::test]

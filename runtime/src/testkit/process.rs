@@ -29,7 +29,7 @@ const TAIL_LINES: usize = 40;
 /// each service's prefix): none of the developer's own may leak into a
 /// child, whose settings are exactly what its [`Spec`] says.
 const SCRUBBED_PREFIXES: &[&str] = &[
-    "MEMORY_", "BOOKING_", "AUTH_", "TLS_", "DB_", "MAX_", "HTTP2_",
+    "MEMORY_", "BOOKING_", "AUTH_", "TLS_", "DB_", "MAX_", "HTTP2_", "OTEL_",
 ];
 const SCRUBBED_NAMES: &[&str] = &[
     "DATABASE_URL",

@@ -284,6 +284,19 @@ impl PgConnection {
                 result_formats: &[PgValueFormat::Binary],
             })?;
 
+            if reparse.is_some() {
+                // Describe-only: the rows are decoded by the description the
+                // server gives for this very execution (the loop below takes
+                // the `RowDescription`), not by the one cached at the first:
+                // after a migration changed a column, a cached description
+                // would decode stale positions and types without an error
+                // (a named statement fails "cached plan must not change
+                // result type" instead).
+                self.inner
+                    .stream
+                    .write_msg(message::Describe::Portal(PortalId::UNNAMED))?;
+            }
+
             // executes the portal up to the passed limit
             // the protocol-level limit acts nearly identically to the `LIMIT` in SQL
             self.inner.stream.write_msg(message::Execute {
