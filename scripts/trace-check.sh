@@ -19,6 +19,8 @@ set -euo pipefail
 me="trace-check"
 log() { printf '%s: %s\n' "$me" "$*" >&2; }
 die() { printf '%s: error: %s\n' "$me" "$*" >&2; exit 1; }
+# shellcheck source=lib/venv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/venv.sh"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -37,30 +39,7 @@ done
 command -v psql >/dev/null 2>&1 || die "psql not found (apt-get install postgresql-client)"
 
 # ---------------------------------------------------------------- receiver venv
-make_venv() { rm -rf "$venv" && python3 -m venv "$venv" >&2; }
-if [[ ! -x "$venv/bin/python" ]]; then
-    log "creating virtualenv $venv"
-    mkdir -p "$tools"
-    if ! make_venv; then
-        # Debian's python3 has no ensurepip without python3-venv (as in
-        # scripts/python-client.sh, which CI runs only after this step).
-        if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-            log "python3 -m venv failed: apt-get install python3-venv"
-            { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv; } >&2 \
-                || die "apt-get install python3-venv failed"
-            make_venv || die "python3 -m venv failed even with python3-venv"
-        else
-            die "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"
-        fi
-    fi
-fi
-stamp="$venv/.maitre-requirements"
-if ! cmp -s "$requirements" "$stamp"; then
-    log "pip install -r scripts/otlp/requirements.txt into $venv"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install --quiet -r "$requirements" >&2 \
-        || die "pip install -r $requirements failed"
-    cp "$requirements" "$stamp"
-fi
+ensure_venv "$venv" "$requirements"
 
 # ---------------------------------------------------------------- processes
 rm -rf "$dir"
