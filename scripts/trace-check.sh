@@ -4,7 +4,7 @@
 # release binaries with OTEL_EXPORTER_OTLP_ENDPOINT pointing at it and a
 # follow-up due a few seconds after booking, makes ONE CreateBooking, waits
 # (bounded) until its follow-up is SENT, then until the spans show
-# CreateBooking → plan job → deliver job → StoreMessage client → memory-service
+# CreateBooking → follow-up job (→ deliver job, if retried) → StoreMessage client → memory-service
 # StoreMessage, SQL spans and every parent link (scripts/otlp/check_trace.py).
 #
 #   scripts/trace-check.sh

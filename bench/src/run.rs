@@ -283,7 +283,7 @@ impl Bench<'_> {
             self.stop().await?;
             eprintln!(
                 "  {:.0} delivered/s, plan start p50 {:.1} ms",
-                result.throughput.delivered_per_second, result.plan_start.from_created_ms.p50_ms
+                result.throughput.delivered_per_second, result.plan_start.from_due_ms.p50_ms
             );
             results.follow_ups = Some(result);
             if self.plan.retained_jobs > 0 {

@@ -143,7 +143,7 @@ impl BookingMetrics {
         );
         registry.register(
             "plan_start_delay_seconds",
-            "Time from a booking's commit to its plan job's start",
+            "Time from a follow-up job's due time (the event's end + BOOKING_FOLLOWUP_DELAY) to its first run's start",
             metrics.plan_start_delay.clone(),
         );
         Arc::new(metrics)

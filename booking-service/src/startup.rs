@@ -108,6 +108,7 @@ impl Application {
             settings.common.max_page_size,
             memory.clone(),
             wakeups.clone(),
+            settings.followup_delay,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);

@@ -148,6 +148,7 @@ async fn fixture(stack: &Stack) -> Fixture {
     // Let planning finish: every booking has its pending follow-up and no
     // plan job is left, so the database holds still from here on.
     for id in &bookings {
+        stack.plan_early(id).await;
         stack
             .wait_follow_up(id, "a planned follow-up", |f| {
                 f.state == booking::FollowUpState::Pending as i32

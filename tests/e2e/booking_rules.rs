@@ -77,6 +77,7 @@ async fn cancelling_after_the_slot_started_is_refused_and_changes_nothing() {
     cancel(&stack, &early.booking_id)
         .await
         .expect("cancelled in time");
+    stack.plan_early(&booked.booking_id).await;
     stack
         .wait_follow_up(&booked.booking_id, "planned", |f| {
             f.state == FollowUpState::Pending as i32
@@ -273,6 +274,7 @@ async fn follow_ups_date_the_event_where_it_happens() {
             booked.slot_start_time, slot.start_time,
             "an instant, in UTC"
         );
+        stack.plan_early(&booked.booking_id).await;
         let planned = stack
             .wait_follow_up(&booked.booking_id, "planned", |f| {
                 f.state == FollowUpState::Pending as i32
@@ -310,6 +312,7 @@ async fn hostile_customer_names_are_rendered_as_written() {
         request.customer_name = (*name).into();
         let booked = stack.book(request).await.expect(name);
         assert_eq!(booked.customer_name, *name);
+        stack.plan_early(&booked.booking_id).await;
         let planned = stack
             .wait_follow_up(&booked.booking_id, "planned", |f| {
                 f.state == FollowUpState::Pending as i32

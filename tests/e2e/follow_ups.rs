@@ -68,7 +68,17 @@ async fn an_unhappy_customer_gets_a_service_recovery_message_once() {
         sent.rendered_text
     );
     assert_delivered_once(&stack, &conversation, &sent).await;
-    // The deliver job is done; waiting longer changes nothing.
+    // One job per booking: it planned and delivered; no deliver job was made.
+    // (The job is acknowledged after its run returns: wait for that.)
+    maitre_runtime::testkit::wait_for("the follow-up job done", crate::stack::WITHIN, || async {
+        (stack.jobs(booking_service::jobs::PLAN_QUEUE, "Done").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stack.jobs_total(booking_service::jobs::DELIVER_QUEUE).await,
+        0
+    );
+    // The job is done; waiting longer changes nothing.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(stack.assistant_messages(&conversation).await.len(), 1);
     stack.assert_queues_clean().await;
@@ -143,6 +153,9 @@ async fn cancelling_before_delivery_stores_no_message_and_returns_the_seats() {
         .book(Stack::booking_request(&slot, "eli", &conversation, 3))
         .await
         .expect("booked");
+    // Planned ahead of the event (as when the sweep re-runs a stranded job):
+    // a PENDING follow-up with its deliver job, which the cancel must stop.
+    stack.plan_early(&confirmed.booking_id).await;
     stack
         .wait_follow_up(&confirmed.booking_id, "the follow-up to be planned", |f| {
             f.state == FollowUpState::Pending as i32
@@ -239,6 +252,58 @@ async fn cancelling_before_planning_plans_nothing() {
         stack.follow_ups(&confirmed.booking_id).await.is_empty(),
         "a cancelled booking gets no follow-up"
     );
+    stack.assert_queues_clean().await;
+    stack.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_wording_follows_the_history_as_it_is_when_the_event_ends() {
+    let stack = spawn_stack().await;
+    // Happy when booking...
+    let conversation = stack
+        .conversation("gus", &[(0.7, "joy"), (0.9, "delight")])
+        .await;
+    let slot = stack
+        .slot(Duration::from_secs(4), Duration::from_secs(1), 10)
+        .await;
+    let confirmed = stack
+        .book(Stack::booking_request(&slot, "gus", &conversation, 2))
+        .await
+        .expect("booked");
+    // ...unhappy by the end of the event: nothing is planned before it ends.
+    assert!(stack.follow_ups(&confirmed.booking_id).await.is_empty());
+    stack
+        .add_messages(
+            &conversation,
+            "gus",
+            &[
+                (-0.9, "anger"),
+                (-0.9, "anger"),
+                (-0.9, "frustration"),
+                (-0.9, "anger"),
+            ],
+        )
+        .await;
+    assert!(
+        stack.follow_ups(&confirmed.booking_id).await.is_empty(),
+        "planned before the event ended"
+    );
+    let sent = stack
+        .wait_follow_up(&confirmed.booking_id, "SENT", |f| {
+            f.state == FollowUpState::Sent as i32
+        })
+        .await;
+    assert_eq!(
+        sent.template_key, "service_recovery",
+        "chosen from the newest history"
+    );
+    let end = slot.end_time.expect("end");
+    let planned = sent.create_time.expect("created");
+    assert!(
+        (planned.seconds, planned.nanos) >= (end.seconds, end.nanos),
+        "planned at {planned:?}, before the event ended at {end:?}"
+    );
+    assert_delivered_once(&stack, &conversation, &sent).await;
     stack.assert_queues_clean().await;
     stack.shutdown().await;
 }

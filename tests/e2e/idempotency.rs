@@ -66,6 +66,7 @@ async fn create_booking_replays_the_same_request_and_refuses_the_key_for_any_oth
     assert!(!first.replayed);
     let first = first.booking.expect("booking");
     // Planning done (its deliver job queued), so the queue holds still.
+    stack.plan_early(&first.booking_id).await;
     stack
         .wait_follow_up(&first.booking_id, "planned", |f| {
             f.state == booking::FollowUpState::Pending as i32

@@ -24,6 +24,9 @@ async fn memory_service_down_during_planning_and_delivery_then_up_delivers_once(
         .await
         .expect("booked");
     assert!(started.elapsed() < Duration::from_secs(1));
+    // Planned ahead of the event (the path of a job run early), so that
+    // planning and delivery meet memory-service at different times.
+    stack.plan_early(&confirmed.booking_id).await;
 
     // Planning fails and is re-scheduled (a second plan job appears).
     wait_for("a planning retry", WITHIN, || async {
@@ -115,7 +118,8 @@ async fn a_follow_up_that_always_fails_ends_failed_and_stops_retrying() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let again = stack.follow_ups(&confirmed.booking_id).await;
     assert_eq!(again[0].attempts, 3, "no retry after the last attempt");
-    assert_eq!(stack.jobs(deliver, "Done").await, 3);
+    // The first attempt ran in the follow-up job, the other two in deliver jobs.
+    assert_eq!(stack.jobs(deliver, "Done").await, 2);
     stack.assert_queues_clean().await;
     stack.shutdown().await;
 }
@@ -179,6 +183,9 @@ async fn a_deliver_job_that_died_is_swept_up_and_delivered_once() {
         .book(Stack::booking_request(&slot, "pam", &conversation, 1))
         .await
         .expect("booked");
+    // Planned ahead, with a deliver job for the event's end (the path of a
+    // job run early): that deliver job dies.
+    stack.plan_early(&booked.booking_id).await;
     stack
         .wait_follow_up(&booked.booking_id, "planned", |f| {
             f.state == FollowUpState::Pending as i32
@@ -244,4 +251,112 @@ async fn jobs_a_stopped_worker_fetched_but_never_started_go_back_to_the_queue() 
             ("started".into(), "Running".into(), Some("stopped".into())),
         ]
     );
+}
+
+/// The follow-up job planned (its row born claimed for delivery) and its
+/// process died before the call: the job runs again (apalis re-enqueues the
+/// jobs of a dead worker), finds the booking planned, waits the dead run's
+/// claim out, and delivers once.
+#[tokio::test]
+async fn a_follow_up_job_that_died_after_planning_delivers_once_when_it_runs_again() {
+    let mut stack = spawn_stack_with(|s| s.disable_workers = true).await;
+    let conversation = stack.conversation("quinn", &[(0.8, "joy")]).await;
+    let slot = stack
+        .slot(Duration::from_secs(1), Duration::from_millis(500), 5)
+        .await;
+    let booked = stack
+        .book(Stack::booking_request(&slot, "quinn", &conversation, 1))
+        .await
+        .expect("booked");
+    let booking_id: uuid::Uuid = booked.booking_id.parse().expect("uuid");
+    let end = slot.end_time.expect("end");
+    let due = chrono::DateTime::from_timestamp(end.seconds, end.nanos as u32).expect("due");
+
+    // What the dead run committed: the follow-up, claimed for 2 s, and the
+    // booking marked planned; its job is still waiting (as apalis leaves it).
+    let follow_up = booking_service::store::followups::NewFollowUp {
+        id: uuid::Uuid::now_v7(),
+        booking_id,
+        customer_id: "quinn".into(),
+        conversation_id: Some(conversation.parse().expect("uuid")),
+        trigger: booking_service::domain::POST_EVENT_TRIGGER,
+        template_key: "review_request".into(),
+        rendered_text: "Hi quinn, it was a pleasure.".into(),
+        scheduled_at: due,
+        plan_attempts: 1,
+    };
+    let now = chrono::Utc::now();
+    let mut tx = stack.db.begin().await.expect("begin");
+    let claim = Some((uuid::Uuid::now_v7(), Duration::from_secs(2)));
+    let inserted = booking_service::store::followups::insert(&mut tx, &follow_up, now, claim)
+        .await
+        .expect("planned");
+    assert_eq!(inserted, Some(FollowUpState::Pending as i16));
+    booking_service::store::planning::mark_planned(&mut tx, booking_id, now)
+        .await
+        .expect("marked");
+    tx.commit().await.expect("commit");
+
+    stack.add_booking_service(|_| {}).await;
+    let sent = stack
+        .wait_follow_up(&booked.booking_id, "SENT by the re-run", |f| {
+            f.state == FollowUpState::Sent as i32
+        })
+        .await;
+    assert_eq!(sent.follow_up_id, follow_up.id.to_string());
+    assert_eq!(sent.attempts, 1);
+    let sent_at = sent.sent_time.expect("sent");
+    let sent_at =
+        chrono::DateTime::from_timestamp(sent_at.seconds, sent_at.nanos as u32).expect("sent time");
+    // The claim's lease counts from the database's now(), a little after
+    // `now`: delivered no earlier than when that lease ran out.
+    assert!(
+        sent_at >= now + chrono::Duration::seconds(2),
+        "delivered at {sent_at} while the dead run's claim (from {now}, 2 s) held"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = stack.assistant_messages(&conversation).await;
+    assert_eq!(delivered.len(), 1, "delivered once: {delivered:?}");
+    assert_eq!(delivered[0].request_id, follow_up.id.to_string());
+    assert_eq!(stack.jobs(PLAN_QUEUE, "Done").await, 1);
+    assert_eq!(
+        stack.jobs_total(booking_service::jobs::DELIVER_QUEUE).await,
+        0
+    );
+    stack.assert_queues_clean().await;
+    stack.shutdown().await;
+}
+
+/// The sweep re-enqueues a dead follow-up job only once it is due: a
+/// booking ahead whose job died is planned at its event's end, from the
+/// history as it is then, not at once.
+#[tokio::test]
+async fn a_dead_job_of_a_booking_ahead_waits_for_its_due_time() {
+    let mut stack = spawn_stack_with(|s| s.disable_workers = true).await;
+    let slot = stack
+        .slot(Duration::from_secs(3600), Duration::from_secs(3600), 5)
+        .await;
+    let booked = stack
+        .book(Stack::booking_request(&slot, "rhea", "", 1))
+        .await
+        .expect("booked");
+    kill_jobs(&stack, PLAN_QUEUE).await;
+    stack
+        .add_booking_service(|s| {
+            s.followup_sweep_grace = Duration::ZERO;
+            s.job_prune_interval = Duration::from_millis(200);
+        })
+        .await;
+    // Several sweeps go by (the first runs at start).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let plan_attempt: i32 =
+        sqlx::query_scalar("SELECT plan_attempt FROM booking.bookings WHERE id = $1::uuid")
+            .bind(&booked.booking_id)
+            .fetch_one(&stack.db)
+            .await
+            .expect("plan attempt");
+    assert_eq!(plan_attempt, 1, "not re-enqueued before its due time");
+    assert!(stack.follow_ups(&booked.booking_id).await.is_empty());
+    assert_eq!(stack.jobs(PLAN_QUEUE, "Pending").await, 0);
+    stack.shutdown().await;
 }

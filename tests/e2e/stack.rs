@@ -168,11 +168,17 @@ impl Stack {
     /// Stores `scores` as user messages of a new conversation; returns its id.
     pub async fn conversation(&self, customer: &str, scores: &[(f64, &str)]) -> String {
         let id = uuid::Uuid::now_v7().to_string();
+        self.add_messages(&id, customer, scores).await;
+        id
+    }
+
+    /// Stores a scored user message per `(score, label)` in the conversation.
+    pub async fn add_messages(&self, conversation: &str, customer: &str, scores: &[(f64, &str)]) {
         for (i, (score, label)) in scores.iter().enumerate() {
             self.memory
                 .clone()
                 .store_message(memory::StoreMessageRequest {
-                    conversation_id: id.clone(),
+                    conversation_id: conversation.into(),
                     user_id: customer.into(),
                     channel: "web".into(),
                     role: memory::Role::User as i32,
@@ -187,7 +193,15 @@ impl Stack {
                 .await
                 .expect("message stored");
         }
-        id
+    }
+
+    /// Jobs of `queue`, whatever their status.
+    pub async fn jobs_total(&self, queue: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+            .bind(queue)
+            .fetch_one(&self.db)
+            .await
+            .expect("job count")
     }
 
     /// A slot starting `starts_in` from now and lasting `lasts`.
@@ -255,6 +269,28 @@ impl Stack {
             .expect("follow-ups")
             .into_inner()
             .follow_ups
+    }
+
+    /// Makes the booking's follow-up job due now instead of at the event's
+    /// end: it plans now and, the follow-up being due later, leaves it
+    /// PENDING with its deliver job — the path of a plan job run early (the
+    /// sweep re-enqueues a stranded one to run at once). For tests that need
+    /// a planned follow-up to act on before the event.
+    pub async fn plan_early(&self, booking_id: &str) {
+        let moved = sqlx::query(
+            "UPDATE apalis.jobs SET run_at = now() \
+             WHERE job_type = $1 AND idempotency_key = $2 || '/1' AND status = 'Pending'",
+        )
+        .bind(booking_service::jobs::PLAN_QUEUE)
+        .bind(booking_id)
+        .execute(&self.db)
+        .await
+        .expect("plan job moved");
+        assert_eq!(
+            moved.rows_affected(),
+            1,
+            "one pending follow-up job for the booking"
+        );
     }
 
     /// Waits until the booking's follow-up satisfies `done`.

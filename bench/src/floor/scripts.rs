@@ -184,6 +184,9 @@ fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
         format!("{booking_id}::text || '/1'"),
         // The request's fingerprint: 32 bytes, like the service's SHA-256.
         format!("sha256(convert_to({}::text, 'UTF8'))", id7("rq")),
+        // The follow-up delay after the event, seconds: the bench's
+        // booking-service runs with BOOKING_FOLLOWUP_DELAY=0s.
+        "0::float8".into(),
     ];
     let counter = format!("\\set n :n + 1\n\\set slot :client_id * 1000 + :n / {SLOT_CAPACITY}\n");
     let create = bind(CREATE, &args).context("binding CREATE")?;

@@ -281,12 +281,12 @@ pub fn render(r: &Results) -> Result<String> {
         }
         if let Some(f) = &r.follow_ups {
             let line = format!(
-                "follow-ups: {} delivered in {:.2} s after coming due = {:.0}/s; plan job start on an idle queue: p50 {:.1} ms, p95 {:.1} ms",
+                "follow-ups: {} delivered in {:.2} s after coming due = {:.0}/s; job start after due on an idle queue: p50 {:.1} ms, p95 {:.1} ms",
                 f.throughput.sent,
                 f.throughput.seconds_due_to_last_sent,
                 f.throughput.delivered_per_second,
-                f.plan_start.from_created_ms.p50_ms,
-                f.plan_start.from_created_ms.p95_ms
+                f.plan_start.from_due_ms.p50_ms,
+                f.plan_start.from_due_ms.p95_ms
             );
             text(&foot, &line, (80, 8), 12, false)?;
         }

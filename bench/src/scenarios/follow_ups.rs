@@ -2,9 +2,10 @@
 //! the database (booking-service runs with BOOKING_FOLLOWUP_DELAY=0 and 100 ms
 //! polling).
 //!
-//! 1. Plan start on an idle queue: bookings made one at a time; for each,
-//!    the time from the booking's `created_at` to its plan job's `lock_at`
-//!    (set by apalis when a worker fetches the job).
+//! 1. Job start on an idle queue: bookings of events that end 200 ms later,
+//!    made one at a time; for each, the time from its follow-up job's due
+//!    time (`run_at`, the event's end) to its `lock_at` (set by apalis when
+//!    a worker fetches the job).
 //! 2. Throughput: N bookings on slots that all end at the same whole second
 //!    (the due time), for customers with an emotion history; then the time
 //!    from the due time until every follow-up is SENT.
@@ -21,9 +22,7 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use super::{
-    Endpoints, booking_client, booking_request, create_slot, create_slot_at, memory_client, message,
-};
+use super::{Endpoints, booking_client, booking_request, create_slot_at, memory_client, message};
 use crate::{
     db,
     load::code_name,
@@ -58,15 +57,12 @@ pub struct FollowUpResult {
     pub pg_cost: Option<PgCost>,
 }
 
-/// How soon a plan job starts on an idle queue.
+/// How soon a follow-up job starts once due, on an idle queue.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanStart {
-    /// From the booking's `created_at` (set by booking-service before its
-    /// transaction) to the plan job's `lock_at`.
-    pub from_created_ms: Spread,
-    /// From the CreateBooking response reaching the bench to `lock_at`
-    /// (negative when the worker was quicker than the response).
-    pub from_response_ms: Spread,
+    /// From the job's due time (`run_at`: the event's end) to its `lock_at`
+    /// (set by apalis when a worker fetches it).
+    pub from_due_ms: Spread,
     pub errors: Errors,
 }
 
@@ -77,7 +73,8 @@ pub struct Throughput {
     /// Time taken to create the bookings (32 concurrent calls).
     pub booking_seconds: f64,
     pub due_at: DateTime<Utc>,
-    /// Follow-ups already planned when they came due.
+    /// Follow-ups already planned when they came due (0: the one job per
+    /// booking plans at the due time).
     pub planned_at_due: i64,
     pub sent: i64,
     pub failed: i64,
@@ -135,23 +132,25 @@ async fn plan_start(
     let conversation = conversation(memory_client(endpoints).await?, &customer)
         .await
         .context("storing the plan-start customer's history")?;
-    let slot = create_slot(
-        &mut booking,
-        chrono::Duration::days(1),
-        chrono::Duration::hours(2),
-        10_000,
-    )
-    .await
-    .context("creating the plan-start slot")?;
     let mut errors = Errors::new();
-    let (mut from_created, mut from_response) = (Vec::new(), Vec::new());
+    let mut from_due = Vec::new();
     for _ in 0..samples {
         db::drain(pool, Duration::from_secs(30)).await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // An event that starts in 150 ms and ends 50 ms later: its
+        // follow-up job comes due 200 ms from now (BOOKING_FOLLOWUP_DELAY=0).
+        let start = Utc::now() + chrono::Duration::milliseconds(150);
+        let slot = create_slot_at(
+            &mut booking,
+            start,
+            start + chrono::Duration::milliseconds(50),
+            10,
+        )
+        .await
+        .context("creating a plan-start slot")?;
         let response = booking
             .create_booking(booking_request(&slot, &customer, &conversation))
             .await;
-        let received = Utc::now();
         let booking_id = match response {
             Ok(r) => r
                 .into_inner()
@@ -164,16 +163,16 @@ async fn plan_start(
             }
         };
         match lock_delay(pool, &booking_id).await? {
-            Some((created, locked)) => {
-                from_created.push(millis(locked - created));
-                from_response.push(millis(locked - received));
-            }
-            None => stats::count_error(&mut errors, "plan job not started within 10 s", booking_id),
+            Some((due, locked)) => from_due.push(millis(locked - due)),
+            None => stats::count_error(
+                &mut errors,
+                "follow-up job not started within 10 s of due",
+                booking_id,
+            ),
         }
     }
     Ok(PlanStart {
-        from_created_ms: Spread::of(&from_created),
-        from_response_ms: Spread::of(&from_response),
+        from_due_ms: Spread::of(&from_due),
         errors,
     })
 }
@@ -182,26 +181,24 @@ fn millis(d: chrono::TimeDelta) -> f64 {
     d.num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0
 }
 
-/// The booking's `created_at` and its first plan job's `lock_at`, once set.
+/// The booking's follow-up job's due time (`run_at`) and `lock_at`, once set.
 async fn lock_delay(
     pool: &PgPool,
     booking_id: &str,
 ) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>> {
     let id: Uuid = booking_id.parse().context("booking id")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(11);
     while tokio::time::Instant::now() < deadline {
         let row: Option<(DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT b.created_at, j.lock_at FROM booking.bookings b \
-             JOIN apalis.jobs j ON j.idempotency_key = $2 AND j.job_type = $3 \
-             WHERE b.id = $1",
+            "SELECT j.run_at, j.lock_at FROM apalis.jobs j \
+             WHERE j.idempotency_key = $1 AND j.job_type = $2",
         )
-        .bind(id)
         .bind(format!("{id}/1"))
         .bind(booking_service::jobs::PLAN_QUEUE)
         .fetch_optional(pool)
         .await?;
-        if let Some((created, Some(locked))) = row {
-            return Ok(Some((created, locked)));
+        if let Some((due, Some(locked))) = row {
+            return Ok(Some((due, locked)));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

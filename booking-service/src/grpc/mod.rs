@@ -35,15 +35,24 @@ pub struct BookingApi {
     memory: MemoryClient,
     /// Wakes the workers after a commit that made work due.
     wakeups: Wakeups,
+    /// A booking's follow-up job comes due this long after its event ends.
+    followup_delay: std::time::Duration,
 }
 
 impl BookingApi {
-    pub fn new(pool: PgPool, max_page_size: u32, memory: MemoryClient, wakeups: Wakeups) -> Self {
+    pub fn new(
+        pool: PgPool,
+        max_page_size: u32,
+        memory: MemoryClient,
+        wakeups: Wakeups,
+        followup_delay: std::time::Duration,
+    ) -> Self {
         Self {
             pool,
             max_page_size,
             memory,
             wakeups,
+            followup_delay,
         }
     }
 }
@@ -109,12 +118,22 @@ impl BookingApi {
             Uuid::now_v7(),
             &booking,
             maitre_runtime::db::now(),
+            self.followup_delay,
             trace,
         )
         .await?;
         let (row, replayed) = match outcome {
             CreateOutcome::Created(row) => {
-                self.wakeups.poke(PLAN_QUEUE);
+                // The follow-up job comes due at the event's end + delay:
+                // every replica's workers are woken then (polling covers
+                // restarts and events further ahead).
+                let due = row.slot_ends_at
+                    + chrono::Duration::from_std(self.followup_delay).unwrap_or_default();
+                if due <= maitre_runtime::db::now() {
+                    self.wakeups.poke(PLAN_QUEUE);
+                } else {
+                    self.wakeups.poke_at(PLAN_QUEUE, due);
+                }
                 tracing::info!(booking_id = %row.id, slot_id = %row.slot_id, "booking confirmed");
                 (row, false)
             }

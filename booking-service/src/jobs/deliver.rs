@@ -64,7 +64,8 @@ pub async fn handle(job: DeliverFollowUp, ctx: Data<JobContext>) -> Result<(), B
     run_job(&ctx, run, call, make_span, deliver(&job, &ctx)).await
 }
 
-async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
+/// Claims the follow-up for `job.attempt`, then calls and finishes.
+pub(super) async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     let attempts_made = i32::try_from(job.attempt.saturating_sub(1)).unwrap_or(i32::MAX);
     let token = Uuid::now_v7();
     let mut waits = 0;
@@ -98,7 +99,19 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
     };
 
     // Claimed: the pooled connection went back with the claim's statement.
-    let request = store_request(&follow_up);
+    call_and_finish(ctx, job.attempt, &follow_up, token).await
+}
+
+/// Steps 2 and 3 for a follow-up this run holds the claim `token` on, for
+/// delivery attempt `attempt`: the call to memory-service, then the outcome
+/// recorded while the claim still holds.
+pub(super) async fn call_and_finish(
+    ctx: &JobContext,
+    attempt: u32,
+    follow_up: &Claimed,
+    token: Uuid,
+) -> Result<(), sqlx::Error> {
+    let request = store_request(follow_up);
     match ctx.memory.store_follow_up(request).await {
         Ok(message_id) => {
             let now = maitre_runtime::db::now();
@@ -122,7 +135,7 @@ async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(), sqlx::Er
                 }
             }
         }
-        Err(error) => record_failure(job, ctx, &follow_up, token, error).await?,
+        Err(error) => record_failure(attempt, ctx, follow_up, token, error).await?,
     }
     Ok(())
 }
@@ -189,7 +202,7 @@ async fn explain_unclaimed(
 /// Records a failed call: retry later, FAILED, or CANCELLED (erased), by
 /// what the failure means (`FailureKind`) and the attempt budget.
 async fn record_failure(
-    job: &DeliverFollowUp,
+    attempt: u32,
     ctx: &JobContext,
     follow_up: &Claimed,
     token: Uuid,
@@ -197,9 +210,7 @@ async fn record_failure(
 ) -> Result<(), sqlx::Error> {
     let kind = error.kind();
     let now = maitre_runtime::db::now();
-    let budget_used = job
-        .attempt
-        .saturating_sub(u32::try_from(follow_up.retry_from).unwrap_or(0));
+    let budget_used = attempt.saturating_sub(u32::try_from(follow_up.retry_from).unwrap_or(0));
     let exhausted = ctx.policy.deliver_retry.exhausted(budget_used);
     if kind == FailureKind::Config {
         ctx.metrics.memory_config_error(error.code());

@@ -1,10 +1,14 @@
 //! The follow-up pipeline on apalis (PostgreSQL storage).
 //!
 //! ```text
-//! CreateBooking ──(same tx)──▶ plan job ──▶ scheduled_followups row + deliver job (same tx)
-//!                                            └─ at event end + delay ─▶ deliver job ─▶ memory.StoreMessage
+//! CreateBooking ──(same statement)──▶ follow-up job (queue "plan"), due at event end + delay
+//!   when due: scheduled_followups row, born claimed (one tx) ─▶ memory.StoreMessage ─▶ finish
+//!   later, if needed: deliver job ─▶ claim ─▶ memory.StoreMessage ─▶ finish
+//!                     (a retry, a re-drive, the sweep, a follow-up planned before it was due)
 //! ```
 //!
+//! One job per booking: the wording is chosen from the emotion history as
+//! it is when the event ends, and a follow-up costs one job's queue traffic.
 //! Jobs run at least once, so both handlers are idempotent: the partial
 //! unique index allows one live follow-up per booking and trigger, and
 //! delivery stores the message with `request_id` = the follow-up's id.

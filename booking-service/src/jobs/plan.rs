@@ -1,8 +1,13 @@
-//! The plan job: choose the wording from the customer's emotion history and
-//! schedule the delivery.
+//! The follow-up job: one per booking, due at the event's end + delay
+//! (CreateBooking enqueues it). It chooses the wording from the customer's
+//! emotion history as it is then, and delivers the follow-up in the same
+//! run: the follow-up row is born claimed for its first delivery attempt,
+//! and the run goes on with the deliver job's call and finish. Deliver jobs
+//! remain for what comes later: retries, re-drives, the sweep, and a
+//! follow-up planned before it is due (a plan retried or re-enqueued early).
 //!
 //! Invariant: every confirmed booking ends with exactly one follow-up (the
-//! partial unique index), and stays in `bookings_unplanned_idx` until it has
+//! partial unique index), and stays in `bookings_unplanned_due_idx` until it has
 //! one. Whatever fails when, some live job holds its newest plan attempt or
 //! the sweep enqueues the next one: a retry is taken by compare-and-set on
 //! the booking's `plan_attempt`, never restarts at 1, and after
@@ -14,7 +19,7 @@ use uuid::Uuid;
 
 use super::{
     DELIVER_QUEUE, DeliverFollowUp, JobContext, JobRun, PLAN_QUEUE, PlanFollowUp, current_trace,
-    jitter, job_context, run_job,
+    deliver, jitter, job_context, run_job,
 };
 use crate::{
     domain::{
@@ -23,7 +28,11 @@ use crate::{
         template::{EmotionSummary, RenderContext, choose, render},
     },
     memory_client::MemoryError,
-    store::{self, followups::NewFollowUp, jobs::Enqueued},
+    store::{
+        self,
+        followups::{Claimed, NewFollowUp, PENDING},
+        jobs::Enqueued,
+    },
 };
 
 /// apalis handler. Errors returned here are unexpected (database trouble);
@@ -61,10 +70,10 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
         tracing::warn!("booking not found; nothing to plan");
         return Ok(());
     };
+    let delay = chrono::Duration::from_std(ctx.policy.delay_after_event).unwrap_or_default();
+    let due = booking.slot_ends_at + delay;
     if job.attempt == 1 {
-        let waited = (Utc::now() - booking.created_at)
-            .to_std()
-            .unwrap_or_default();
+        let waited = (Utc::now() - due).to_std().unwrap_or_default();
         ctx.metrics.plan_start_delay(waited);
     }
     if booking.state != CONFIRMED {
@@ -73,9 +82,9 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     }
     let progress = store::planning::progress(&ctx.pool, booking.id).await?;
     if progress.is_some_and(|p| p.planned_at.is_some()) {
-        tracing::debug!("already planned; nothing to do");
         ctx.metrics.plan("already_planned");
-        return Ok(());
+        // A run of this job planned it and may have died before delivering.
+        return deliver_first_if_due(ctx, booking.id).await;
     }
 
     let summary = match booking.conversation_id {
@@ -130,7 +139,6 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
             event_start: booking.slot_starts_at,
         },
     );
-    let delay = chrono::Duration::from_std(ctx.policy.delay_after_event).unwrap_or_default();
     let follow_up = NewFollowUp {
         id: Uuid::now_v7(),
         booking_id: booking.id,
@@ -139,16 +147,22 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
         trigger: POST_EVENT_TRIGGER,
         template_key: template.key.clone(),
         rendered_text,
-        scheduled_at: booking.slot_ends_at + delay,
+        scheduled_at: due,
         plan_attempts: i32::try_from(job.attempt).unwrap_or(i32::MAX),
     };
 
-    // The follow-up, its first delivery job and the end of planning commit
-    // together: a booking leaves the unplanned set only with its follow-up.
+    // The follow-up and the end of planning commit together: a booking
+    // leaves the unplanned set only with its follow-up. Due now (the normal
+    // case: this job came due at the event's end), the row is born claimed
+    // by this run, which delivers it next; due later, its first deliver job
+    // commits with it.
     let now = maitre_runtime::db::now();
+    let deliver_now = follow_up.scheduled_at <= now;
+    let token = Uuid::now_v7();
+    let claim = deliver_now.then_some((token, ctx.policy.claim_lease));
     let mut tx = ctx.pool.begin().await?;
-    let inserted = store::followups::insert(&mut tx, &follow_up, now).await?;
-    if inserted {
+    let inserted = store::followups::insert(&mut tx, &follow_up, now, claim).await?;
+    if inserted == Some(PENDING) && !deliver_now {
         let deliver = DeliverFollowUp {
             follow_up_id: follow_up.id,
             attempt: 1,
@@ -160,26 +174,75 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     // it) or the booking was cancelled meanwhile; either way planning is over.
     store::planning::mark_planned(&mut tx, booking.id, now).await?;
     tx.commit().await?;
-    if inserted {
-        if follow_up.scheduled_at <= now {
-            ctx.wakeups.poke(DELIVER_QUEUE);
-        } else {
-            ctx.wakeups.wake_at(DELIVER_QUEUE, follow_up.scheduled_at);
+    match inserted {
+        Some(state) => {
+            ctx.metrics.plan("planned");
+            tracing::info!(
+                follow_up_id = %follow_up.id,
+                template = %follow_up.template_key,
+                scheduled_at = %follow_up.scheduled_at,
+                born_cancelled = state != PENDING,
+                "follow-up planned"
+            );
+        }
+        None => {
+            ctx.metrics.plan("already_planned");
+            tracing::debug!("follow-up already planned or booking cancelled meanwhile");
         }
     }
-    if inserted {
-        ctx.metrics.plan("planned");
-        tracing::info!(
-            follow_up_id = %follow_up.id,
-            template = %follow_up.template_key,
-            scheduled_at = %follow_up.scheduled_at,
-            "follow-up planned"
-        );
-    } else {
-        ctx.metrics.plan("already_planned");
-        tracing::debug!("follow-up already planned or booking cancelled meanwhile");
+    match inserted {
+        // Born cancelled (the customer was erased): nothing to deliver.
+        Some(state) if state != PENDING => return Ok(()),
+        // A racing run of this job planned it first: if that run died
+        // before delivering, this one delivers (the claim decides).
+        None if deliver_now => return deliver_first_if_due(ctx, booking.id).await,
+        None => return Ok(()),
+        Some(_) => {}
     }
-    Ok(())
+    if deliver_now {
+        let claimed = Claimed {
+            id: follow_up.id,
+            booking_id: follow_up.booking_id,
+            customer_id: follow_up.customer_id,
+            conversation_id: follow_up.conversation_id,
+            template_key: follow_up.template_key,
+            rendered_text: follow_up.rendered_text,
+            attempts: 0,
+            retry_from: 0,
+            last_error: None,
+        };
+        deliver::call_and_finish(ctx, 1, &claimed, token).await
+    } else {
+        ctx.wakeups.wake_at(DELIVER_QUEUE, follow_up.scheduled_at);
+        Ok(())
+    }
+}
+
+/// A re-run of the job of a booking already planned (jobs run at least
+/// once: the run that planned may have died before delivering): makes the
+/// first delivery attempt if it is due and nobody made it yet. The claim
+/// decides between this run and any other (a deliver job, the sweep's).
+async fn deliver_first_if_due(ctx: &JobContext, booking_id: Uuid) -> Result<(), sqlx::Error> {
+    let Some(live) =
+        store::followups::live_for_booking(&ctx.pool, booking_id, POST_EVENT_TRIGGER).await?
+    else {
+        return Ok(());
+    };
+    if live.state != PENDING || live.attempts != 0 || live.scheduled_at > Utc::now() {
+        tracing::debug!(
+            follow_up_id = %live.id,
+            state = live.state,
+            attempts = live.attempts,
+            "already planned, and its first delivery is made or not yet due; nothing to do"
+        );
+        return Ok(());
+    }
+    let first = DeliverFollowUp {
+        follow_up_id: live.id,
+        attempt: 1,
+        trace_parent: current_trace(),
+    };
+    deliver::deliver(&first, ctx).await
 }
 
 /// Takes the next plan attempt (compare-and-set on the booking) and enqueues

@@ -14,10 +14,17 @@
 //! - each replica listens on one connection and wakes its own worker,
 //!   ignoring its own notifications.
 //!
-//! Work committed for later (a delivery due at the event's end, a retry)
-//! gets a local wake-up at its due time ([`Wakeups::wake_at`]): apalis's
-//! interval polling was seen to stall for seconds, and 2,000 deliveries due
-//! together waited for it. What nobody announces (rows written by hand,
+//! Work due later gets a wake-up at its due time. Every worker process reads
+//! the due times of the next ten minutes from the queue table once a minute
+//! ([`Wakeups::arm_upcoming_until`]) and sets a local timer for each, so a
+//! booking's follow-up job, due a day or a month after it was enqueued (by
+//! whichever replica), starts on time. Work committed to come due within
+//! those ten minutes also sets its timer at once: a booking's follow-up job
+//! wakes every replica's workers ([`Wakeups::poke_at`]: the booking may have
+//! been taken by a replica without workers), a retry or a delivery planned
+//! ahead wakes the local worker ([`Wakeups::wake_at`]). apalis's interval
+//! polling was seen to stall for seconds, and 2,000 deliveries due together
+//! waited for it. What nobody announces (rows written by hand,
 //! another replica's work) is found by polling
 //! (`BOOKING_WORKER_POLL_INTERVAL`), as before.
 
@@ -45,6 +52,22 @@ pub const COALESCE: Duration = Duration::from_millis(5);
 /// Most due times waited for at once; beyond them, polling finds the work.
 const MAX_TIMED_WAKEUPS: usize = 10_000;
 
+/// Work due further ahead than this gets no timer; polling finds it.
+const TIMED_HORIZON: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// Whom a timed wake-up wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Reach {
+    /// This process's worker of the queue.
+    Local,
+    /// Every replica's (a coalesced NOTIFY).
+    AllReplicas,
+}
+
+/// How often a worker process reads the due times of the next
+/// [`TIMED_HORIZON`] from the queue table, to set its timers.
+pub const UPCOMING_SCAN_INTERVAL: Duration = Duration::from_secs(60);
+
 /// How long to wait before listening again after the listener failed.
 const RELISTEN_DELAY: Duration = Duration::from_secs(1);
 
@@ -64,8 +87,8 @@ struct Inner {
     instance: String,
     plan: Notify,
     deliver: Notify,
-    /// Due times (ms since the epoch, queue) a local wake-up waits for.
-    timed: Mutex<BTreeSet<(i64, &'static str)>>,
+    /// Due times (ms since the epoch, queue, reach) a wake-up waits for.
+    timed: Mutex<BTreeSet<(i64, &'static str, Reach)>>,
     /// Queues poked since the last NOTIFY went out.
     unsent: Mutex<BTreeSet<&'static str>>,
     send: Notify,
@@ -113,10 +136,29 @@ impl Wakeups {
 
     /// Work committed to `queue` comes due at `at`: wake this process's
     /// worker then (once per due time and queue, however many jobs share
-    /// it). Local only: the job is fetched by whichever replica's worker
-    /// comes first, and one is enough.
+    /// it). Local only: for work this process's own worker scheduled (a
+    /// delivery, a retry); whichever replica's worker comes first fetches it.
     pub fn wake_at(&self, queue: &'static str, at: DateTime<Utc>) {
-        let key = (at.timestamp_millis(), queue);
+        self.timer(queue, at, Reach::Local);
+    }
+
+    /// Work committed to `queue` comes due at `at`: at that time, wake the
+    /// workers here and on the other replicas (one coalesced NOTIFY), as
+    /// [`Wakeups::poke`] does. For work committed by the API, which may run
+    /// on a replica without workers (a booking's follow-up job, due at the
+    /// event's end).
+    pub fn poke_at(&self, queue: &'static str, at: DateTime<Utc>) {
+        self.timer(queue, at, Reach::AllReplicas);
+    }
+
+    fn timer(&self, queue: &'static str, at: DateTime<Utc>, reach: Reach) {
+        let until = at - Utc::now();
+        if until > TIMED_HORIZON {
+            // Polling finds it: a timer per far-off event would crowd out
+            // the near ones.
+            return;
+        }
+        let key = (at.timestamp_millis(), queue, reach);
         let Ok(mut timed) = self.inner.timed.lock() else {
             return;
         };
@@ -126,14 +168,62 @@ impl Wakeups {
         drop(timed);
         let wakeups = self.clone();
         // A millisecond after the due time: apalis fetches `run_at < now()`.
-        let delay = (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(1);
+        let delay = until.to_std().unwrap_or_default() + Duration::from_millis(1);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if let Ok(mut timed) = wakeups.inner.timed.lock() {
                 timed.remove(&key);
             }
-            wakeups.wake_local(queue);
+            match reach {
+                Reach::Local => wakeups.wake_local(queue),
+                Reach::AllReplicas => wakeups.poke(queue),
+            }
         });
+    }
+
+    /// Sets a local timer for every due time of the plan and deliver queues
+    /// within [`TIMED_HORIZON`], read from the queue table: work enqueued by
+    /// anyone (another replica, this process before a restart, a booking
+    /// made days ago) wakes this process's workers when it comes due.
+    /// Returns how many due times were read.
+    pub async fn arm_upcoming(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
+        let horizon = TIMED_HORIZON.to_std().unwrap_or_default();
+        let limit = i64::try_from(MAX_TIMED_WAKEUPS).unwrap_or(i64::MAX);
+        let due =
+            crate::store::jobs::due_within(pool, &[PLAN_QUEUE, DELIVER_QUEUE], horizon, limit)
+                .await?;
+        for (queue, at) in &due {
+            match queue.as_str() {
+                PLAN_QUEUE => self.wake_at(PLAN_QUEUE, *at),
+                DELIVER_QUEUE => self.wake_at(DELIVER_QUEUE, *at),
+                _ => {}
+            }
+        }
+        Ok(due.len())
+    }
+
+    /// [`Wakeups::arm_upcoming`] now and every [`UPCOMING_SCAN_INTERVAL`]
+    /// until `stop` (a worker process's task).
+    pub async fn arm_upcoming_until(self, pool: PgPool, mut stop: watch::Receiver<bool>) {
+        let mut failing = false;
+        loop {
+            match self.arm_upcoming(&pool).await {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("reading upcoming job due times again");
+                }
+                Ok(_) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "cannot read upcoming job due times; polling finds the jobs meanwhile");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(UPCOMING_SCAN_INTERVAL) => {}
+                _ = stop.wait_for(|stopping| *stopping) => return,
+            }
+        }
     }
 
     /// A stream that yields each time `queue`'s worker should fetch: the
@@ -252,6 +342,45 @@ mod tests {
         assert!(again.is_err(), "two pokes before the fetch are one wake-up");
         let other = tokio::time::timeout(Duration::from_millis(50), deliver.next()).await;
         assert!(other.is_err(), "the deliver worker was not poked");
+    }
+
+    #[tokio::test]
+    async fn work_due_beyond_the_horizon_is_left_to_polling() {
+        let wakeups = Wakeups::new();
+        wakeups.poke_at(PLAN_QUEUE, Utc::now() + chrono::Duration::days(1));
+        wakeups.wake_at(DELIVER_QUEUE, Utc::now() + chrono::Duration::minutes(11));
+        assert_eq!(wakeups.inner.timed.lock().map(|t| t.len()).ok(), Some(0));
+        wakeups.poke_at(PLAN_QUEUE, Utc::now() + chrono::Duration::minutes(9));
+        assert_eq!(wakeups.inner.timed.lock().map(|t| t.len()).ok(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_timed_poke_wakes_the_local_worker_and_queues_a_notify_at_the_due_time() {
+        let wakeups = Wakeups::new();
+        let mut plan = wakeups.stream(PLAN_QUEUE);
+        let due = Utc::now() + chrono::Duration::milliseconds(200);
+        wakeups.poke_at(PLAN_QUEUE, due);
+        assert!(
+            wakeups
+                .inner
+                .unsent
+                .lock()
+                .map(|u| u.is_empty())
+                .unwrap_or(false)
+        );
+        let woke = tokio::time::timeout(Duration::from_secs(5), plan.next()).await;
+        assert_eq!(woke, Ok(Some(())));
+        assert!(Utc::now() > due, "not before the due time");
+        let unsent = wakeups
+            .inner
+            .unsent
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default();
+        assert!(
+            unsent.contains(PLAN_QUEUE),
+            "a NOTIFY for the other replicas: {unsent:?}"
+        );
     }
 
     #[tokio::test]

@@ -119,8 +119,12 @@ pub async fn run(
         },
     );
     let listening = ctx.wakeups.clone().listen_until(listener, stop.clone());
+    let timers = ctx
+        .wakeups
+        .clone()
+        .arm_upcoming_until(ctx.pool.clone(), stop.clone());
     let housekeeping = housekeeping(ctx.clone(), settings.clone(), stop);
-    tokio::join!(plan_worker, deliver_worker, housekeeping, listening);
+    tokio::join!(plan_worker, deliver_worker, housekeeping, listening, timers);
 }
 
 /// A worker run this long counts as healthy: the next failure starts the
@@ -300,20 +304,25 @@ pub async fn sweep(
             break;
         }
     }
-    let created_before =
+    let due_before =
         chrono::Utc::now() - chrono::Duration::from_std(settings.sweep_grace).unwrap_or_default();
     let mut plans = 0;
-    let mut after = uuid::Uuid::nil();
+    let mut after = (
+        chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+        uuid::Uuid::nil(),
+    );
     loop {
-        let page = store::sweeps::stranded_plans(&ctx.pool, created_before, after).await?;
-        for &(booking_id, plan_attempt) in &page {
+        let page = store::sweeps::stranded_plans(&ctx.pool, due_before, after).await?;
+        for &(booking_id, plan_attempt, _) in &page {
             if plan::requeue_stranded(&ctx.pool, booking_id, plan_attempt).await? {
                 plans += 1;
                 tracing::warn!(%booking_id, attempt = plan_attempt + 1, "planning had no live job; enqueued its next attempt");
             }
         }
         match page.last() {
-            Some(&(id, _)) if page.len() as i64 == store::sweeps::SWEEP_BATCH => after = id,
+            Some(&(id, _, due)) if page.len() as i64 == store::sweeps::SWEEP_BATCH => {
+                after = (due, id)
+            }
             _ => break,
         }
         if *stop.borrow() {

@@ -34,8 +34,10 @@ pub enum CreateOutcome {
 }
 
 /// The whole booking in one statement (one round trip, one implicit
-/// transaction): seats, booking, pending payment, and the follow-up's plan
-/// job. The seats are taken by a conditional UPDATE, so two concurrent
+/// transaction): seats, booking, pending payment, and the follow-up's job,
+/// due at the event's end + `BOOKING_FOLLOWUP_DELAY` (`$18`, seconds): it
+/// plans and delivers then, from the freshest emotion history, and nothing
+/// of the pipeline runs during the booking burst. The seats are taken by a conditional UPDATE, so two concurrent
 /// bookings can never both take the last seat: the second waits for the
 /// first's row lock, re-checks `booked + n <= capacity` against the new
 /// value, and finds no row.
@@ -72,9 +74,11 @@ seats AS (
 new_booking AS (
     INSERT INTO booking.bookings
         (id, slot_id, customer_id, customer_name, conversation_id, party_size, state, request_id,
-         created_at, request_fingerprint)
-    SELECT $1, seats.id, $2, $3, $4, $6, 1 /* booking::CONFIRMED */, $9, $10, $17 FROM seats
-    RETURNING id
+         created_at, request_fingerprint, followup_due_at)
+    SELECT $1, seats.id, $2, $3, $4, $6, 1 /* booking::CONFIRMED */, $9, $10, $17,
+           seats.ends_at + make_interval(secs => $18)
+    FROM seats
+    RETURNING id, followup_due_at
 ),
 claim AS (
     INSERT INTO booking.conversation_owners (conversation_id, customer_id, created_at)
@@ -90,7 +94,8 @@ payment AS (
 plan_job AS (
     INSERT INTO apalis.jobs
         (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
-    SELECT $12, $13, $14, 'Pending', 0, $15, now(), 0, ''::hstore, $16 FROM new_booking
+    SELECT $12, $13, $14, 'Pending', 0, $15, new_booking.followup_due_at, 0, ''::hstore, $16
+    FROM new_booking
     RETURNING id
 )
 SELECT seats.starts_at, seats.ends_at, seats.label, seats.time_zone, 'created' AS outcome
@@ -174,6 +179,7 @@ pub async fn create(
     payment_id: Uuid,
     booking: &NewBooking,
     now: DateTime<Utc>,
+    followup_delay: std::time::Duration,
     trace_parent: Option<String>,
 ) -> Result<CreateOutcome, sqlx::Error> {
     let plan = jobs::plan_job_row(&PlanFollowUp {
@@ -203,6 +209,7 @@ pub async fn create(
             .bind(plan.max_attempts)
             .bind(&plan.idempotency_key)
             .bind(&booking.fingerprint)
+            .bind(followup_delay.as_secs_f64())
             .fetch_optional(pool)
             .traced("bookings::CREATE")
             .await;

@@ -35,22 +35,31 @@ pub struct NewFollowUp {
 
 /// Inserts the follow-up unless one is already live for this booking and
 /// trigger (the partial unique index decides, not a lookup), and only while
-/// the booking is still confirmed. Returns whether a row was inserted.
+/// the booking is still confirmed. With `claim` (token, lease) the row is
+/// born claimed for its first delivery attempt by the run that planned it,
+/// which delivers it next: no claim statement, and the stranded-delivery
+/// sweep leaves it alone while the lease lasts. A booking whose customer was
+/// erased gets a row born CANCELLED and unclaimed (trigger
+/// `followup_of_erased_booking`, which waits for an erasure in progress). Returns the inserted row's state, none when nothing
+/// was inserted.
 pub async fn insert(
     tx: &mut PgConnection,
     f: &NewFollowUp,
     now: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query_scalar!(
+    claim: Option<(Uuid, std::time::Duration)>,
+) -> Result<Option<i16>, sqlx::Error> {
+    let (token, lease) = claim.unzip();
+    sqlx::query_scalar!(
         r#"
 INSERT INTO booking.scheduled_followups
     (id, booking_id, customer_id, conversation_id, trigger, template_key, rendered_text,
-     state, scheduled_at, plan_attempts, created_at, updated_at)
-SELECT $1, $2, $3, $4, $5, $6, $7, 1 /* followups::PENDING */, $8, $9, $10, $10
+     state, scheduled_at, plan_attempts, created_at, updated_at, claim_token, claimed_until)
+SELECT $1, $2, $3, $4, $5, $6, $7, 1 /* followups::PENDING */, $8, $9, $10, $10,
+       $11::uuid, CASE WHEN $11::uuid IS NOT NULL THEN now() + make_interval(secs => $12) END
 FROM booking.bookings b
 WHERE b.id = $2 AND b.state = 1 /* booking::CONFIRMED */
 ON CONFLICT (booking_id, trigger) WHERE state <> 3 /* followups::CANCELLED */ DO NOTHING
-RETURNING id
+RETURNING state
 "#,
         f.id,
         f.booking_id,
@@ -61,12 +70,44 @@ RETURNING id
         f.rendered_text,
         f.scheduled_at,
         f.plan_attempts,
-        now
+        now,
+        token,
+        lease.map(|l| l.as_secs_f64()),
     )
     .fetch_optional(&mut *tx)
     .traced("followups::insert")
-    .await?;
-    Ok(inserted.is_some())
+    .await
+}
+
+/// The live (not cancelled) follow-up of a booking for a trigger, as a
+/// re-run of its plan job needs it: whether its first delivery is still
+/// to be made.
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub id: Uuid,
+    pub state: i16,
+    pub attempts: i32,
+    pub scheduled_at: DateTime<Utc>,
+}
+
+pub async fn live_for_booking(
+    pool: &PgPool,
+    booking_id: Uuid,
+    trigger: &str,
+) -> Result<Option<Live>, sqlx::Error> {
+    sqlx::query_as!(
+        Live,
+        r#"
+SELECT id, state, attempts, scheduled_at
+FROM booking.scheduled_followups
+WHERE booking_id = $1 AND trigger = $2 AND state <> 3 /* followups::CANCELLED */
+"#,
+        booking_id,
+        trigger
+    )
+    .fetch_optional(pool)
+    .traced("followups::live_for_booking")
+    .await
 }
 
 /// A follow-up claimed for one delivery attempt: what the call needs.

@@ -213,6 +213,39 @@ WHERE j.job_type = $1 AND j.idempotency_key = ANY($2)
 /// read the whole history on every refresh (half a second at a million
 /// rows, issue 12); this reads the index ranges of the other states only,
 /// so its cost follows the work at hand. The literals are apalis's states.
+/// The distinct due times (queue, run_at) of the jobs of `queues` still to
+/// run and due within the next `within`, soonest first, at most `limit`:
+/// the local wake-up timers a worker process sets (`jobs::wakeups`).
+/// Through `maitre_jobs_due_idx`, a range of the job types' due times: it
+/// reads the jobs of the window, not the bookings further ahead.
+pub async fn due_within(
+    pool: &PgPool,
+    queues: &[&str],
+    within: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+    let queues: Vec<String> = queues.iter().map(|q| (*q).to_owned()).collect();
+    let rows = sqlx::query!(
+        r#"
+SELECT job_type AS "queue!", run_at AS "run_at!"
+FROM apalis.jobs
+WHERE job_type = ANY($1)
+  AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
+  AND run_at > now() AND run_at < now() + make_interval(secs => $2)
+GROUP BY job_type, run_at
+ORDER BY run_at
+LIMIT $3
+"#,
+        &queues,
+        within.as_secs_f64(),
+        limit
+    )
+    .fetch_all(pool)
+    .traced("jobs::due_within")
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.queue, r.run_at)).collect())
+}
+
 pub const DEPTH: &str = r#"
 SELECT job_type,
        CASE WHEN status = 'Pending' AND run_at > now() THEN 'Scheduled' ELSE status END AS state,

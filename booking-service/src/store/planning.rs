@@ -3,7 +3,7 @@
 //! the follow-up was planned, and the newest plan attempt enqueued.
 //!
 //! A confirmed booking with `followup_planned_at` NULL is unfinished work,
-//! held in the partial index `bookings_unplanned_idx` until planning
+//! held in the partial index `bookings_unplanned_due_idx` until planning
 //! records its outcome; the sweep reads only that index.
 
 use chrono::{DateTime, Utc};

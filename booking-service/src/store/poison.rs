@@ -4,16 +4,16 @@
 
 use sqlx::{PgConnection, postgres::types::PgHstore};
 
-/// The rows `apalis.get_jobs` would fetch next, in its order, locked
-/// (rows another worker is fetching right now are skipped). Through apalis's
-/// `idx_apalis_jobs_fetch_partial`. These four stay raw strings run with
+/// The rows the (patched) fetch would take next, in its order, locked
+/// (rows another worker is fetching right now are skipped). Through
+/// `maitre_jobs_due_idx` (our migration). These four stay raw strings run with
 /// `sqlx::query`: the rows carry apalis's `hstore` metadata, a type sqlx's
 /// macros do not map. The status literals are apalis's own.
 const HEAD_OF_QUEUE: &str = r#"
 SELECT id, job, metadata FROM apalis.jobs
 WHERE job_type = $1 AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
   AND run_at < now()
-ORDER BY priority DESC, run_at ASC
+ORDER BY run_at ASC
 LIMIT $2
 FOR UPDATE SKIP LOCKED
 "#;

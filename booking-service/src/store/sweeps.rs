@@ -5,8 +5,8 @@
 //! queries find work that no live job will do any more, so housekeeping can
 //! enqueue it again: no follow-up is ever silently lost.
 //!
-//! Both read through partial indexes that hold only unfinished work
-//! (`bookings_unplanned_idx`, `scheduled_followups_pending_idx`), so a sweep
+//! Both read through partial indexes that hold only unfinished work, in due
+//! order (`bookings_unplanned_due_idx`, `scheduled_followups_pending_idx`), so a sweep
 //! costs what is unfinished, not what the history holds, and both page by
 //! keyset so that each statement stays short however much is stranded.
 
@@ -69,32 +69,42 @@ LIMIT $4
         .collect())
 }
 
-/// One page of (booking id, newest plan attempt) of stranded plannings:
-/// confirmed bookings not yet planned, created before `created_before` (a
-/// UUIDv7 floor: older than the grace), ids after `after`, whose newest plan
-/// attempt has no live job. Only `bookings_unplanned_idx`, whatever their age.
+/// A stranded planning: (booking id, newest plan attempt, due time). The
+/// last one's (due time, id) is the next page's keyset.
+pub type StrandedPlan = (Uuid, i32, chrono::DateTime<chrono::Utc>);
+
+/// One page of stranded plannings after `after` (due time, id): confirmed
+/// bookings not yet planned whose follow-up job came due before `due_before`
+/// (now − the grace), whose newest plan attempt has no live job — whatever
+/// their age. Through `bookings_unplanned_due_idx`, in due order: the
+/// bookings ahead (unplanned until their event ends) are never read.
+/// Bookings without a due time (made before it was recorded) were due when
+/// they were made.
 pub async fn stranded_plans(
     pool: &PgPool,
-    created_before: chrono::DateTime<chrono::Utc>,
-    after: Uuid,
-) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
+    due_before: chrono::DateTime<chrono::Utc>,
+    after: (chrono::DateTime<chrono::Utc>, Uuid),
+) -> Result<Vec<StrandedPlan>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"
-SELECT b.id, b.plan_attempt
+SELECT b.id, b.plan_attempt, COALESCE(b.followup_due_at, b.created_at) AS "due!"
 FROM booking.bookings b
 WHERE b.state = 1 /* booking::CONFIRMED */ AND b.followup_planned_at IS NULL
-  AND b.id < $1 AND b.id > $2
+  AND COALESCE(b.followup_due_at, b.created_at) < $1
+  AND COALESCE(b.followup_due_at, b.created_at) >= $2
+  AND (COALESCE(b.followup_due_at, b.created_at), b.id) > ($2, $3)
   AND NOT EXISTS (
       SELECT 1 FROM apalis.jobs j
-      WHERE j.job_type = $4
+      WHERE j.job_type = $5
         AND j.idempotency_key = b.id::text || '/' || b.plan_attempt
         AND (j.status IN ('Pending', 'Queued', 'Running')
            OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))
-ORDER BY b.id
-LIMIT $3
+ORDER BY COALESCE(b.followup_due_at, b.created_at), b.id
+LIMIT $4
 "#,
-        v7_floor(created_before),
-        after,
+        due_before,
+        after.0,
+        after.1,
         SWEEP_BATCH,
         PLAN_QUEUE
     )
@@ -102,7 +112,7 @@ LIMIT $3
     .await?;
     Ok(rows
         .into_iter()
-        .map(|row| (row.id, row.plan_attempt))
+        .map(|row| (row.id, row.plan_attempt, row.due))
         .collect())
 }
 

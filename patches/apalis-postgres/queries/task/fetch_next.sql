@@ -1,7 +1,9 @@
 -- maitre patch: the body of apalis.get_jobs inlined. Called through the
 -- SQL function, PostgreSQL plans the function body on every call (a
 -- non-inlinable set-returning SQL function); as a prepared statement of its
--- own it is planned once per connection.
+-- own it is planned once per connection. And due jobs in due order only
+-- (PATCHES.md, 3): read through maitre's (job_type, run_at) index, the scan
+-- stops after the due jobs it takes, however many are due or ahead.
 WITH next AS (
     SELECT id
     FROM apalis.jobs
@@ -15,7 +17,7 @@ WITH next AS (
         )
         AND run_at < now()
         AND job_type = $2
-    ORDER BY priority DESC, run_at ASC
+    ORDER BY run_at ASC
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
