@@ -16,7 +16,9 @@ use maitre_api::{
 use maitre_runtime::{server::AuthMode, testkit::wait_for};
 use tonic::Code;
 
-use crate::stack::{Stack, WITHIN, reason, spawn_stack_with, spawn_stack_with_memory};
+use crate::stack::{
+    Stack, WITHIN, planned_follow_up, reason, spawn_stack_with, spawn_stack_with_memory,
+};
 
 /// Log lines written while a test runs on this thread (the services run
 /// in-process on the test's single-threaded runtime, so their events land
@@ -637,40 +639,6 @@ async fn only_admin_may_erase_by_default() {
     stack.shutdown().await;
 }
 
-/// A follow-up as the plan job inserts it (`store::followups::insert`), for
-/// `booking`, carrying the customer's id and name.
-fn planned_follow_up(
-    booking: &booking::Booking,
-    name: &str,
-) -> booking_service::store::followups::NewFollowUp {
-    booking_service::store::followups::NewFollowUp {
-        id: uuid::Uuid::now_v7(),
-        booking_id: booking.booking_id.parse().expect("uuid"),
-        customer_id: booking.customer_id.clone(),
-        conversation_id: booking.conversation_id.parse().ok(),
-        trigger: booking_service::domain::POST_EVENT_TRIGGER,
-        template_key: "thank_you".into(),
-        rendered_text: format!("Hi {name}, thank you."),
-        scheduled_at: chrono::Utc::now() + chrono::Duration::hours(1),
-        plan_attempts: 1,
-    }
-}
-
-/// Waits until `n` sessions of the test database wait for a lock.
-async fn blocked_on_locks(stack: &Stack, n: i64) {
-    wait_for("sessions blocked on a lock", WITHIN, || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&stack.db)
-        .await
-        .expect("pg_stat_activity");
-        (waiting >= n).then_some(())
-    })
-    .await;
-}
-
 async fn follow_up_row(stack: &Stack, id: uuid::Uuid) -> (i16, String, String, Option<String>) {
     sqlx::query_as(
         "SELECT state, customer_id, rendered_text, last_error \
@@ -684,6 +652,8 @@ async fn follow_up_row(stack: &Stack, id: uuid::Uuid) -> (i16, String, String, O
 
 /// A plan job inserting its follow-up while the customer is erased, the
 /// insert first: the erasure waits for it to commit and then clears it.
+/// (The planning statement locks the booking row, which the erasure waits
+/// for; the trigger's own wait is what the next test, erasure first, checks.)
 #[tokio::test]
 async fn an_erasure_waits_for_a_follow_up_being_planned_and_clears_it() {
     let stack = spawn_stack_with(|s| s.disable_workers = true).await;
@@ -698,9 +668,14 @@ async fn an_erasure_waits_for_a_follow_up_being_planned_and_clears_it() {
     let follow_up = planned_follow_up(&booked, "Uma");
     let mut plan = stack.db.begin().await.expect("begin");
     assert_eq!(
-        booking_service::store::followups::insert(&mut plan, &follow_up, chrono::Utc::now(), None)
-            .await
-            .expect("planned"),
+        booking_service::store::followups::insert_planned(
+            &mut plan,
+            &follow_up,
+            chrono::Utc::now(),
+            None
+        )
+        .await
+        .expect("planned"),
         Some(FollowUpState::Pending as i16)
     );
 
@@ -716,7 +691,7 @@ async fn an_erasure_waits_for_a_follow_up_being_planned_and_clears_it() {
                 .map(|r| r.into_inner())
         }
     });
-    blocked_on_locks(&stack, 1).await;
+    stack.blocked_on_locks(1).await;
     plan.commit().await.expect("commit the plan");
     let erased = erasing.await.expect("join").expect("erased");
     assert_eq!(
@@ -764,7 +739,7 @@ async fn a_follow_up_planned_during_an_erasure_is_born_cancelled() {
                 .map(|r| r.into_inner())
         }
     });
-    blocked_on_locks(&stack, 1).await;
+    stack.blocked_on_locks(1).await;
 
     let follow_up = planned_follow_up(&booked, "Tom");
     let planning = tokio::spawn({
@@ -773,7 +748,7 @@ async fn a_follow_up_planned_during_an_erasure_is_born_cancelled() {
             let mut plan = pool.begin().await.expect("begin");
             // Claimed for delivery by the planning run, as a job due now does.
             let claim = Some((uuid::Uuid::now_v7(), Duration::from_secs(60)));
-            let inserted = booking_service::store::followups::insert(
+            let inserted = booking_service::store::followups::insert_planned(
                 &mut plan,
                 &follow_up,
                 chrono::Utc::now(),
@@ -785,7 +760,7 @@ async fn a_follow_up_planned_during_an_erasure_is_born_cancelled() {
             inserted
         }
     });
-    blocked_on_locks(&stack, 2).await;
+    stack.blocked_on_locks(2).await;
     pause.commit().await.expect("resume the erasure");
 
     let erased = erasing.await.expect("join").expect("erased");

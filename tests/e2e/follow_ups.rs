@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use maitre_api::booking::v1::{self as booking, FollowUpState};
 
-use crate::stack::{Stack, spawn_stack, spawn_stack_with};
+use crate::stack::{Stack, planned_follow_up, spawn_stack, spawn_stack_with};
 
 /// Stores the history, books, waits for delivery; returns the sent follow-up.
 async fn journey(
@@ -253,6 +253,63 @@ async fn cancelling_before_planning_plans_nothing() {
         "a cancelled booking gets no follow-up"
     );
     stack.assert_queues_clean().await;
+    stack.shutdown().await;
+}
+
+/// A plan run inserting its follow-up while a cancel of the booking is in
+/// flight (its transaction not yet committed): the run waits for the cancel
+/// and plans nothing. Reading the booking without a lock, it used to see it
+/// confirmed and insert a PENDING follow-up the cancel could not see, left
+/// PENDING on a cancelled booking for ever.
+#[tokio::test]
+async fn planning_waits_for_a_cancel_in_flight_and_plans_nothing() {
+    let stack = spawn_stack_with(|s| s.disable_workers = true).await;
+    let slot = stack
+        .slot(Duration::from_secs(3600), Duration::from_secs(3600), 4)
+        .await;
+    let booked = stack
+        .book(Stack::booking_request(&slot, "vera", "", 1))
+        .await
+        .expect("booked");
+    let booking_id: uuid::Uuid = booked.booking_id.parse().expect("uuid");
+
+    // What CancelBooking does to the booking row, not yet committed.
+    let mut cancel = stack.db.begin().await.expect("begin");
+    sqlx::query(
+        "UPDATE booking.bookings SET state = 2, cancelled_at = now() WHERE id = $1 AND state = 1",
+    )
+    .bind(booking_id)
+    .execute(&mut *cancel)
+    .await
+    .expect("cancel in flight");
+
+    let follow_up = planned_follow_up(&booked, "Vera");
+    let planning = tokio::spawn({
+        let pool = stack.db.clone();
+        async move {
+            let mut conn = pool.acquire().await.expect("connection");
+            booking_service::store::followups::insert_planned(
+                &mut conn,
+                &follow_up,
+                chrono::Utc::now(),
+                None,
+            )
+            .await
+            .expect("planning statement")
+        }
+    });
+    stack.blocked_on_locks(1).await;
+    cancel.commit().await.expect("commit the cancel");
+
+    assert_eq!(
+        planning.await.expect("join"),
+        None,
+        "nothing planned for a booking cancelled meanwhile"
+    );
+    assert!(
+        stack.follow_ups(&booked.booking_id).await.is_empty(),
+        "no follow-up on the cancelled booking"
+    );
     stack.shutdown().await;
 }
 

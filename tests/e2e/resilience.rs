@@ -286,16 +286,24 @@ async fn a_follow_up_job_that_died_after_planning_delivers_once_when_it_runs_aga
         plan_attempts: 1,
     };
     let now = chrono::Utc::now();
-    let mut tx = stack.db.begin().await.expect("begin");
+    let mut conn = stack.db.acquire().await.expect("connection");
     let claim = Some((uuid::Uuid::now_v7(), Duration::from_secs(2)));
-    let inserted = booking_service::store::followups::insert(&mut tx, &follow_up, now, claim)
-        .await
-        .expect("planned");
+    let inserted =
+        booking_service::store::followups::insert_planned(&mut conn, &follow_up, now, claim)
+            .await
+            .expect("planned");
     assert_eq!(inserted, Some(FollowUpState::Pending as i16));
-    booking_service::store::planning::mark_planned(&mut tx, booking_id, now)
-        .await
-        .expect("marked");
-    tx.commit().await.expect("commit");
+    drop(conn);
+    let planned: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT followup_planned_at FROM booking.bookings WHERE id = $1")
+            .bind(booking_id)
+            .fetch_one(&stack.db)
+            .await
+            .expect("booking");
+    assert!(
+        planned.is_some(),
+        "the same statement marked the booking planned"
+    );
 
     stack.add_booking_service(|_| {}).await;
     let sent = stack

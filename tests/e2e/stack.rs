@@ -330,6 +330,21 @@ impl Stack {
             .collect()
     }
 
+    /// Waits until `n` sessions of the test database wait for a lock.
+    pub async fn blocked_on_locks(&self, n: i64) {
+        wait_for("sessions blocked on a lock", WITHIN, || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&self.db)
+            .await
+            .expect("pg_stat_activity");
+            (waiting >= n).then_some(())
+        })
+        .await;
+    }
+
     /// Jobs of `queue` per apalis status.
     pub async fn jobs(&self, queue: &str, status: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(
@@ -401,4 +416,23 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .get_details_bad_request()
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
+}
+
+/// A follow-up as the plan job inserts it (`store::followups::insert_planned`),
+/// due in an hour, for `booking`, carrying the customer's id and name.
+pub fn planned_follow_up(
+    booking: &booking::Booking,
+    name: &str,
+) -> booking_service::store::followups::NewFollowUp {
+    booking_service::store::followups::NewFollowUp {
+        id: uuid::Uuid::now_v7(),
+        booking_id: booking.booking_id.parse().expect("uuid"),
+        customer_id: booking.customer_id.clone(),
+        conversation_id: booking.conversation_id.parse().ok(),
+        trigger: booking_service::domain::POST_EVENT_TRIGGER,
+        template_key: "thank_you".into(),
+        rendered_text: format!("Hi {name}, thank you."),
+        scheduled_at: chrono::Utc::now() + chrono::Duration::hours(1),
+        plan_attempts: 1,
+    }
 }

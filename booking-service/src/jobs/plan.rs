@@ -66,7 +66,7 @@ enum RetryPlan {
 }
 
 async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
-    let Some(booking) = store::bookings::get(&ctx.pool, job.booking_id).await? else {
+    let Some(booking) = store::planning::to_plan(&ctx.pool, job.booking_id).await? else {
         tracing::warn!("booking not found; nothing to plan");
         return Ok(());
     };
@@ -80,8 +80,7 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
         tracing::info!("booking cancelled before planning; no follow-up");
         return Ok(());
     }
-    let progress = store::planning::progress(&ctx.pool, booking.id).await?;
-    if progress.is_some_and(|p| p.planned_at.is_some()) {
+    if booking.planned_at.is_some() {
         ctx.metrics.plan("already_planned");
         // A run of this job planned it and may have died before delivering.
         return deliver_first_if_due(ctx, booking.id).await;
@@ -151,71 +150,73 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
         plan_attempts: i32::try_from(job.attempt).unwrap_or(i32::MAX),
     };
 
-    // The follow-up and the end of planning commit together: a booking
-    // leaves the unplanned set only with its follow-up. Due now (the normal
-    // case: this job came due at the event's end), the row is born claimed
-    // by this run, which delivers it next; due later, its first deliver job
-    // commits with it.
+    // The follow-up and the end of planning commit together, in one
+    // statement: a booking leaves the unplanned set only with its follow-up.
+    // Due now (the normal case: this job came due at the event's end), the
+    // row is born claimed by this run, which delivers it next; due later,
+    // its first deliver job commits with it.
     let now = maitre_runtime::db::now();
     let deliver_now = follow_up.scheduled_at <= now;
     let token = Uuid::now_v7();
-    let claim = deliver_now.then_some((token, ctx.policy.claim_lease));
-    let mut tx = ctx.pool.begin().await?;
-    let inserted = store::followups::insert(&mut tx, &follow_up, now, claim).await?;
-    if inserted == Some(PENDING) && !deliver_now {
-        let deliver = DeliverFollowUp {
-            follow_up_id: follow_up.id,
-            attempt: 1,
-            trace_parent: current_trace(),
-        };
-        store::jobs::push_first_deliver(&mut tx, &deliver, follow_up.scheduled_at).await?;
-    }
-    // Not inserted: a live follow-up exists already (a racing run planned
-    // it) or the booking was cancelled meanwhile; either way planning is over.
-    store::planning::mark_planned(&mut tx, booking.id, now).await?;
-    tx.commit().await?;
-    match inserted {
-        Some(state) => {
-            ctx.metrics.plan("planned");
-            tracing::info!(
-                follow_up_id = %follow_up.id,
-                template = %follow_up.template_key,
-                scheduled_at = %follow_up.scheduled_at,
-                born_cancelled = state != PENDING,
-                "follow-up planned"
-            );
-        }
-        None => {
-            ctx.metrics.plan("already_planned");
-            tracing::debug!("follow-up already planned or booking cancelled meanwhile");
-        }
-    }
-    match inserted {
-        // Born cancelled (the customer was erased): nothing to deliver.
-        Some(state) if state != PENDING => return Ok(()),
-        // A racing run of this job planned it first: if that run died
-        // before delivering, this one delivers (the claim decides).
-        None if deliver_now => return deliver_first_if_due(ctx, booking.id).await,
-        None => return Ok(()),
-        Some(_) => {}
-    }
-    if deliver_now {
-        let claimed = Claimed {
-            id: follow_up.id,
-            booking_id: follow_up.booking_id,
-            customer_id: follow_up.customer_id,
-            conversation_id: follow_up.conversation_id,
-            template_key: follow_up.template_key,
-            rendered_text: follow_up.rendered_text,
-            attempts: 0,
-            retry_from: 0,
-            last_error: None,
-        };
-        deliver::call_and_finish(ctx, 1, &claimed, token).await
+    let inserted = if deliver_now {
+        let claim = Some((token, ctx.policy.claim_lease));
+        let mut conn = ctx.pool.acquire().await?;
+        store::followups::insert_planned(&mut conn, &follow_up, now, claim).await?
     } else {
-        ctx.wakeups.wake_at(DELIVER_QUEUE, follow_up.scheduled_at);
-        Ok(())
+        let mut tx = ctx.pool.begin().await?;
+        let inserted = store::followups::insert_planned(&mut tx, &follow_up, now, None).await?;
+        if inserted == Some(PENDING) {
+            let deliver = DeliverFollowUp {
+                follow_up_id: follow_up.id,
+                attempt: 1,
+                trace_parent: current_trace(),
+            };
+            store::jobs::push_first_deliver(&mut tx, &deliver, follow_up.scheduled_at).await?;
+        }
+        tx.commit().await?;
+        inserted
+    };
+    let Some(state) = inserted else {
+        // A live follow-up exists already (a racing run of this job planned
+        // it) or the booking was cancelled meanwhile: planning is over. If
+        // that run died before delivering, this one delivers (the claim
+        // decides).
+        ctx.metrics.plan("already_planned");
+        tracing::debug!("follow-up already planned or booking cancelled meanwhile");
+        return if deliver_now {
+            deliver_first_if_due(ctx, booking.id).await
+        } else {
+            Ok(())
+        };
+    };
+    ctx.metrics.plan("planned");
+    tracing::info!(
+        follow_up_id = %follow_up.id,
+        template = %follow_up.template_key,
+        scheduled_at = %follow_up.scheduled_at,
+        born_cancelled = state != PENDING,
+        "follow-up planned"
+    );
+    if state != PENDING {
+        // Born cancelled (the customer was erased): nothing to deliver.
+        return Ok(());
     }
+    if !deliver_now {
+        ctx.wakeups.wake_at(DELIVER_QUEUE, follow_up.scheduled_at);
+        return Ok(());
+    }
+    let claimed = Claimed {
+        id: follow_up.id,
+        booking_id: follow_up.booking_id,
+        customer_id: follow_up.customer_id,
+        conversation_id: follow_up.conversation_id,
+        template_key: follow_up.template_key,
+        rendered_text: follow_up.rendered_text,
+        attempts: 0,
+        retry_from: 0,
+        last_error: None,
+    };
+    deliver::call_and_finish(ctx, 1, &claimed, token).await
 }
 
 /// A re-run of the job of a booking already planned (jobs run at least

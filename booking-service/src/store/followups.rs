@@ -33,17 +33,28 @@ pub struct NewFollowUp {
     pub plan_attempts: i32,
 }
 
-/// Inserts the follow-up unless one is already live for this booking and
-/// trigger (the partial unique index decides, not a lookup), and only while
-/// the booking is still confirmed. With `claim` (token, lease) the row is
-/// born claimed for its first delivery attempt by the run that planned it,
-/// which delivers it next: no claim statement, and the stranded-delivery
-/// sweep leaves it alone while the lease lasts. A booking whose customer was
-/// erased gets a row born CANCELLED and unclaimed (trigger
-/// `followup_of_erased_booking`, which waits for an erasure in progress). Returns the inserted row's state, none when nothing
-/// was inserted.
-pub async fn insert(
-    tx: &mut PgConnection,
+/// Inserts the follow-up and records that the booking's planning is over,
+/// in one statement (no transaction round trips on the hot path). The row
+/// is inserted unless one is already live for this booking and trigger (the
+/// partial unique index decides, not a lookup), and only while the booking
+/// is still confirmed; planning is recorded as over either way (a racing
+/// run planned it, or the booking was cancelled meanwhile).
+///
+/// The booking row is locked first (`FOR NO KEY UPDATE`): a cancel in
+/// flight is waited for and its outcome re-checked, so a cancelled booking
+/// never gets a PENDING follow-up the cancel could not see; two runs of the
+/// same job queue up on it instead of deadlocking between the trigger's
+/// share lock and the planned mark. An erasure in progress is waited for
+/// too (it locks the booking `FOR UPDATE`), and then the trigger
+/// `followup_of_erased_booking` gives the row born CANCELLED and unclaimed.
+///
+/// With `claim` (token, lease) the row is born claimed for its first
+/// delivery attempt by the run that planned it, which delivers it next: no
+/// claim statement, and the stranded-delivery sweep leaves it alone while
+/// the lease lasts. Returns the inserted row's state, none when nothing was
+/// inserted.
+pub async fn insert_planned(
+    conn: &mut PgConnection,
     f: &NewFollowUp,
     now: DateTime<Utc>,
     claim: Option<(Uuid, std::time::Duration)>,
@@ -51,15 +62,23 @@ pub async fn insert(
     let (token, lease) = claim.unzip();
     sqlx::query_scalar!(
         r#"
-INSERT INTO booking.scheduled_followups
-    (id, booking_id, customer_id, conversation_id, trigger, template_key, rendered_text,
-     state, scheduled_at, plan_attempts, created_at, updated_at, claim_token, claimed_until)
-SELECT $1, $2, $3, $4, $5, $6, $7, 1 /* followups::PENDING */, $8, $9, $10, $10,
-       $11::uuid, CASE WHEN $11::uuid IS NOT NULL THEN now() + make_interval(secs => $12) END
-FROM booking.bookings b
-WHERE b.id = $2 AND b.state = 1 /* booking::CONFIRMED */
-ON CONFLICT (booking_id, trigger) WHERE state <> 3 /* followups::CANCELLED */ DO NOTHING
-RETURNING state
+WITH inserted AS (
+    INSERT INTO booking.scheduled_followups
+        (id, booking_id, customer_id, conversation_id, trigger, template_key, rendered_text,
+         state, scheduled_at, plan_attempts, created_at, updated_at, claim_token, claimed_until)
+    SELECT $1, $2, $3, $4, $5, $6, $7, 1 /* followups::PENDING */, $8, $9, $10, $10,
+           $11::uuid, CASE WHEN $11::uuid IS NOT NULL THEN now() + make_interval(secs => $12) END
+    FROM booking.bookings b
+    WHERE b.id = $2 AND b.state = 1 /* booking::CONFIRMED */
+    FOR NO KEY UPDATE OF b
+    ON CONFLICT (booking_id, trigger) WHERE state <> 3 /* followups::CANCELLED */ DO NOTHING
+    RETURNING state
+),
+planned AS (
+    UPDATE booking.bookings SET followup_planned_at = $10
+    WHERE id = $2 AND followup_planned_at IS NULL
+)
+SELECT state AS "state!" FROM inserted
 "#,
         f.id,
         f.booking_id,
@@ -74,8 +93,8 @@ RETURNING state
         token,
         lease.map(|l| l.as_secs_f64()),
     )
-    .fetch_optional(&mut *tx)
-    .traced("followups::insert")
+    .fetch_optional(&mut *conn)
+    .traced("followups::insert_planned")
     .await
 }
 

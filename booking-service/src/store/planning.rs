@@ -4,37 +4,64 @@
 //!
 //! A confirmed booking with `followup_planned_at` NULL is unfinished work,
 //! held in the partial index `bookings_unplanned_due_idx` until planning
-//! records its outcome; the sweep reads only that index.
+//! records its outcome (`followups::insert_planned`); the sweep reads only
+//! that index.
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use maitre_runtime::otel::TracedStatement;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-/// Planning progress of one booking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PlanProgress {
+use crate::domain::slot::stored_time_zone;
+
+/// What planning reads of a booking, in one statement: what the wording
+/// needs, and whether planning is over already.
+#[derive(Debug, Clone)]
+pub struct ToPlan {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub customer_name: String,
+    pub conversation_id: Option<Uuid>,
+    pub party_size: i32,
+    pub state: i16,
+    /// The event's start in the slot's own time zone.
+    pub slot_starts_at: DateTime<Tz>,
+    pub slot_ends_at: DateTime<Utc>,
+    pub slot_label: String,
     pub planned_at: Option<DateTime<Utc>>,
-    /// The newest plan attempt enqueued.
-    pub plan_attempt: i32,
 }
 
-pub async fn progress(
-    pool: &PgPool,
-    booking_id: Uuid,
-) -> Result<Option<PlanProgress>, sqlx::Error> {
-    sqlx::query_as!(
-        PlanProgress,
+pub async fn to_plan(pool: &PgPool, booking_id: Uuid) -> Result<Option<ToPlan>, sqlx::Error> {
+    let row = sqlx::query!(
         r#"
-SELECT followup_planned_at AS planned_at, plan_attempt
-FROM booking.bookings
-WHERE id = $1
+SELECT b.id, b.customer_id, b.customer_name, b.conversation_id, b.party_size, b.state,
+       b.followup_planned_at AS planned_at,
+       s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label,
+       s.time_zone AS slot_time_zone
+FROM booking.bookings b
+JOIN booking.slots s ON s.id = b.slot_id
+WHERE b.id = $1
 "#,
         booking_id
     )
     .fetch_optional(pool)
-    .traced("planning::progress")
-    .await
+    .traced("planning::to_plan")
+    .await?;
+    Ok(row.map(|r| ToPlan {
+        id: r.id,
+        customer_id: r.customer_id,
+        customer_name: r.customer_name,
+        conversation_id: r.conversation_id,
+        party_size: r.party_size,
+        state: r.state,
+        slot_starts_at: r
+            .slot_starts_at
+            .with_timezone(&stored_time_zone(&r.slot_time_zone)),
+        slot_ends_at: r.slot_ends_at,
+        slot_label: r.slot_label,
+        planned_at: r.planned_at,
+    }))
 }
 
 /// Takes plan attempt `next` for the booking: only while `next - 1` is the
@@ -62,25 +89,4 @@ WHERE id = $1 AND plan_attempt = $2 - 1
     .traced("planning::advance")
     .await?;
     Ok(advanced.rows_affected() == 1)
-}
-
-/// Records that planning is over for the booking (a follow-up was inserted,
-/// or one was there already): it leaves the unplanned index.
-pub async fn mark_planned(
-    tx: &mut PgConnection,
-    booking_id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"
-UPDATE booking.bookings SET followup_planned_at = $2
-WHERE id = $1 AND followup_planned_at IS NULL
-"#,
-        booking_id,
-        now
-    )
-    .execute(&mut *tx)
-    .traced("planning::mark_planned")
-    .await?;
-    Ok(())
 }

@@ -32,6 +32,9 @@ const MEMORY_DELAY: Duration = Duration::from_secs(3);
 const BURST: usize = 500;
 /// Bookings of the burst cancelled while their follow-ups are delivered.
 const CANCELS: usize = 50;
+/// Seats of each load slot (the largest capacity a slot may have), and so
+/// the most bookings each load phase makes.
+const LOAD_SLOT_SEATS: usize = 10_000;
 
 /// A TCP forwarder that delays everything the client sends by `delay`
 /// (order kept, throughput not), so every gRPC call through it takes at
@@ -199,16 +202,19 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
         })
         .await
         .remove(0);
-    let load_slot = client
+    // Two load slots, one for the baseline and one for the burst, each
+    // booked at most to its capacity: a fast machine books more than 10,000
+    // seats in the drill's 13 s, and a full slot would fail the load's calls.
+    let mut load_slots = client
         .create_slots(SlotPlan {
             first_in: Duration::from_secs(3600),
             every: Duration::from_secs(1),
-            count: 1,
+            count: 2,
             lasts: Duration::from_secs(1),
-            capacity: 10_000,
+            capacity: LOAD_SLOT_SEATS as i32,
         })
-        .await
-        .remove(0);
+        .await;
+    let (baseline_slot, burst_load_slot) = (load_slots.remove(0), load_slots.remove(0));
     let due_at = Instant::now()
         + (burst_slot.starts_at + chrono::Duration::seconds(1) - chrono::Utc::now())
             .to_std()
@@ -237,8 +243,15 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
     // Baseline: CreateBooking latency before the burst (planning done).
     let baseline_from = Instant::now();
     let baseline_until = due_at - Duration::from_millis(500);
-    let mut baseline_ledger =
-        book_many(&client, &load_slot, "base", 4, usize::MAX, baseline_until).await;
+    let mut baseline_ledger = book_many(
+        &client,
+        &baseline_slot,
+        "base",
+        4,
+        LOAD_SLOT_SEATS,
+        baseline_until,
+    )
+    .await;
 
     // The burst: deliveries due now; the same booking load, plus cancels.
     tokio::time::sleep_until(due_at.into()).await;
@@ -246,9 +259,9 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
     let burst_until = burst_from + Duration::from_secs(8);
     let load = {
         let client = client.clone();
-        let slot = load_slot.clone();
+        let slot = burst_load_slot.clone();
         tokio::spawn(async move {
-            book_many(&client, &slot, "during", 4, usize::MAX, burst_until).await
+            book_many(&client, &slot, "during", 4, LOAD_SLOT_SEATS, burst_until).await
         })
     };
     // Cancels run meanwhile, one after another. A booking cannot be
