@@ -90,17 +90,6 @@ fn plan_payload(booking_id: Uuid, attempt: u32) -> Vec<u8> {
     .expect("payload")
 }
 
-/// (planned, plan_attempt) of a booking.
-async fn plan_progress(db: &PgPool, booking_id: &str) -> (bool, i32) {
-    sqlx::query_as::<_, (bool, i32)>(
-        "SELECT followup_planned_at IS NOT NULL, plan_attempt FROM booking.bookings WHERE id = $1::uuid",
-    )
-    .bind(booking_id)
-    .fetch_one(db)
-    .await
-    .expect("booking")
-}
-
 async fn follow_up_rows(db: &PgPool, booking_id: &str) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM booking.scheduled_followups WHERE booking_id = $1::uuid",
@@ -167,10 +156,7 @@ async fn a_dead_plan_chain_with_clashing_keys_still_plans_exactly_once() {
         planned.template_key, "thank_you",
         "the neutral fallback is reached"
     );
-    assert_eq!(
-        plan_progress(&stack.db, &confirmed.booking_id).await,
-        (true, 3)
-    );
+    assert_eq!(stack.plan_progress(&confirmed.booking_id).await, (true, 3));
     let plan_attempts: i32 = sqlx::query_scalar(
         "SELECT plan_attempts FROM booking.scheduled_followups WHERE booking_id = $1",
     )
@@ -229,7 +215,7 @@ async fn a_booking_days_old_with_no_plan_job_is_still_planned() {
     assert_eq!(sent.template_key, "thank_you");
     assert_eq!(follow_up_rows(&stack.db, &booking_id.to_string()).await, 1);
     assert_eq!(
-        plan_progress(&stack.db, &booking_id.to_string()).await,
+        stack.plan_progress(&booking_id.to_string()).await,
         (true, 2)
     );
     stack.shutdown().await;

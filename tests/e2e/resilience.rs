@@ -294,14 +294,8 @@ async fn a_follow_up_job_that_died_after_planning_delivers_once_when_it_runs_aga
             .expect("planned");
     assert_eq!(inserted, Some(FollowUpState::Pending as i16));
     drop(conn);
-    let planned: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT followup_planned_at FROM booking.bookings WHERE id = $1")
-            .bind(booking_id)
-            .fetch_one(&stack.db)
-            .await
-            .expect("booking");
     assert!(
-        planned.is_some(),
+        stack.plan_progress(&booked.booking_id).await.0,
         "the same statement marked the booking planned"
     );
 

@@ -330,6 +330,17 @@ impl Stack {
             .collect()
     }
 
+    /// (planned, plan_attempt) of a booking.
+    pub async fn plan_progress(&self, booking_id: &str) -> (bool, i32) {
+        sqlx::query_as::<_, (bool, i32)>(
+            "SELECT followup_planned_at IS NOT NULL, plan_attempt FROM booking.bookings WHERE id = $1::uuid",
+        )
+        .bind(booking_id)
+        .fetch_one(&self.db)
+        .await
+        .expect("booking")
+    }
+
     /// Waits until `n` sessions of the test database wait for a lock.
     pub async fn blocked_on_locks(&self, n: i64) {
         wait_for("sessions blocked on a lock", WITHIN, || async {

@@ -34,7 +34,7 @@ const BURST: usize = 500;
 const CANCELS: usize = 50;
 /// Seats of each load slot (the largest capacity a slot may have), and so
 /// the most bookings each load phase makes.
-const LOAD_SLOT_SEATS: usize = 10_000;
+const LOAD_SLOT_SEATS: i32 = booking_service::domain::slot::MAX_CAPACITY;
 
 /// A TCP forwarder that delays everything the client sends by `delay`
 /// (order kept, throughput not), so every gRPC call through it takes at
@@ -211,7 +211,7 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
             every: Duration::from_secs(1),
             count: 2,
             lasts: Duration::from_secs(1),
-            capacity: LOAD_SLOT_SEATS as i32,
+            capacity: LOAD_SLOT_SEATS,
         })
         .await;
     let (baseline_slot, burst_load_slot) = (load_slots.remove(0), load_slots.remove(0));
@@ -248,7 +248,7 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
         &baseline_slot,
         "base",
         4,
-        LOAD_SLOT_SEATS,
+        LOAD_SLOT_SEATS as usize,
         baseline_until,
     )
     .await;
@@ -261,7 +261,15 @@ async fn slow_memory_service_burst_delivers_once_without_blocking_bookings() {
         let client = client.clone();
         let slot = burst_load_slot.clone();
         tokio::spawn(async move {
-            book_many(&client, &slot, "during", 4, LOAD_SLOT_SEATS, burst_until).await
+            book_many(
+                &client,
+                &slot,
+                "during",
+                4,
+                LOAD_SLOT_SEATS as usize,
+                burst_until,
+            )
+            .await
         })
     };
     // Cancels run meanwhile, one after another. A booking cannot be
