@@ -478,9 +478,10 @@ async fn erasing_a_million_messages_is_quick_invisible_at_once_and_completes() {
         Ok(first) => {
             let first = first.into_inner();
             assert_eq!(first.conversations_deleted, 3);
-            assert_eq!(
-                first.messages_deleted + first.messages_remaining,
-                total,
+            // The background purger may take batches of the same erasure
+            // while the call runs; those are counted by no call (proto).
+            assert!(
+                first.messages_deleted + first.messages_remaining <= total,
                 "{first:?}"
             );
             first
