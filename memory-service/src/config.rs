@@ -19,7 +19,10 @@ use maitre_runtime::{
 
 use anyhow::ensure;
 
-use crate::{domain::Limits, erasure::PurgeSettings, startup::MAX_RESPONSE_BYTES};
+use crate::{
+    domain::Limits, erasure::PurgeSettings, startup::MAX_RESPONSE_BYTES,
+    store::group_commit::GroupCommit,
+};
 
 /// memory-service's defaults for the settings both services share.
 const DEFAULTS: ServiceDefaults = ServiceDefaults {
@@ -142,6 +145,29 @@ pub struct Settings {
     #[arg(long, env = "MEMORY_PURGE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     pub purge_interval: Duration,
 
+    /// StoreMessage group commit: how many writers each write the calls
+    /// queued at the time as one statement (one round trip and one commit for
+    /// many calls under load; a lone call is written at once). 0 writes each
+    /// call on its own.
+    #[arg(
+        long,
+        env = "MEMORY_STORE_WRITERS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u16).range(0..=256),
+        global = true
+    )]
+    pub store_writers: u16,
+
+    /// Most messages one group-commit statement writes.
+    #[arg(
+        long,
+        env = "MEMORY_STORE_BATCH_MAX",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u16).range(1..=1000),
+        global = true
+    )]
+    pub store_batch_max: u16,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -164,6 +190,14 @@ impl Settings {
         PurgeSettings {
             batch_size: self.purge_batch_size,
             interval: self.purge_interval,
+        }
+    }
+
+    pub fn group_commit(&self) -> GroupCommit {
+        GroupCommit {
+            writers: usize::from(self.store_writers),
+            max_batch: usize::from(self.store_batch_max),
+            max_distinct_labels: self.max_distinct_labels,
         }
     }
 

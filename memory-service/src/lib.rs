@@ -9,6 +9,7 @@
 //! - [`store`]: every SQL statement, next to the migrations' schema.
 //! - [`erasure`]: DeleteUserData's batched purge and the background purger.
 //! - [`error`]: the one error type and its one mapping to gRPC status.
+//! - [`metrics`]: memory-service's own metrics (the group commit's).
 //!
 //! Imports point one way: [`grpc`] and [`erasure`] → [`domain`] and
 //! [`store`]; [`store`] → [`domain`]; nothing back up (the `layering` test
@@ -20,6 +21,7 @@ pub mod domain;
 pub mod erasure;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod startup;
 pub mod store;
 

@@ -16,7 +16,13 @@ use maitre_runtime::{
     server::{ServeSpec, serve},
 };
 
-use crate::{config::Settings, erasure::Purger, grpc::MemoryApi, store};
+use crate::{
+    config::Settings,
+    erasure::Purger,
+    grpc::MemoryApi,
+    store,
+    store::group_commit::{GroupCommitMetrics, MessageWriter},
+};
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "maitre.memory.v1.MemoryService";
@@ -42,6 +48,7 @@ pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 pub struct Application {
     bound: Bound,
     metrics: Arc<Metrics>,
+    group_commit_metrics: GroupCommitMetrics,
     tracer: Tracer,
     settings: Settings,
 }
@@ -56,6 +63,7 @@ impl Application {
         settings.common.trace.validate()?;
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("memory-service");
+        let group_commit_metrics = crate::metrics::register_group_commit(metrics.registry_mut());
         let tracer = settings
             .common
             .trace
@@ -63,6 +71,7 @@ impl Application {
         Ok(Self {
             bound,
             metrics: Arc::new(metrics),
+            group_commit_metrics,
             tracer,
             settings,
         })
@@ -86,6 +95,7 @@ impl Application {
         let Self {
             bound,
             metrics,
+            group_commit_metrics,
             tracer,
             settings,
         } = self;
@@ -93,8 +103,11 @@ impl Application {
         // Finishes erasures that DeleteUserData left unfinished, on every
         // replica; stops with the server (between two batches).
         let purger = Purger::new(pool.clone(), settings.purge());
+        let writer =
+            MessageWriter::spawn(pool.clone(), settings.group_commit(), group_commit_metrics);
         let api = MemoryApi::new(
             pool.clone(),
+            writer,
             settings.limits(),
             purger.clone(),
             settings.purge(),

@@ -4,7 +4,10 @@ pub mod convert;
 pub mod paging;
 mod state;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use maitre_api::memory::v1::{self as pb, memory_service_server::MemoryService};
 use maitre_runtime::{pagination, rpc::CallContext, status::reply};
@@ -21,6 +24,7 @@ use crate::{
     error::Error,
     store::{
         self,
+        group_commit::MessageWriter,
         messages::{KeyScope, StoreOutcome},
     },
 };
@@ -34,6 +38,8 @@ const ERASE_WITHOUT_DEADLINE: Duration = Duration::from_secs(5);
 pub struct MemoryApi {
     /// The `memory` schema's pool.
     pool: PgPool,
+    /// StoreMessage's writes, grouped (`store::group_commit`).
+    writer: MessageWriter,
     /// Bounds on what callers may send.
     limits: Limits,
     /// The background purger, woken when an erasure is left unfinished.
@@ -42,9 +48,16 @@ pub struct MemoryApi {
 }
 
 impl MemoryApi {
-    pub fn new(pool: PgPool, limits: Limits, purger: Purger, purge: PurgeSettings) -> Self {
+    pub fn new(
+        pool: PgPool,
+        writer: MessageWriter,
+        limits: Limits,
+        purger: Purger,
+        purge: PurgeSettings,
+    ) -> Self {
         Self {
             pool,
+            writer,
             limits,
             purger,
             purge,
@@ -74,7 +87,7 @@ impl MemoryApi {
         &self,
         request: pb::StoreMessageRequest,
     ) -> Result<pb::StoreMessageResponse, Error> {
-        let message = NewMessage::parse(request, &self.limits)?;
+        let message = Arc::new(NewMessage::parse(request, &self.limits)?);
         let message_id = Uuid::now_v7();
         // Keys are scoped by the authenticated caller: no other client can
         // claim (and so answer for) the key another will use.
@@ -84,15 +97,12 @@ impl MemoryApi {
             caller: &caller,
             fingerprint: &fingerprint,
         };
-        let outcome = store::messages::store(
-            &self.pool,
-            message_id,
-            &message,
-            key,
-            maitre_runtime::db::now(),
-            self.limits.max_distinct_labels,
-        )
-        .await?;
+        let outcome = self
+            .writer
+            .store(message_id, message.clone(), key, maitre_runtime::db::now())
+            .await?;
+        // The writer let go of its share once it answered.
+        let message = Arc::unwrap_or_clone(message);
         let response = match outcome {
             StoreOutcome::Stored {
                 message_id,

@@ -225,37 +225,17 @@ pub async fn store(
         .fetch_optional(pool);
     let result = otel::sql("messages::STORE_MESSAGE", result).await;
     match result {
-        Ok(Some((outcome, sequence, message_count, conversation_created))) => {
-            match outcome.as_str() {
-                "stored" => Ok(StoreOutcome::Stored {
-                    message_id,
-                    sequence,
-                    created_at: now,
-                    message_count,
-                    conversation_created,
-                }),
-                "replayed" => replay(pool, message, key).await,
-                "reused" => Ok(StoreOutcome::KeyReused),
-                _ => Ok(StoreOutcome::ConversationErased),
-            }
-        }
-        // The upsert skipped the row: another user's, or erased while this
-        // call waited for its lock.
-        Ok(None) => {
-            let erased = sqlx::query_scalar!(
-                r#"
-SELECT EXISTS (SELECT 1 FROM memory.erased_conversations WHERE conversation_id = $1)
-    AS "erased!"
-"#,
-                message.conversation_id
-            )
-            .fetch_one(pool);
-            let erased = otel::sql("messages::erased", erased).await?;
-            Ok(if erased {
-                StoreOutcome::ConversationErased
-            } else {
-                StoreOutcome::OtherUsersConversation
-            })
+        Ok(row) => {
+            let row =
+                row.map(
+                    |(outcome, sequence, message_count, conversation_created)| StoredRow {
+                        outcome,
+                        sequence,
+                        message_count,
+                        conversation_created,
+                    },
+                );
+            resolve(pool, row, message_id, message, key, now).await
         }
         // Two concurrent calls with one key: the loser's statement rolled
         // back whole (counters included); answer with the winner's, if the
@@ -264,6 +244,60 @@ SELECT EXISTS (SELECT 1 FROM memory.erased_conversations WHERE conversation_id =
             replay(pool, message, key).await
         }
         Err(e) => Err(e),
+    }
+}
+
+/// A message's answer row of [`STORE_MESSAGE`] (or of the batch statement,
+/// `super::message_batch::STORE_MESSAGES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    /// `stored`, `replayed`, `reused` or `erased`.
+    pub outcome: String,
+    pub sequence: i64,
+    pub message_count: i64,
+    pub conversation_created: bool,
+}
+
+/// What a message's answer row says happened, reading what the row leaves
+/// out: the replayed message, or (no row) whether the conversation was
+/// erased or is another user's.
+pub async fn resolve(
+    pool: &PgPool,
+    row: Option<StoredRow>,
+    message_id: Uuid,
+    message: &NewMessage,
+    key: KeyScope<'_>,
+    now: DateTime<Utc>,
+) -> Result<StoreOutcome, sqlx::Error> {
+    let Some(row) = row else {
+        // The upsert skipped the row: another user's, or erased while this
+        // call waited for its lock.
+        let erased = sqlx::query_scalar!(
+            r#"
+SELECT EXISTS (SELECT 1 FROM memory.erased_conversations WHERE conversation_id = $1)
+    AS "erased!"
+"#,
+            message.conversation_id
+        )
+        .fetch_one(pool);
+        let erased = otel::sql("messages::erased", erased).await?;
+        return Ok(if erased {
+            StoreOutcome::ConversationErased
+        } else {
+            StoreOutcome::OtherUsersConversation
+        });
+    };
+    match row.outcome.as_str() {
+        "stored" => Ok(StoreOutcome::Stored {
+            message_id,
+            sequence: row.sequence,
+            created_at: now,
+            message_count: row.message_count,
+            conversation_created: row.conversation_created,
+        }),
+        "replayed" => replay(pool, message, key).await,
+        "reused" => Ok(StoreOutcome::KeyReused),
+        _ => Ok(StoreOutcome::ConversationErased),
     }
 }
 

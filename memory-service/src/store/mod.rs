@@ -3,6 +3,8 @@
 pub mod context;
 pub mod conversations;
 pub mod erasure;
+pub mod group_commit;
+pub mod message_batch;
 pub mod messages;
 pub mod rows;
 pub mod state;

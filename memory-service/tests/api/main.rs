@@ -9,6 +9,7 @@ mod context;
 mod conversations;
 mod erasure;
 mod fuzz;
+mod group_commit;
 mod health_and_reflection;
 mod identifiers;
 mod limits;

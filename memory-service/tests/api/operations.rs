@@ -11,22 +11,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use maitre_runtime::server::AuthMode;
 
-use crate::support::{TestApp, make_pki, reason, spawn_app, spawn_app_with, timerless_client};
-
-/// Holds a conversation's row lock in an open transaction, so every
-/// StoreMessage on that conversation waits: a slow database, on demand.
-async fn block_conversation(
-    app: &TestApp,
-    conversation: &str,
-) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut tx = app.db.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM memory.conversations WHERE id = $1::uuid FOR UPDATE")
-        .bind(conversation)
-        .execute(&mut *tx)
-        .await
-        .expect("lock");
-    tx
-}
+use crate::support::{
+    TestApp, lock_conversation, make_pki, reason, spawn_app, spawn_app_with, timerless_client,
+};
 
 #[tokio::test]
 async fn metrics_count_rpcs_by_method_and_code_with_latency_buckets() {
@@ -131,7 +118,7 @@ async fn deadlines_are_honoured_and_a_retry_with_the_request_id_is_safe() {
     app.store(TestApp::message(&conversation, "dl", "first", None))
         .await
         .expect("stored");
-    let lock = block_conversation(&app, &conversation).await;
+    let lock = lock_conversation(&app, &conversation).await;
     let late = |request_id: &str| {
         let mut message = TestApp::message(&conversation, "dl", "late", None);
         message.request_id = request_id.into();
@@ -193,7 +180,7 @@ async fn past_the_concurrency_limit_calls_fail_fast_with_resource_exhausted() {
     app.store(TestApp::message(&conversation, "shed", "first", None))
         .await
         .expect("stored");
-    let lock = block_conversation(&app, &conversation).await;
+    let lock = lock_conversation(&app, &conversation).await;
 
     // 4 calls hold the permits (blocked on the lock); 40 more arrive.
     let blocked: Vec<_> = (0..4)
@@ -372,7 +359,7 @@ async fn a_client_cannot_ask_for_a_deadline_longer_than_the_servers_maximum() {
     app.store(TestApp::message(&conversation, "cap", "first", None))
         .await
         .expect("stored");
-    let lock = block_conversation(&app, &conversation).await;
+    let lock = lock_conversation(&app, &conversation).await;
     let mut request = Request::new(TestApp::message(&conversation, "cap", "late", None));
     // The largest value the header can carry: about 11,400 years.
     request
@@ -402,18 +389,22 @@ async fn a_saturated_pool_does_not_turn_readiness_off() {
         s.common.db_acquire_timeout = Duration::from_millis(300);
     })
     .await;
-    let conversation = uuid::Uuid::now_v7().to_string();
-    app.store(TestApp::message(&conversation, "pool", "first", None))
-        .await
-        .expect("stored");
-    let lock = block_conversation(&app, &conversation).await;
-    let held: Vec<_> = (0..2)
-        .map(|i| {
-            let mut client = app.client.clone();
-            let request = TestApp::message(&conversation, "pool", &format!("held {i}"), None);
-            tokio::spawn(async move { client.store_message(request).await })
-        })
-        .collect();
+    // Two conversations: the group commit writes one conversation's calls
+    // one at a time, so two calls on one would hold one connection.
+    let mut locks = Vec::new();
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let conversation = uuid::Uuid::now_v7().to_string();
+        app.store(TestApp::message(&conversation, "pool", "first", None))
+            .await
+            .expect("stored");
+        locks.push(lock_conversation(&app, &conversation).await);
+        let mut client = app.client.clone();
+        let request = TestApp::message(&conversation, "pool", &format!("held {i}"), None);
+        held.push(tokio::spawn(
+            async move { client.store_message(request).await },
+        ));
+    }
     // The pool is exhausted: another call cannot get a connection.
     let starved =
         maitre_runtime::testkit::wait_for("an exhausted pool", Duration::from_secs(10), || async {
@@ -437,7 +428,9 @@ async fn a_saturated_pool_does_not_turn_readiness_off() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    lock.rollback().await.expect("release");
+    for lock in locks {
+        lock.rollback().await.expect("release");
+    }
     for call in held {
         call.await.expect("join").expect("held calls complete");
     }

@@ -362,33 +362,99 @@ where
     F: Future<Output = Result<T, E>>,
     E: std::fmt::Display,
 {
-    let Some((tracer, parent)) = CallContext::recording() else {
+    let Some(recorder) = Recorder::current() else {
         return statement.await;
     };
     let start = SystemTime::now();
     let result = statement.await;
-    let end = SystemTime::now();
-    let span = parent.child();
-    let status = match &result {
-        Ok(_) => Status::Unset,
-        Err(error) => Status::error(error.to_string()),
-    };
-    tracer.record(FinishedSpan {
-        trace: &span,
-        parent_span_id: Some(&parent.span_id),
-        parent_is_remote: false,
-        kind: SpanKind::Client,
-        name: Cow::Borrowed(name),
-        start,
-        end,
-        attributes: vec![
+    recorder.sql_span(name, start, &result, None);
+    result
+}
+
+/// [`sql`] for one statement that does the work of many calls (a group
+/// commit): each recorded call among them gets a client span for it, with
+/// `db.operation.batch.size` saying how many calls it served.
+pub async fn sql_batch<T, E, F>(
+    recorders: &[Recorder],
+    name: &'static str,
+    batch_size: usize,
+    statement: F,
+) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    if recorders.is_empty() {
+        return statement.await;
+    }
+    let start = SystemTime::now();
+    let result = statement.await;
+    for recorder in recorders {
+        recorder.sql_span(name, start, &result, Some(batch_size));
+    }
+    result
+}
+
+/// A recorded call's tracer and span, taken out of the call's task so that
+/// work done for it elsewhere (a group commit's writer) can record spans
+/// under it.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    tracer: Tracer,
+    parent: TraceParent,
+}
+
+impl Recorder {
+    /// The current call's, if it is recorded (nothing is cloned otherwise).
+    pub fn current() -> Option<Self> {
+        CallContext::recording().map(|(tracer, parent)| Self { tracer, parent })
+    }
+
+    /// `context`'s, if it is recorded.
+    pub fn of(context: &CallContext) -> Option<Self> {
+        context.tracer.is_recording(&context.trace).then(|| Self {
+            tracer: context.tracer.clone(),
+            parent: context.trace.clone(),
+        })
+    }
+
+    /// Records the client span of a statement that ran from `start` to now.
+    fn sql_span<T, E: std::fmt::Display>(
+        &self,
+        name: &'static str,
+        start: SystemTime,
+        result: &Result<T, E>,
+        batch_size: Option<usize>,
+    ) {
+        let end = SystemTime::now();
+        let span = self.parent.child();
+        let status = match result {
+            Ok(_) => Status::Unset,
+            Err(error) => Status::error(error.to_string()),
+        };
+        let mut attributes = vec![
             KeyValue::new("db.system", "postgresql"),
             KeyValue::new("db.system.name", "postgresql"),
             KeyValue::new("db.operation.name", name),
-        ],
-        status,
-    });
-    result
+        ];
+        if let Some(size) = batch_size {
+            attributes.push(KeyValue::new(
+                "db.operation.batch.size",
+                i64::try_from(size).unwrap_or(i64::MAX),
+            ));
+        }
+        self.tracer.record(FinishedSpan {
+            trace: &span,
+            parent_span_id: Some(&self.parent.span_id),
+            parent_is_remote: false,
+            kind: SpanKind::Client,
+            name: Cow::Borrowed(name),
+            start,
+            end,
+            attributes,
+            status,
+        });
+    }
 }
 
 /// The attributes of an RPC span: `method` is `package.Service/Method`.

@@ -180,6 +180,21 @@ impl TestApp {
 }
 
 /// The field names of an INVALID_ARGUMENT's BadRequest details.
+/// Holds the row lock of `conversation` until the transaction ends: calls
+/// that write it wait.
+pub async fn lock_conversation(
+    app: &TestApp,
+    conversation: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = app.db.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM memory.conversations WHERE id = $1::uuid FOR UPDATE")
+        .bind(conversation)
+        .execute(&mut *tx)
+        .await
+        .expect("lock");
+    tx
+}
+
 pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
     use tonic_types::StatusExt;
     status
