@@ -146,9 +146,9 @@ pub struct Settings {
     pub purge_interval: Duration,
 
     /// StoreMessage group commit: how many writers each write the calls
-    /// queued at the time as one statement (one round trip and one commit for
-    /// many calls under load; a lone call is written at once). 0 writes each
-    /// call on its own.
+    /// queued at the time as one statement (one plan and one commit for many
+    /// calls under load; a lone call is written at once). 0 writes each call
+    /// on its own.
     #[arg(
         long,
         env = "MEMORY_STORE_WRITERS",
@@ -167,6 +167,13 @@ pub struct Settings {
         global = true
     )]
     pub store_batch_max: u16,
+
+    /// StoreMessage group commit: how long a batch waits for each row lock
+    /// (a conversation held by another statement) before it is split and its
+    /// calls written on their own, and how long a writer waits for a lone
+    /// call before leaving it to a task of its own.
+    #[arg(long, env = "MEMORY_STORE_LOCK_WAIT", default_value = "50ms", value_parser = humantime::parse_duration, global = true)]
+    pub store_lock_wait: Duration,
 
     #[command(flatten)]
     pub server: ServerArgs,
@@ -198,6 +205,7 @@ impl Settings {
             writers: usize::from(self.store_writers),
             max_batch: usize::from(self.store_batch_max),
             max_distinct_labels: self.max_distinct_labels,
+            lock_wait: self.store_lock_wait,
         }
     }
 

@@ -1,25 +1,27 @@
 //! Group commit for StoreMessage. Calls queue up for a few writer tasks;
 //! a writer takes every call queued when it gets to them (never waiting for
-//! more: a lone call is written at once) and writes them as one statement,
-//! [`super::message_batch::STORE_MESSAGES`]. Under load one round trip,
-//! one plan and one commit then serve many calls; PostgreSQL's CPU per
-//! message is what bounds throughput on a small machine.
+//! more) and writes them as one statement,
+//! [`super::message_batch::STORE_MESSAGES`]. Under load one plan and one
+//! commit then serve many calls; PostgreSQL's CPU per message is what bounds
+//! throughput on a small machine. A lone call is written at once with the
+//! one-message statement, in a task of its own.
 //!
-//! A conversation is in one writer's statement at a time, its calls taken in
-//! the order the writers drew them: a conversation held up (a long row lock)
-//! holds up one writer and its own calls, never every write. A batch waits
-//! at most 50 ms for a row lock; then it is split, and its calls are written
-//! on their own, so one held-up conversation delays its batch by that much.
+//! A conversation is in one batch or one lone write at a time, its queued
+//! calls written in the order they were drawn. A batch's every row-lock
+//! wait ends after `lock_wait` (`MEMORY_STORE_LOCK_WAIT`, 50 ms), and a
+//! writer waits for a lone call no longer: a conversation held up by a lock
+//! holds up its own calls, never a writer.
 //!
 //! Each call still gets its own answer: the batch statement answers per
-//! message, and if it fails as a whole (a unique-key race between two
-//! batches, a deadlock with an erasure, a value PostgreSQL refuses) nothing
-//! of it was written and every call is written again on its own, so an error
-//! reaches only the call it belongs to.
+//! message, and if it fails as a whole (a lock wait ran out, a unique-key
+//! race with another batch, a value PostgreSQL refuses) nothing of it was
+//! written and every call is written again on its own, so an error reaches
+//! only the call it belongs to.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
@@ -57,7 +59,7 @@ impl Default for GroupCommitMetrics {
     fn default() -> Self {
         Self {
             queued: Gauge::default(),
-            // 1, 2, 4 … 512: up to the largest MEMORY_STORE_BATCH_MAX.
+            // 1, 2, 4 … 512 (larger batches count in +Inf only).
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             split: Counter::default(),
         }
@@ -74,6 +76,9 @@ pub struct GroupCommit {
     pub max_batch: usize,
     /// The label cap of every write (`MEMORY_MAX_DISTINCT_LABELS`).
     pub max_distinct_labels: u32,
+    /// How long a batch waits for each row lock before it is split, and a
+    /// writer for a lone call before leaving it to its own task.
+    pub lock_wait: Duration,
 }
 
 /// Writes messages, grouping concurrent calls (see the module docs).
@@ -115,6 +120,7 @@ impl MessageWriter {
             // which the server's concurrency limit already bounds.
             let (sender, receiver) = mpsc::channel(settings.max_batch.max(1) * settings.writers);
             let writers = Arc::new(Writers {
+                pool: pool.clone(),
                 queue: Mutex::new(receiver),
                 owned: std::sync::Mutex::new(HashMap::new()),
                 settings: GroupCommit {
@@ -124,7 +130,7 @@ impl MessageWriter {
                 metrics: metrics.clone(),
             });
             for id in 0..settings.writers {
-                tokio::spawn(write(writers.clone(), id, pool.clone()));
+                tokio::spawn(write(writers.clone(), id));
             }
             sender
         });
@@ -173,9 +179,14 @@ impl MessageWriter {
             },
             reply,
         };
+        // Counted while queued; a send that fails or is cancelled (the
+        // caller gone while the channel was full) uncounts it.
         self.metrics.queued.inc();
-        if queue.send(pending).await.is_err() {
-            self.metrics.queued.dec();
+        let mut unsent = scopeguard_dec(&self.metrics.queued);
+        let sent = queue.send(pending).await.is_ok();
+        unsent.armed = !sent;
+        drop(unsent);
+        if !sent {
             return Err(sqlx::Error::PoolClosed);
         }
         // The writer never drops a call it took without answering, short of
@@ -184,26 +195,53 @@ impl MessageWriter {
     }
 }
 
-/// What the writers share: the queue, and which conversations each is
-/// writing now with the calls of those conversations that other writers
-/// drew meanwhile (parked there, in order). A conversation is written by
-/// one writer at a time: a conversation held up (a long row lock) holds up
-/// one writer and its own calls, never every writer.
+/// Decrements `gauge` when dropped, while `armed`.
+struct Uncount<'a> {
+    gauge: &'a Gauge,
+    armed: bool,
+}
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.gauge.dec();
+        }
+    }
+}
+
+fn scopeguard_dec(gauge: &Gauge) -> Uncount<'_> {
+    Uncount { gauge, armed: true }
+}
+
+/// What the writers share: the queue, and who is writing which
+/// conversation now, with the calls of that conversation drawn meanwhile
+/// parked behind it, in order. A conversation has one writer at a time.
 struct Writers {
+    pool: PgPool,
     queue: Mutex<mpsc::Receiver<Pending>>,
     owned: std::sync::Mutex<HashMap<Uuid, Owner>>,
     settings: GroupCommit,
     metrics: GroupCommitMetrics,
 }
 
-/// The writer writing a conversation, and its calls parked behind it.
+/// Who writes a conversation now, and its calls parked behind.
 struct Owner {
-    writer: usize,
+    by: Holder,
     parked: VecDeque<Pending>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// Writer task `n`: the conversation is in its batch or its `waiting`.
+    Writer(usize),
+    /// A task of the conversation's own, writing its calls one at a time
+    /// ([`Writers::write_alone`]): a lone call, or the calls of a batch that
+    /// was split. A writer never waits for one call.
+    Alone,
+}
+
 /// A writer task: takes what has queued, writes it, answers, again.
-async fn write(writers: Arc<Writers>, id: usize, pool: PgPool) {
+async fn write(writers: Arc<Writers>, id: usize) {
     // Calls this writer holds for a later batch (a second message of a
     // conversation already in the batch, say), oldest first.
     let mut waiting = VecDeque::new();
@@ -223,16 +261,58 @@ async fn write(writers: Arc<Writers>, id: usize, pool: PgPool) {
             continue;
         }
         writers.metrics.batch_size.observe(batch.len() as f64);
+        if batch.len() == 1 {
+            // Alone: the one-message statement, in a task of the
+            // conversation's own. The writer waits for it as long as a batch
+            // would wait for a lock, then leaves it be (a row lock held
+            // elsewhere): a held-up conversation never holds up a writer.
+            let done = writers.hand_over(batch, &mut waiting);
+            let _ = tokio::time::timeout(writers.settings.lock_wait, done).await;
+            continue;
+        }
         let conversations: Vec<Uuid> = batch
             .iter()
             .map(|p| p.call.message.conversation_id)
             .collect();
-        write_batch(&pool, batch, &writers).await;
-        writers.release(id, &conversations, &mut waiting);
+        let (calls, replies): (Vec<Call>, Vec<Reply>) =
+            batch.into_iter().map(|p| (p.call, p.reply)).unzip();
+        let written = write_together(
+            &writers.pool,
+            &calls,
+            writers.settings.max_distinct_labels,
+            writers.settings.lock_wait,
+        )
+        .await;
+        match written {
+            Ok(rows) => {
+                answer_all(&writers.pool, calls, replies, rows).await;
+                let mut owned = writers.lock_owned();
+                settle(&mut owned, id, &conversations, &mut waiting);
+            }
+            Err(error) => {
+                writers.metrics.split.inc();
+                tracing::warn!(
+                    %error,
+                    batch = calls.len(),
+                    "a group commit failed as a whole; writing its calls one by one"
+                );
+                let batch = calls
+                    .into_iter()
+                    .zip(replies)
+                    .map(|(call, reply)| Pending { call, reply })
+                    .collect();
+                // The writer goes on at once.
+                drop(writers.hand_over(batch, &mut waiting));
+            }
+        }
     }
 }
 
 impl Writers {
+    fn lock_owned(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Owner>> {
+        self.owned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Moves what is queued now into `waiting`, up to a batch.
     fn top_up(&self, queue: &mut mpsc::Receiver<Pending>, waiting: &mut VecDeque<Pending>) {
         while waiting.len() < self.settings.max_batch {
@@ -245,24 +325,25 @@ impl Writers {
 
     /// What writer `id`'s next statement writes of `waiting`, in order: at
     /// most one message per conversation and per request key, at most
-    /// `max_batch`, none of a conversation another writer is writing (those
-    /// are parked behind it). The rest stay in `waiting`, in their order, so
-    /// a conversation's calls are written in the order they were drawn.
+    /// `max_batch`, none of a conversation someone else is writing (those
+    /// are parked behind it). The rest stay in `waiting`, in their order.
     /// Calls whose caller has gone are dropped unwritten.
     fn take_batch(&self, id: usize, waiting: &mut VecDeque<Pending>) -> Vec<Pending> {
-        let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owned = self.lock_owned();
         let mut batch: Vec<Pending> = Vec::new();
         let mut held = HashSet::new();
         let mut keys = HashSet::new();
         let mut kept = VecDeque::new();
+        let mut dropped = Vec::new();
         for pending in waiting.drain(..) {
+            let conversation = pending.call.message.conversation_id;
             if pending.reply.is_closed() {
                 self.metrics.queued.dec();
+                dropped.push(conversation);
                 continue;
             }
-            let conversation = pending.call.message.conversation_id;
             if let Some(owner) = owned.get_mut(&conversation)
-                && owner.writer != id
+                && owner.by != Holder::Writer(id)
             {
                 owner.parked.push_back(pending);
                 continue;
@@ -274,11 +355,11 @@ impl Writers {
                 .map(|r| (message.user_id.clone(), r.to_owned()));
             let free =
                 !held.contains(&conversation) && key.as_ref().is_none_or(|k| !keys.contains(k));
-            // Held either way, here and from the other writers: a later
-            // call of this conversation must not overtake this one.
+            // Held either way, here and from the others: a later call of
+            // this conversation must not overtake this one.
             held.insert(conversation);
             owned.entry(conversation).or_insert(Owner {
-                writer: id,
+                by: Holder::Writer(id),
                 parked: VecDeque::new(),
             });
             if batch.len() < self.settings.max_batch && free {
@@ -290,94 +371,158 @@ impl Writers {
             }
         }
         *waiting = kept;
+        // A dropped call may have been this writer's last of a conversation
+        // it holds: let go of it, or take up what is parked behind it.
+        dropped.retain(|c| !held.contains(c));
+        settle(&mut owned, id, &dropped, waiting);
         batch
     }
 
-    /// After writer `id` wrote `conversations`: their parked calls join its
-    /// `waiting` (they were drawn after everything it holds), and it keeps
-    /// the conversations it still holds calls of.
-    fn release(&self, id: usize, conversations: &[Uuid], waiting: &mut VecDeque<Pending>) {
-        let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
-        for conversation in conversations {
-            if let Some(owner) = owned.get_mut(conversation)
-                && owner.writer == id
-            {
-                waiting.extend(owner.parked.drain(..));
+    /// Gives `batch`'s calls (taken by a writer, so it holds their
+    /// conversations) each to a task of its conversation's own, with this
+    /// writer's later calls of those conversations parked behind them, in
+    /// order. Resolves when all of `batch`'s own calls are answered.
+    fn hand_over(
+        self: &Arc<Self>,
+        batch: Vec<Pending>,
+        waiting: &mut VecDeque<Pending>,
+    ) -> impl Future<Output = ()> + use<> {
+        let mut owned = self.lock_owned();
+        let mut answered = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let conversation = pending.call.message.conversation_id;
+            let owner = owned.entry(conversation).or_insert(Owner {
+                by: Holder::Alone,
+                parked: VecDeque::new(),
+            });
+            owner.by = Holder::Alone;
+            // This writer's later calls were drawn before the parked ones.
+            let mut later: VecDeque<Pending> = VecDeque::new();
+            let mut rest = VecDeque::new();
+            for p in waiting.drain(..) {
+                if p.call.message.conversation_id == conversation {
+                    later.push_back(p);
+                } else {
+                    rest.push_back(p);
+                }
             }
+            *waiting = rest;
+            later.append(&mut owner.parked);
+            owner.parked = later;
+            let (done, answered_one) = oneshot::channel();
+            answered.push(answered_one);
+            tokio::spawn(self.clone().write_alone(conversation, pending, done));
         }
-        for conversation in conversations {
-            let still_held = waiting
-                .iter()
-                .any(|p| p.call.message.conversation_id == *conversation);
-            if !still_held {
-                owned.remove(conversation);
+        async move {
+            join_all(answered).await;
+        }
+    }
+
+    /// Writes `first`, then the calls parked behind it, one at a time, with
+    /// the one-message statement, answering each; then lets go of the
+    /// conversation.
+    /// `first_done` is told when `first` is answered.
+    async fn write_alone(
+        self: Arc<Self>,
+        conversation: Uuid,
+        first: Pending,
+        first_done: oneshot::Sender<()>,
+    ) {
+        let mut first_done = Some(first_done);
+        let mut next = Some(first);
+        while let Some(Pending { call, reply }) = next {
+            if !reply.is_closed() {
+                let answer = call
+                    .store_alone(&self.pool, self.settings.max_distinct_labels)
+                    .await;
+                call.answer(reply, answer);
+            }
+            if let Some(done) = first_done.take() {
+                let _ = done.send(());
+            }
+            let mut owned = self.lock_owned();
+            next = owned
+                .get_mut(&conversation)
+                .and_then(|owner| owner.parked.pop_front());
+            if next.is_some() {
+                // Taken (answered or dropped, it waits no longer).
+                self.metrics.queued.dec();
+            } else {
+                owned.remove(&conversation);
             }
         }
     }
 }
 
-/// Writes `batch` and answers each call as soon as its own answer is known.
-/// A batch that fails is split: each call is written again on its own, in
-/// tasks of their own, and the writer lets go of the batch's conversations.
-async fn write_batch(pool: &PgPool, mut batch: Vec<Pending>, writers: &Writers) {
-    let max_distinct_labels = writers.settings.max_distinct_labels;
-    if batch.len() < 2 {
-        // Alone: the one-message statement, as without group commit.
-        if let Some(Pending { call, reply }) = batch.pop() {
-            let answer = call.store_alone(pool, max_distinct_labels).await;
-            call.answer(reply, answer);
+/// After writer `id` is done with `conversations`: the calls parked behind
+/// it join its `waiting` (they were drawn after everything it holds), and it
+/// keeps the conversations it still holds calls of.
+fn settle(
+    owned: &mut HashMap<Uuid, Owner>,
+    id: usize,
+    conversations: &[Uuid],
+    waiting: &mut VecDeque<Pending>,
+) {
+    for conversation in conversations {
+        if let Some(owner) = owned.get_mut(conversation)
+            && owner.by == Holder::Writer(id)
+        {
+            waiting.extend(owner.parked.drain(..));
         }
-        return;
     }
-    let (calls, replies): (Vec<Call>, Vec<Reply>) =
-        batch.into_iter().map(|p| (p.call, p.reply)).unzip();
-    match write_together(pool, &calls, max_distinct_labels).await {
-        Ok(rows) => {
-            join_all(calls.into_iter().zip(replies).zip(rows).map(
-                |((call, reply), row)| async move {
-                    let answer = call
-                        .in_call(messages::resolve(
-                            pool,
-                            row,
-                            call.message_id,
-                            &call.message,
-                            call.key(),
-                            call.now,
-                        ))
-                        .await;
-                    call.answer(reply, answer);
-                },
-            ))
-            .await;
-        }
-        Err(error) => {
-            writers.metrics.split.inc();
-            tracing::warn!(
-                %error,
-                batch = calls.len(),
-                "a group commit failed as a whole; writing its messages one by one"
-            );
-            // In a task of their own: the writer goes on to other calls,
-            // and the one held up keeps only its own connection.
-            for (call, reply) in calls.into_iter().zip(replies) {
-                let pool = pool.clone();
-                tokio::spawn(async move {
-                    let answer = call.store_alone(&pool, max_distinct_labels).await;
-                    call.answer(reply, answer);
-                });
-            }
+    for conversation in conversations {
+        let ours = owned
+            .get(conversation)
+            .is_some_and(|owner| owner.by == Holder::Writer(id));
+        let still_held = waiting
+            .iter()
+            .any(|p| p.call.message.conversation_id == *conversation);
+        if ours && !still_held {
+            owned.remove(conversation);
         }
     }
 }
 
-/// Writes `calls` (two or more) in one statement, in a transaction that
-/// waits at most 50 ms for any row lock ([`SET_BATCH_LOCK_TIMEOUT`]): a conversation
-/// held up elsewhere then fails the batch, and its other calls are written
-/// on their own instead of waiting with it.
+/// Answers each call of a batch that was written, reading what its answer
+/// row leaves out (a replayed message, who owns a refused conversation).
+async fn answer_all(
+    pool: &PgPool,
+    calls: Vec<Call>,
+    replies: Vec<Reply>,
+    rows: Vec<Option<messages::StoredRow>>,
+) {
+    join_all(
+        calls
+            .into_iter()
+            .zip(replies)
+            .zip(rows)
+            .map(|((call, reply), row)| async move {
+                let answer = call
+                    .in_call(messages::resolve(
+                        pool,
+                        row,
+                        call.message_id,
+                        &call.message,
+                        call.key(),
+                        call.now,
+                    ))
+                    .await;
+                call.answer(reply, answer);
+            }),
+    )
+    .await;
+}
+
+/// Writes `calls` (two or more) in one statement, in a transaction (BEGIN,
+/// [`SET_BATCH_LOCK_TIMEOUT`], the statement, COMMIT) whose every row-lock
+/// wait ends after `lock_wait` (`MEMORY_STORE_LOCK_WAIT`): a conversation
+/// held up elsewhere then fails the batch, and its calls are written on
+/// their own instead of the batch waiting with it.
 async fn write_together(
     pool: &PgPool,
     calls: &[Call],
     max_distinct_labels: u32,
+    lock_wait: Duration,
 ) -> Result<Vec<Option<messages::StoredRow>>, sqlx::Error> {
     let batch: Vec<BatchMessage<'_>> = calls
         .iter()
@@ -394,6 +539,7 @@ async fn write_together(
         .collect();
     let mut tx = pool.begin().await?;
     sqlx::query(SET_BATCH_LOCK_TIMEOUT)
+        .bind(format!("{}ms", lock_wait.as_millis().max(1)))
         .execute(&mut *tx)
         .await?;
     let rows =
@@ -402,12 +548,11 @@ async fn write_together(
     Ok(rows)
 }
 
-/// How long a batch waits for a row lock before it is split (see
-/// [`write_together`]): 50 ms, for the batch's transaction only. Our own
-/// writers never wait on each other's conversations; a wait means
-/// CloseConversation, UpdateConversationState, an erasure, or a lock taken
-/// by hand.
-const SET_BATCH_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '50ms'";
+/// The batch's `lock_timeout`, for its transaction only. Batches never
+/// share a conversation; a wait means CloseConversation,
+/// UpdateConversationState, an erasure, a request key another batch or a
+/// lone call is inserting, or a lock taken by hand.
+const SET_BATCH_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout', $1, true)";
 
 type Reply = oneshot::Sender<Result<StoreOutcome, sqlx::Error>>;
 

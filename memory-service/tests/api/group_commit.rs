@@ -14,9 +14,18 @@ use tonic::{Code, Request};
 
 use crate::support::{TestApp, lock_conversation, reason, spawn_app_with};
 
-/// One writer, so that what queues behind a blocked call is one batch.
+/// One writer, so that what queues behind a blocked call is one batch; it
+/// waits up to a minute for a lone call held by a row lock (the gate).
 async fn one_writer() -> TestApp {
-    spawn_app_with(|s| s.store_writers = 1).await
+    one_writer_waiting(Duration::from_secs(60)).await
+}
+
+async fn one_writer_waiting(lock_wait: Duration) -> TestApp {
+    spawn_app_with(|s| {
+        s.store_writers = 1;
+        s.store_lock_wait = lock_wait;
+    })
+    .await
 }
 
 async fn metric(app: &TestApp, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -40,6 +49,15 @@ async fn wait_for_metric(app: &TestApp, name: &str, want: f64) {
     }
 }
 
+/// Sends `request` in a task of its own.
+fn spawn_store(
+    app: &TestApp,
+    request: pb::StoreMessageRequest,
+) -> tokio::task::JoinHandle<Result<pb::StoreMessageResponse, tonic::Status>> {
+    let mut client = app.client.clone();
+    tokio::spawn(async move { client.store_message(request).await.map(|r| r.into_inner()) })
+}
+
 /// A conversation of `user` with one message; its id.
 async fn conversation_of(app: &TestApp, user: &str) -> String {
     app.store(TestApp::message("", user, "first", None))
@@ -56,9 +74,10 @@ fn keyed(conversation: &str, user: &str, content: &str, key: &str) -> pb::StoreM
     message
 }
 
-/// Blocks the one writer on `gate`'s row lock with a call of its own, and
-/// waits until the writer has taken that call (it counts a statement before
-/// writing it): whatever is sent next queues.
+/// Blocks the one writer on `gate`'s row lock with a call of its own (a lone
+/// call: the writer waits for it up to its lock wait), and waits until the
+/// writer has taken that call (it counts a statement before writing it):
+/// whatever is sent next queues.
 /// Returns the lock and the blocked call.
 async fn block_the_writer(
     app: &TestApp,
@@ -69,15 +88,7 @@ async fn block_the_writer(
 ) {
     let lock = lock_conversation(app, gate).await;
     let taken = metric(app, "maitre_store_batch_size_count", &[]).await;
-    let client = app.client.clone();
-    let request = TestApp::message(gate, "gatekeeper", "held", None);
-    let held = tokio::spawn(async move {
-        client
-            .clone()
-            .store_message(request)
-            .await
-            .map(|r| r.into_inner())
-    });
+    let held = spawn_store(app, TestApp::message(gate, "gatekeeper", "held", None));
     wait_for_metric(app, "maitre_store_batch_size_count", taken + 1.0).await;
     (lock, held)
 }
@@ -135,16 +146,7 @@ async fn calls_queued_together_are_written_together_each_with_its_own_answer() {
 
     let calls: Vec<_> = requests
         .into_iter()
-        .map(|request| {
-            let client = app.client.clone();
-            tokio::spawn(async move {
-                client
-                    .clone()
-                    .store_message(request)
-                    .await
-                    .map(|r| r.into_inner())
-            })
-        })
+        .map(|request| spawn_store(&app, request))
         .collect();
     wait_for_metric(&app, "maitre_store_queued", sent as f64).await;
     lock.rollback().await.expect("release");
@@ -248,15 +250,8 @@ async fn a_conversations_queued_messages_are_written_in_the_order_they_arrived()
     let (lock, held) = block_the_writer(&app, &gate).await;
     let mut calls = Vec::new();
     for i in 1..=5 {
-        let client = app.client.clone();
         let request = TestApp::message(&talk, "talker", &format!("turn {i}"), None);
-        calls.push(tokio::spawn(async move {
-            client
-                .clone()
-                .store_message(request)
-                .await
-                .map(|r| r.into_inner())
-        }));
+        calls.push(spawn_store(&app, request));
         // Queued one after the other: their order is known.
         wait_for_metric(&app, "maitre_store_queued", f64::from(i)).await;
     }
@@ -316,13 +311,7 @@ async fn a_call_whose_caller_gave_up_in_the_queue_is_never_written() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // A call behind it is still written.
-    let client = app.client.clone();
-    let behind = tokio::spawn(async move {
-        client
-            .clone()
-            .store_message(TestApp::message("", "patient", "still here", None))
-            .await
-    });
+    let behind = spawn_store(&app, TestApp::message("", "patient", "still here", None));
     wait_for_metric(&app, "maitre_store_queued", 2.0).await;
     lock.rollback().await.expect("release");
     held.await.expect("task").expect("stored");
@@ -367,15 +356,10 @@ CREATE TRIGGER refuse_poison BEFORE INSERT ON memory.messages
     let calls: Vec<_> = contents
         .iter()
         .map(|content| {
-            let client = app.client.clone();
-            let request = TestApp::message("", "mixed", content, Some((0.2, "fine")));
-            tokio::spawn(async move {
-                client
-                    .clone()
-                    .store_message(request)
-                    .await
-                    .map(|r| r.into_inner())
-            })
+            spawn_store(
+                &app,
+                TestApp::message("", "mixed", content, Some((0.2, "fine"))),
+            )
         })
         .collect();
     wait_for_metric(&app, "maitre_store_queued", contents.len() as f64).await;
@@ -439,15 +423,8 @@ async fn a_conversation_held_up_holds_up_one_writer_and_its_own_calls_only() {
     // takes a writer, the others wait behind it, not in the other writer.
     let mut stuck = Vec::new();
     for i in 1..=4 {
-        let client = app.client.clone();
         let request = TestApp::message(&hot, "hot", &format!("retry {i}"), None);
-        stuck.push(tokio::spawn(async move {
-            client
-                .clone()
-                .store_message(request)
-                .await
-                .map(|r| r.into_inner())
-        }));
+        stuck.push(spawn_store(&app, request));
     }
     // The first is in PostgreSQL, three wait for it.
     wait_for_metric(&app, "maitre_store_queued", 3.0).await;
@@ -479,33 +456,27 @@ async fn a_conversation_held_up_holds_up_one_writer_and_its_own_calls_only() {
 
 #[tokio::test]
 async fn a_batch_held_up_by_one_conversation_is_split_and_the_rest_answered() {
-    let app = one_writer().await;
+    // The writer waits 5 s for the gate, time enough to queue eleven calls
+    // (milliseconds); the batch then waits 5 s for the held-up lock.
+    let app = one_writer_waiting(Duration::from_secs(5)).await;
     let gate = conversation_of(&app, "gatekeeper").await;
     let held_up = conversation_of(&app, "held-up").await;
     let held_up_lock = lock_conversation(&app, &held_up).await;
     let (lock, held) = block_the_writer(&app, &gate).await;
 
-    let client = app.client.clone();
-    let stuck = tokio::spawn(async move {
-        client
-            .clone()
-            .store_message(TestApp::message(&held_up, "held-up", "waiting", None))
-            .await
-            .map(|r| r.into_inner())
-    });
+    let stuck = spawn_store(&app, TestApp::message(&held_up, "held-up", "waiting", None));
     wait_for_metric(&app, "maitre_store_queued", 1.0).await;
     let others: Vec<_> = (0..10)
         .map(|i| {
-            let client = app.client.clone();
             let request = TestApp::message("", &format!("free-{i}"), "not waiting", None);
-            tokio::spawn(async move { client.clone().store_message(request).await })
+            spawn_store(&app, request)
         })
         .collect();
     wait_for_metric(&app, "maitre_store_queued", 11.0).await;
     lock.rollback().await.expect("release the writer");
     held.await.expect("task").expect("stored");
     // The batch of eleven met the held-up conversation's lock: split after
-    // 50 ms, the ten are written on their own while the lock stays held.
+    // the lock wait, the ten are written on their own while it stays held.
     for call in others {
         call.await.expect("task").expect("answered without waiting");
     }

@@ -179,7 +179,6 @@ impl TestApp {
     }
 }
 
-/// The field names of an INVALID_ARGUMENT's BadRequest details.
 /// Holds the row lock of `conversation` until the transaction ends: calls
 /// that write it wait.
 pub async fn lock_conversation(
@@ -195,6 +194,7 @@ pub async fn lock_conversation(
     tx
 }
 
+/// The field names of an INVALID_ARGUMENT's BadRequest details.
 pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
     use tonic_types::StatusExt;
     status
