@@ -6,17 +6,21 @@
 //! throughput on a small machine. A lone call is written at once with the
 //! one-message statement, in a task of its own.
 //!
-//! A conversation is in one batch or one lone write at a time, its queued
-//! calls written in the order they were drawn. A batch's every row-lock
-//! wait ends after `lock_wait` (`MEMORY_STORE_LOCK_WAIT`, 50 ms), and a
-//! writer waits for a lone call no longer: a conversation held up by a lock
-//! holds up its own calls, never a writer.
+//! A conversation is in one batch or one lone write at a time. Its calls
+//! in flight together have no promised order (they never had: they raced
+//! for the row lock); a client that waits for each answer gets its order.
+//! A batch's every row-lock wait ends after `lock_wait`
+//! (`MEMORY_STORE_LOCK_WAIT`, 50 ms), and a writer waits for a lone call no
+//! longer: a conversation held up by a lock holds up its own calls, and a
+//! writer for at most that wait.
 //!
 //! Each call still gets its own answer: the batch statement answers per
-//! message, and if it fails as a whole (a lock wait ran out, a unique-key
-//! race with another batch, a value PostgreSQL refuses) nothing of it was
-//! written and every call is written again on its own, so an error reaches
-//! only the call it belongs to.
+//! message, and if it fails as a whole before COMMIT (a lock wait ran out, a
+//! unique-key race with another batch, a value PostgreSQL refuses) nothing
+//! of it was written and every call is written again on its own, so an
+//! error reaches only the call it belongs to. If COMMIT itself fails, the
+//! outcome is unknown and every call of the batch is told so (UNAVAILABLE;
+//! a retry with its request_id is safe).
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -116,8 +120,8 @@ impl MessageWriter {
     /// the writer is dropped.
     pub fn spawn(pool: PgPool, settings: GroupCommit, metrics: GroupCommitMetrics) -> Self {
         let queue = (settings.writers > 0).then(|| {
-            // Bounded only for form: every queued call is an RPC in flight,
-            // which the server's concurrency limit already bounds.
+            // Bounded only for form: a call in the channel is an RPC in
+            // flight, which the server's concurrency limit already bounds.
             let (sender, receiver) = mpsc::channel(settings.max_batch.max(1) * settings.writers);
             let writers = Arc::new(Writers {
                 pool: pool.clone(),
@@ -289,7 +293,22 @@ async fn write(writers: Arc<Writers>, id: usize) {
                 let mut owned = writers.lock_owned();
                 settle(&mut owned, id, &conversations, &mut waiting);
             }
-            Err(error) => {
+            // COMMIT was sent and failed: the batch may have been written,
+            // so writing it again could double it. Each call learns that the
+            // database failed (UNAVAILABLE); a retry with its request_id is
+            // safe either way.
+            Err(Failed::AtCommit(error)) => {
+                tracing::error!(%error, batch = calls.len(), "a group commit's COMMIT failed");
+                for (call, reply) in calls.into_iter().zip(replies) {
+                    let answer = Err(sqlx::Error::Io(std::io::Error::other(format!(
+                        "COMMIT of a group commit failed: {error}"
+                    ))));
+                    call.answer(reply, answer);
+                }
+                let mut owned = writers.lock_owned();
+                settle(&mut owned, id, &conversations, &mut waiting);
+            }
+            Err(Failed::BeforeCommit(error)) => {
                 writers.metrics.split.inc();
                 tracing::warn!(
                     %error,
@@ -345,6 +364,14 @@ impl Writers {
             if let Some(owner) = owned.get_mut(&conversation)
                 && owner.by != Holder::Writer(id)
             {
+                // Calls whose callers have gone go now, not when reached:
+                // behind a long-held conversation they would pile up.
+                let before = owner.parked.len();
+                owner.parked.retain(|p| !p.reply.is_closed());
+                let gone = before - owner.parked.len();
+                self.metrics
+                    .queued
+                    .dec_by(i64::try_from(gone).unwrap_or(i64::MAX));
                 owner.parked.push_back(pending);
                 continue;
             }
@@ -523,7 +550,7 @@ async fn write_together(
     calls: &[Call],
     max_distinct_labels: u32,
     lock_wait: Duration,
-) -> Result<Vec<Option<messages::StoredRow>>, sqlx::Error> {
+) -> Result<Vec<Option<messages::StoredRow>>, Failed> {
     let batch: Vec<BatchMessage<'_>> = calls
         .iter()
         .map(|c| BatchMessage {
@@ -537,15 +564,27 @@ async fn write_together(
         .iter()
         .filter_map(|c| c.context.as_ref().and_then(Recorder::of))
         .collect();
-    let mut tx = pool.begin().await?;
-    sqlx::query(SET_BATCH_LOCK_TIMEOUT)
-        .bind(format!("{}ms", lock_wait.as_millis().max(1)))
-        .execute(&mut *tx)
-        .await?;
-    let rows =
-        message_batch::store_batch(&mut *tx, &batch, max_distinct_labels, &recorders).await?;
-    tx.commit().await?;
+    let written = async {
+        let mut tx = pool.begin().await?;
+        sqlx::query(SET_BATCH_LOCK_TIMEOUT)
+            .bind(format!("{}ms", lock_wait.as_millis().max(1)))
+            .execute(&mut *tx)
+            .await?;
+        let rows =
+            message_batch::store_batch(&mut *tx, &batch, max_distinct_labels, &recorders).await?;
+        Ok((tx, rows))
+    };
+    // Dropped on an error, the transaction rolls back: nothing was written.
+    let (tx, rows) = written.await.map_err(Failed::BeforeCommit)?;
+    tx.commit().await.map_err(Failed::AtCommit)?;
     Ok(rows)
+}
+
+/// How a batch failed: before COMMIT (nothing written, write each call
+/// again) or at COMMIT (the outcome is unknown).
+enum Failed {
+    BeforeCommit(sqlx::Error),
+    AtCommit(sqlx::Error),
 }
 
 /// The batch's `lock_timeout`, for its transaction only. Batches never

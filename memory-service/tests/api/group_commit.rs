@@ -15,15 +15,13 @@ use tonic::{Code, Request};
 use crate::support::{TestApp, lock_conversation, reason, spawn_app_with};
 
 /// One writer, so that what queues behind a blocked call is one batch; it
-/// waits up to a minute for a lone call held by a row lock (the gate).
+/// waits up to a minute for a lone call held by a row lock (the gate), and
+/// calls may take as long.
 async fn one_writer() -> TestApp {
-    one_writer_waiting(Duration::from_secs(60)).await
-}
-
-async fn one_writer_waiting(lock_wait: Duration) -> TestApp {
     spawn_app_with(|s| {
         s.store_writers = 1;
-        s.store_lock_wait = lock_wait;
+        s.store_lock_wait = Duration::from_secs(60);
+        s.server.rpc_timeout = Duration::from_secs(60);
     })
     .await
 }
@@ -243,7 +241,7 @@ async fn calls_queued_together_are_written_together_each_with_its_own_answer() {
 }
 
 #[tokio::test]
-async fn a_conversations_queued_messages_are_written_in_the_order_they_arrived() {
+async fn with_one_writer_a_conversations_queued_calls_keep_their_order() {
     let app = one_writer().await;
     let gate = conversation_of(&app, "gatekeeper").await;
     let talk = conversation_of(&app, "talker").await;
@@ -415,12 +413,14 @@ async fn with_no_writers_each_call_is_written_on_its_own() {
 }
 
 #[tokio::test]
-async fn a_conversation_held_up_holds_up_one_writer_and_its_own_calls_only() {
-    let app = spawn_app_with(|s| s.store_writers = 2).await;
+async fn a_conversation_held_up_holds_up_its_own_calls_only() {
+    // One writer: were it to wait for the held-up call, nothing else would
+    // be written until the lock goes.
+    let app = spawn_app_with(|s| s.store_writers = 1).await;
     let hot = conversation_of(&app, "hot").await;
     let lock = lock_conversation(&app, &hot).await;
     // Retries piling up on a conversation that cannot be written: the first
-    // takes a writer, the others wait behind it, not in the other writer.
+    // is written in a task of its own, the others wait behind it.
     let mut stuck = Vec::new();
     for i in 1..=4 {
         let request = TestApp::message(&hot, "hot", &format!("retry {i}"), None);
@@ -458,7 +458,13 @@ async fn a_conversation_held_up_holds_up_one_writer_and_its_own_calls_only() {
 async fn a_batch_held_up_by_one_conversation_is_split_and_the_rest_answered() {
     // The writer waits 5 s for the gate, time enough to queue eleven calls
     // (milliseconds); the batch then waits 5 s for the held-up lock.
-    let app = one_writer_waiting(Duration::from_secs(5)).await;
+    let app = spawn_app_with(|s| {
+        s.store_writers = 1;
+        s.store_lock_wait = Duration::from_secs(5);
+        // The held-up call outlives two lock waits.
+        s.server.rpc_timeout = Duration::from_secs(60);
+    })
+    .await;
     let gate = conversation_of(&app, "gatekeeper").await;
     let held_up = conversation_of(&app, "held-up").await;
     let held_up_lock = lock_conversation(&app, &held_up).await;
