@@ -36,7 +36,7 @@ use prometheus_client::metrics::{
     gauge::Gauge,
     histogram::{Histogram, exponential_buckets},
 };
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool, SqlSafeStr, SqlStr};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -125,6 +125,7 @@ impl MessageWriter {
             let (sender, receiver) = mpsc::channel(settings.max_batch.max(1) * settings.writers);
             let writers = Arc::new(Writers {
                 pool: pool.clone(),
+                begin: begin_batch(settings.lock_wait),
                 queue: Mutex::new(receiver),
                 owned: std::sync::Mutex::new(HashMap::new()),
                 settings: GroupCommit {
@@ -185,36 +186,41 @@ impl MessageWriter {
         };
         // Counted while queued; a send that fails or is cancelled (the
         // caller gone while the channel was full) uncounts it.
-        self.metrics.queued.inc();
-        let mut unsent = scopeguard_dec(&self.metrics.queued);
-        let sent = queue.send(pending).await.is_ok();
-        unsent.armed = !sent;
-        drop(unsent);
-        if !sent {
+        let mut unsent = Queued::count(&self.metrics.queued);
+        if queue.send(pending).await.is_err() {
             return Err(sqlx::Error::PoolClosed);
         }
+        unsent.sent();
         // The writer never drops a call it took without answering, short of
         // a panic.
         answer.await.unwrap_or(Err(sqlx::Error::WorkerCrashed))
     }
 }
 
-/// Decrements `gauge` when dropped, while `armed`.
-struct Uncount<'a> {
+/// One call counted in the `queued` gauge from before its send: uncounted
+/// when dropped unless [`Queued::sent`] (then the writers uncount it).
+struct Queued<'a> {
     gauge: &'a Gauge,
-    armed: bool,
+    sent: bool,
 }
 
-impl Drop for Uncount<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.gauge.dec();
-        }
+impl<'a> Queued<'a> {
+    fn count(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self { gauge, sent: false }
+    }
+
+    fn sent(&mut self) {
+        self.sent = true;
     }
 }
 
-fn scopeguard_dec(gauge: &Gauge) -> Uncount<'_> {
-    Uncount { gauge, armed: true }
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.gauge.dec();
+        }
+    }
 }
 
 /// What the writers share: the queue, and who is writing which
@@ -222,6 +228,9 @@ fn scopeguard_dec(gauge: &Gauge) -> Uncount<'_> {
 /// parked behind it, in order. A conversation has one writer at a time.
 struct Writers {
     pool: PgPool,
+    /// How a batch's transaction begins: with its lock timeout, in the same
+    /// round trip ([`begin_batch`]).
+    begin: SqlStr,
     queue: Mutex<mpsc::Receiver<Pending>>,
     owned: std::sync::Mutex<HashMap<Uuid, Owner>>,
     settings: GroupCommit,
@@ -282,9 +291,9 @@ async fn write(writers: Arc<Writers>, id: usize) {
             batch.into_iter().map(|p| (p.call, p.reply)).unzip();
         let written = write_together(
             &writers.pool,
+            &writers.begin,
             &calls,
             writers.settings.max_distinct_labels,
-            writers.settings.lock_wait,
         )
         .await;
         match written {
@@ -540,16 +549,16 @@ async fn answer_all(
     .await;
 }
 
-/// Writes `calls` (two or more) in one statement, in a transaction (BEGIN,
-/// [`SET_BATCH_LOCK_TIMEOUT`], the statement, COMMIT) whose every row-lock
-/// wait ends after `lock_wait` (`MEMORY_STORE_LOCK_WAIT`): a conversation
-/// held up elsewhere then fails the batch, and its calls are written on
-/// their own instead of the batch waiting with it.
+/// Writes `calls` (two or more) in one statement, in a transaction whose
+/// every row-lock wait ends after `MEMORY_STORE_LOCK_WAIT` ([`begin_batch`];
+/// three round trips: BEGIN with the timeout, the statement, COMMIT): a
+/// conversation held up elsewhere then fails the batch, and its calls are
+/// written on their own instead of the batch waiting with it.
 async fn write_together(
     pool: &PgPool,
+    begin: &SqlStr,
     calls: &[Call],
     max_distinct_labels: u32,
-    lock_wait: Duration,
 ) -> Result<Vec<Option<messages::StoredRow>>, Failed> {
     let batch: Vec<BatchMessage<'_>> = calls
         .iter()
@@ -565,11 +574,7 @@ async fn write_together(
         .filter_map(|c| c.context.as_ref().and_then(Recorder::of))
         .collect();
     let written = async {
-        let mut tx = pool.begin().await?;
-        sqlx::query(SET_BATCH_LOCK_TIMEOUT)
-            .bind(format!("{}ms", lock_wait.as_millis().max(1)))
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = pool.begin_with(begin.clone()).await?;
         let rows =
             message_batch::store_batch(&mut *tx, &batch, max_distinct_labels, &recorders).await?;
         Ok((tx, rows))
@@ -587,11 +592,16 @@ enum Failed {
     AtCommit(sqlx::Error),
 }
 
-/// The batch's `lock_timeout`, for its transaction only. Batches never
-/// share a conversation; a wait means CloseConversation,
-/// UpdateConversationState, an erasure, a request key another batch or a
-/// lone call is inserting, or a lock taken by hand.
-const SET_BATCH_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout', $1, true)";
+/// The statement that begins a batch's transaction: BEGIN and its
+/// `lock_timeout` (for this transaction only) in one simple query, one round
+/// trip. Batches never share a conversation; a wait means
+/// CloseConversation, UpdateConversationState, an erasure, a request key
+/// another batch or a lone call is inserting, or a lock taken by hand.
+fn begin_batch(lock_wait: Duration) -> SqlStr {
+    // An integer (0 would mean no timeout): nothing to escape.
+    let millis = lock_wait.as_millis().max(1);
+    AssertSqlSafe(format!("BEGIN; SET LOCAL lock_timeout = '{millis}ms'")).into_sql_str()
+}
 
 type Reply = oneshot::Sender<Result<StoreOutcome, sqlx::Error>>;
 
