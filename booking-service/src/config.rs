@@ -243,14 +243,24 @@ pub struct Settings {
     #[arg(long, env = "BOOKING_FOLLOWUP_RETRY_MAX", default_value = DEFAULT_RETRY_MAX, value_parser = duration, global = true)]
     pub followup_retry_max: Duration,
 
-    /// Jobs run at once, per queue (plan, deliver).
+    /// Jobs run at once, per queue (plan, deliver). A run mostly waits (on memory-service, on its statements), so many at once cost little, and the more run together, the more share each coalesced statement (BOOKING_WORKER_BATCH_MAX).
     #[arg(
         long,
         env = "BOOKING_WORKER_CONCURRENCY",
-        default_value_t = 16,
+        default_value_t = 128,
         global = true
     )]
     pub worker_concurrency: usize,
+
+    /// Most follow-up job runs one coalesced statement serves (the planning read, the follow-up insert, the finish after delivery): the runs that reach a statement together share one round trip and one commit. 0 turns coalescing off (each run its own statements).
+    #[arg(
+        long,
+        env = "BOOKING_WORKER_BATCH_MAX",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u16).range(0..=1000),
+        global = true
+    )]
+    pub worker_batch_max: u16,
 
     /// How often workers poll besides the wake-ups after commits (which miss jobs scheduled for later).
     #[arg(long, env = "BOOKING_WORKER_POLL_INTERVAL", default_value = "1s", value_parser = duration, global = true)]

@@ -12,7 +12,12 @@ use std::{sync::Arc, time::Duration};
 use maitre_runtime::metrics::latency_histogram;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +59,16 @@ struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Statement {
+    statement: &'static str,
+}
+
+/// Batch sizes 1, 2, 4, … 128.
+fn batch_size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 8))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Kind {
     kind: &'static str,
 }
@@ -71,6 +86,7 @@ pub struct BookingMetrics {
     swept: Family<Queue, Counter>,
     pruned: Family<Kind, Counter>,
     memory_config_errors: Family<CodeLabel, Counter>,
+    batch_sizes: Family<Statement, Histogram, fn() -> Histogram>,
 }
 
 impl BookingMetrics {
@@ -87,6 +103,7 @@ impl BookingMetrics {
             swept: Family::default(),
             pruned: Family::default(),
             memory_config_errors: Family::default(),
+            batch_sizes: Family::new_with_constructor(batch_size_histogram as fn() -> Histogram),
         };
         registry.register(
             "jobs",
@@ -146,7 +163,19 @@ impl BookingMetrics {
             "Time from a follow-up job's due time (the event's end + BOOKING_FOLLOWUP_DELAY) to its first run's start",
             metrics.plan_start_delay.clone(),
         );
+        registry.register(
+            "followup_batch_size",
+            "Follow-up job runs served by one coalesced statement (BOOKING_WORKER_BATCH_MAX), by \
+             statement (to_plan, insert_planned, finish_sent)",
+            metrics.batch_sizes.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    pub fn batch_size(&self, statement: &'static str, runs: usize) {
+        self.batch_sizes
+            .get_or_create(&Statement { statement })
+            .observe(runs as f64);
     }
 
     pub fn job_run(&self, queue: &'static str, ok: bool, took: Duration) {

@@ -151,7 +151,14 @@ impl Application {
             // connection at all).
             let notifying = wakeups.clone().send_until(pool.clone(), stopping.clone());
             let workers = (!settings.disable_workers).then(|| {
+                let statements = jobs::batches::HotStatements::new(
+                    worker_pool.clone(),
+                    settings.policy().claim_lease,
+                    usize::from(settings.worker_batch_max),
+                    booking_metrics.clone(),
+                );
                 let ctx = JobContext {
+                    statements,
                     pool: worker_pool,
                     memory,
                     templates: TemplateCache::default(),

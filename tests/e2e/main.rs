@@ -6,6 +6,7 @@ mod stack;
 mod bad_input;
 mod booking_rules;
 mod bookings;
+mod coalesced;
 mod erasure;
 mod follow_ups;
 mod garbage;

@@ -114,8 +114,9 @@ pub(super) async fn call_and_finish(
     let request = store_request(follow_up);
     match ctx.memory.store_follow_up(request).await {
         Ok(message_id) => {
-            let now = maitre_runtime::db::now();
-            match store::followups::finish_sent(&ctx.pool, follow_up.id, token, message_id, now)
+            match ctx
+                .statements
+                .finish_sent(follow_up.id, token, message_id)
                 .await?
             {
                 Some(SENT) => {

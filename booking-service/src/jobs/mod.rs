@@ -7,6 +7,10 @@
 //!                     (a retry, a re-drive, the sweep, a follow-up planned before it was due)
 //! ```
 //!
+//! The runs due together share their hot statements (`batches`,
+//! `coalesce`): the booking read, the insert and the finish are each one
+//! multi-row statement for the runs that reach them at once.
+//!
 //! One job per booking: the wording is chosen from the emotion history as
 //! it is when the event ends, and a follow-up costs one job's queue traffic.
 //! Jobs run at least once, so both handlers are idempotent: the partial
@@ -27,6 +31,8 @@
 //! work whose job died, the poison guard (`poison`) dead-letters job rows
 //! apalis cannot read, pruning deletes every kind of dead row.
 
+pub mod batches;
+pub mod coalesce;
 pub mod deliver;
 pub mod gauges;
 pub mod plan;
@@ -84,6 +90,9 @@ pub struct JobContext {
     pub wakeups: wakeups::Wakeups,
     /// Sampling and span export: each run is a span of the trace it continues.
     pub tracer: Tracer,
+    /// The planning read, the follow-up insert and the finish, coalesced
+    /// across runs (`BOOKING_WORKER_BATCH_MAX`).
+    pub statements: batches::HotStatements,
 }
 
 /// What a job run's exported span says about it.

@@ -66,7 +66,7 @@ enum RetryPlan {
 }
 
 async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
-    let Some(booking) = store::planning::to_plan(&ctx.pool, job.booking_id).await? else {
+    let Some(booking) = ctx.statements.to_plan(job.booking_id).await? else {
         tracing::warn!("booking not found; nothing to plan");
         return Ok(());
     };
@@ -159,9 +159,7 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     let deliver_now = follow_up.scheduled_at <= now;
     let token = Uuid::now_v7();
     let inserted = if deliver_now {
-        let claim = Some((token, ctx.policy.claim_lease));
-        let mut conn = ctx.pool.acquire().await?;
-        store::followups::insert_planned(&mut conn, &follow_up, now, claim).await?
+        ctx.statements.insert_claimed(&follow_up, token).await?
     } else {
         let mut tx = ctx.pool.begin().await?;
         let inserted = store::followups::insert_planned(&mut tx, &follow_up, now, None).await?;

@@ -4,7 +4,7 @@
 //! ListFollowUps reads them.
 
 use chrono::{DateTime, Utc};
-use maitre_runtime::otel::TracedStatement;
+use maitre_runtime::otel::{self, Recorder, TracedStatement};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -97,6 +97,93 @@ SELECT state AS "state!" FROM inserted
     .traced("followups::insert_planned")
     .await
 }
+
+/// [`insert_planned`] with a claim, for many follow-ups of different
+/// bookings in one statement (the follow-up jobs that come due together),
+/// each born claimed by its own run's token for `lease`, with the same
+/// outcome per row. Instead of a separate lock, the planned mark is the
+/// statement's first write: it locks each booking (waiting for a cancel or
+/// an erasure in flight, as the one-row statement does, for as long as the
+/// caller's `lock_timeout` lets it) and returns the booking's state as it is
+/// then. `batch` must hold one follow-up per booking and trigger. Returns
+/// the inserted follow-ups' ids and states; a follow-up missing from the
+/// answer was not inserted (already planned, or the booking no longer
+/// confirmed), exactly when [`insert_planned`] would answer none.
+pub async fn insert_claimed_many(
+    conn: &mut PgConnection,
+    batch: &[(NewFollowUp, Uuid)],
+    now: DateTime<Utc>,
+    lease: std::time::Duration,
+    recorders: &[Recorder],
+) -> Result<Vec<(Uuid, i16)>, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = batch.iter().map(|(f, _)| f.id).collect();
+    let booking_ids: Vec<Uuid> = batch.iter().map(|(f, _)| f.booking_id).collect();
+    let customer_ids: Vec<&str> = batch.iter().map(|(f, _)| f.customer_id.as_str()).collect();
+    let conversation_ids: Vec<Option<Uuid>> =
+        batch.iter().map(|(f, _)| f.conversation_id).collect();
+    let template_keys: Vec<&str> = batch.iter().map(|(f, _)| f.template_key.as_str()).collect();
+    let texts: Vec<&str> = batch
+        .iter()
+        .map(|(f, _)| f.rendered_text.as_str())
+        .collect();
+    let scheduled: Vec<DateTime<Utc>> = batch.iter().map(|(f, _)| f.scheduled_at).collect();
+    let attempts: Vec<i32> = batch.iter().map(|(f, _)| f.plan_attempts).collect();
+    let tokens: Vec<Uuid> = batch.iter().map(|(_, token)| *token).collect();
+    let triggers: Vec<&str> = batch.iter().map(|(f, _)| f.trigger).collect();
+    let statement = sqlx::query_as::<_, (Uuid, i16)>(INSERT_CLAIMED_MANY)
+        .bind(ids)
+        .bind(booking_ids)
+        .bind(customer_ids)
+        .bind(conversation_ids)
+        .bind(template_keys)
+        .bind(texts)
+        .bind(scheduled)
+        .bind(attempts)
+        .bind(tokens)
+        .bind(triggers)
+        .bind(now)
+        .bind(lease.as_secs_f64())
+        .fetch_all(conn);
+    otel::sql_batch(
+        recorders,
+        "followups::INSERT_CLAIMED_MANY",
+        batch.len(),
+        statement,
+    )
+    .await
+}
+
+/// The statement of [`insert_claimed_many`], one array per column (element
+/// `i` is follow-up `i`), `$11` now, `$12` the lease in seconds. A booking's planning is recorded as over whether or not its
+/// row was inserted, as in [`insert_planned`].
+const INSERT_CLAIMED_MANY: &str = r#"
+WITH input AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[],
+                $7::timestamptz[], $8::int4[], $9::uuid[], $10::text[])
+         AS i(id, booking_id, customer_id, conversation_id, template_key, rendered_text,
+              scheduled_at, plan_attempts, claim_token, trigger)
+),
+planned AS (
+    UPDATE booking.bookings b SET followup_planned_at = COALESCE(b.followup_planned_at, $11)
+    FROM input i
+    WHERE b.id = i.booking_id
+    RETURNING b.id, b.state
+)
+INSERT INTO booking.scheduled_followups
+    (id, booking_id, customer_id, conversation_id, trigger, template_key, rendered_text,
+     state, scheduled_at, plan_attempts, created_at, updated_at, claim_token, claimed_until)
+SELECT i.id, i.booking_id, i.customer_id, i.conversation_id, i.trigger, i.template_key,
+       i.rendered_text, 1 /* followups::PENDING */, i.scheduled_at, i.plan_attempts, $11, $11,
+       i.claim_token, now() + make_interval(secs => $12)
+FROM input i
+JOIN planned p ON p.id = i.booking_id AND p.state = 1 /* booking::CONFIRMED */
+ON CONFLICT (booking_id, trigger) WHERE state <> 3 /* followups::CANCELLED */ DO NOTHING
+RETURNING id, state
+"#;
 
 /// The live (not cancelled) follow-up of a booking for a trigger, as a
 /// re-run of its plan job needs it: whether its first delivery is still
@@ -274,6 +361,52 @@ RETURNING state AS "state!"
     .fetch_optional(pool)
     .traced("followups::finish_sent")
     .await
+}
+
+/// [`finish_sent`] for many claimed follow-ups in one statement: `(id,
+/// token, message_id)` each, one per follow-up, with the same outcome per
+/// row. Returns the finished ones' ids and states; one missing from the
+/// answer lost its claim, exactly when [`finish_sent`] would answer none.
+pub async fn finish_sent_many(
+    conn: &mut PgConnection,
+    batch: &[(Uuid, Uuid, Uuid)],
+    now: DateTime<Utc>,
+    recorders: &[Recorder],
+) -> Result<Vec<(Uuid, i16)>, sqlx::Error> {
+    let ids: Vec<Uuid> = batch.iter().map(|(id, _, _)| *id).collect();
+    let tokens: Vec<Uuid> = batch.iter().map(|(_, token, _)| *token).collect();
+    let message_ids: Vec<Uuid> = batch.iter().map(|(_, _, message)| *message).collect();
+    let statement = sqlx::query!(
+        r#"
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS i(id, token, message_id)
+)
+UPDATE booking.scheduled_followups f
+SET state = CASE WHEN f.state = 1 /* followups::PENDING */ THEN 2 /* followups::SENT */
+                 ELSE f.state END,
+    last_error = CASE WHEN f.state = 1 /* followups::PENDING */ THEN NULL ELSE $5::text END,
+    message_id = i.message_id, sent_at = $4, updated_at = $4, attempts = f.attempts + 1,
+    claim_token = NULL, claimed_until = NULL
+FROM input i
+WHERE f.id = i.id AND f.claim_token = i.token
+  AND f.state IN (1 /* followups::PENDING */, 3 /* followups::CANCELLED */)
+RETURNING f.id, f.state
+"#,
+        &ids,
+        &tokens,
+        &message_ids,
+        now,
+        SENT_AFTER_CANCEL_NOTE
+    )
+    .fetch_all(conn);
+    let rows = otel::sql_batch(
+        recorders,
+        "followups::finish_sent_many",
+        batch.len(),
+        statement,
+    )
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.state)).collect())
 }
 
 /// What a failed attempt leads to.

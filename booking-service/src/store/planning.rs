@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use maitre_runtime::otel::TracedStatement;
+use maitre_runtime::otel::{self, Recorder, TracedStatement};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -32,8 +32,56 @@ pub struct ToPlan {
     pub planned_at: Option<DateTime<Utc>>,
 }
 
+/// A row of the planning read, before the slot's time zone is applied.
+struct ToPlanRow {
+    id: Uuid,
+    customer_id: String,
+    customer_name: String,
+    conversation_id: Option<Uuid>,
+    party_size: i32,
+    state: i16,
+    planned_at: Option<DateTime<Utc>>,
+    slot_starts_at: DateTime<Utc>,
+    slot_ends_at: DateTime<Utc>,
+    slot_label: String,
+    slot_time_zone: String,
+}
+
+impl From<ToPlanRow> for ToPlan {
+    fn from(r: ToPlanRow) -> Self {
+        ToPlan {
+            id: r.id,
+            customer_id: r.customer_id,
+            customer_name: r.customer_name,
+            conversation_id: r.conversation_id,
+            party_size: r.party_size,
+            state: r.state,
+            slot_starts_at: r
+                .slot_starts_at
+                .with_timezone(&stored_time_zone(&r.slot_time_zone)),
+            slot_ends_at: r.slot_ends_at,
+            slot_label: r.slot_label,
+            planned_at: r.planned_at,
+        }
+    }
+}
+
 pub async fn to_plan(pool: &PgPool, booking_id: Uuid) -> Result<Option<ToPlan>, sqlx::Error> {
-    let row = sqlx::query!(
+    let recorders: Vec<Recorder> = Recorder::current().into_iter().collect();
+    let found = to_plan_many(pool, &[booking_id], &recorders).await?;
+    Ok(found.into_iter().next())
+}
+
+/// [`to_plan`] of many bookings in one statement (the follow-up jobs that
+/// come due together): one answer per booking found, in no set order;
+/// `recorders` get a client span each.
+pub async fn to_plan_many(
+    pool: &PgPool,
+    booking_ids: &[Uuid],
+    recorders: &[Recorder],
+) -> Result<Vec<ToPlan>, sqlx::Error> {
+    let statement = sqlx::query_as!(
+        ToPlanRow,
         r#"
 SELECT b.id, b.customer_id, b.customer_name, b.conversation_id, b.party_size, b.state,
        b.followup_planned_at AS planned_at,
@@ -41,27 +89,19 @@ SELECT b.id, b.customer_id, b.customer_name, b.conversation_id, b.party_size, b.
        s.time_zone AS slot_time_zone
 FROM booking.bookings b
 JOIN booking.slots s ON s.id = b.slot_id
-WHERE b.id = $1
+WHERE b.id = ANY($1::uuid[])
 "#,
-        booking_id
+        booking_ids
     )
-    .fetch_optional(pool)
-    .traced("planning::to_plan")
+    .fetch_all(pool);
+    let rows = otel::sql_batch(
+        recorders,
+        "planning::to_plan_many",
+        booking_ids.len(),
+        statement,
+    )
     .await?;
-    Ok(row.map(|r| ToPlan {
-        id: r.id,
-        customer_id: r.customer_id,
-        customer_name: r.customer_name,
-        conversation_id: r.conversation_id,
-        party_size: r.party_size,
-        state: r.state,
-        slot_starts_at: r
-            .slot_starts_at
-            .with_timezone(&stored_time_zone(&r.slot_time_zone)),
-        slot_ends_at: r.slot_ends_at,
-        slot_label: r.slot_label,
-        planned_at: r.planned_at,
-    }))
+    Ok(rows.into_iter().map(ToPlan::from).collect())
 }
 
 /// Takes plan attempt `next` for the booking: only while `next - 1` is the

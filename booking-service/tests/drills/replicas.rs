@@ -104,6 +104,12 @@ async fn replicas_share_the_load_and_survive_kills() {
         Options {
             booking_processes: 2,
             memory_processes: 2,
+            // Fair shares are counted over 200 planning calls. With the
+            // default 128 jobs in flight per replica, a burst of calls can
+            // land on the live replica before the balancer's next probe
+            // round picks a restarted one up, and the window counts it; 16
+            // keeps the drill measuring the steady split.
+            booking_env: vec![("BOOKING_WORKER_CONCURRENCY", "16".into())],
             ..Options::default()
         },
     )

@@ -21,6 +21,10 @@ async fn two_workers_one_queue() {
         "two_workers",
         Options {
             booking_processes: 2,
+            // A worker fetches up to its concurrency of due jobs at once:
+            // with the default 128, the first replica to poll takes all 60
+            // (README, "Scaling out"). 16 makes both take part.
+            booking_env: vec![("BOOKING_WORKER_CONCURRENCY", "16".into())],
             ..Options::default()
         },
     )
