@@ -42,9 +42,14 @@ async fn bookings(stack: &Stack, n: usize) -> Vec<booking::Booking> {
     let slot = stack
         .slot(Duration::from_secs(3600), Duration::from_secs(3600), 100)
         .await;
+    book_each(stack, &slot, n).await
+}
+
+/// `n` bookings of `slot`, one customer each.
+async fn book_each(stack: &Stack, slot: &booking::Slot, n: usize) -> Vec<booking::Booking> {
     let mut booked = Vec::new();
     for i in 0..n {
-        let request = Stack::booking_request(&slot, &format!("guest-{i}"), "", 1);
+        let request = Stack::booking_request(slot, &format!("guest-{i}"), "", 1);
         booked.push(stack.book(request).await.expect("booked"));
     }
     booked
@@ -359,11 +364,7 @@ async fn burst_delivered_once(batch_max: u16) {
     let slot = stack
         .slot(Duration::from_secs(3), Duration::from_secs(1), 100)
         .await;
-    let mut booked = Vec::new();
-    for i in 0..BURST {
-        let request = Stack::booking_request(&slot, &format!("burst-{i}"), "", 1);
-        booked.push(stack.book(request).await.expect("booked"));
-    }
+    let booked = book_each(&stack, &slot, BURST).await;
     for b in &booked {
         let sent = stack
             .wait_follow_up(&b.booking_id, "the follow-up to be sent", |f| {

@@ -10,7 +10,7 @@
 //! run at least once). With `BOOKING_WORKER_BATCH_MAX=0` every run uses
 //! the one-row statements.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::HashMap, sync::Arc, time::Duration};
 
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -253,25 +253,25 @@ fn answer_firsts<T>(
         .collect()
 }
 
-/// The inputs whose key is the first of its kind in the batch (cloned, for
-/// the statement), and for every input whether it is one of them.
+/// The inputs whose key is the first of its kind in the batch, for the
+/// statement (the inputs themselves in the usual case of no repeat, copies
+/// of the firsts otherwise), and for every input whether it is one of them.
 fn first_per_key<T: Clone, K: Eq + std::hash::Hash>(
     inputs: &[T],
     key: impl Fn(&T) -> K,
-) -> (Vec<T>, Vec<bool>) {
+) -> (Cow<'_, [T]>, Vec<bool>) {
     let mut seen = std::collections::HashSet::with_capacity(inputs.len());
-    let mut rows = Vec::with_capacity(inputs.len());
-    let first = inputs
+    let first: Vec<bool> = inputs.iter().map(|input| seen.insert(key(input))).collect();
+    if first.iter().all(|&first| first) {
+        return (Cow::Borrowed(inputs), first);
+    }
+    let rows = inputs
         .iter()
-        .map(|input| {
-            let first = seen.insert(key(input));
-            if first {
-                rows.push(input.clone());
-            }
-            first
-        })
+        .zip(&first)
+        .filter(|(_, first)| **first)
+        .map(|(input, _)| input.clone())
         .collect();
-    (rows, first)
+    (Cow::Owned(rows), first)
 }
 
 /// A coalesced statement failed. When the failure may be one row's (data
@@ -322,7 +322,9 @@ mod tests {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let inputs = [(b, 1), (a, 2), (b, 3)];
         let (rows, first) = first_per_key(&inputs, |(key, _)| *key);
-        assert_eq!(rows, vec![(b, 1), (a, 2)], "one row per key");
+        assert_eq!(rows.as_ref(), [(b, 1), (a, 2)], "one row per key");
         assert_eq!(first, vec![true, true, false]);
+        let (rows, _) = first_per_key(&inputs[..2], |(key, _)| *key);
+        assert!(matches!(rows, Cow::Borrowed(_)), "no repeat: no copy");
     }
 }

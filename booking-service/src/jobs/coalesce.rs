@@ -1,7 +1,8 @@
 //! Coalescing the follow-up jobs' statements: the job runs that reach the
 //! same statement at the same time (the burst at an event's end, where every
-//! booking's job comes due at once) share one multi-row statement, one round
-//! trip and one commit, and each run still gets its own row back.
+//! booking's job comes due at once) share one multi-row statement: one
+//! plan, one set of round trips and one commit for all of them, and each
+//! run still gets its own row back.
 //!
 //! A run hands its input to a [`Coalescer`] and awaits its answer. Flusher
 //! tasks each take every input queued when they get to it (never waiting

@@ -157,8 +157,9 @@ pub async fn insert_claimed_many(
 }
 
 /// The statement of [`insert_claimed_many`], one array per column (element
-/// `i` is follow-up `i`), `$11` now, `$12` the lease in seconds. A booking's planning is recorded as over whether or not its
-/// row was inserted, as in [`insert_planned`].
+/// `i` is follow-up `i`), `$11` now, `$12` the lease in seconds. A
+/// booking's planning is recorded as over whether or not its row was
+/// inserted, as in [`insert_planned`].
 const INSERT_CLAIMED_MANY: &str = r#"
 WITH input AS (
     SELECT *
