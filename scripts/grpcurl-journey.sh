@@ -23,7 +23,10 @@
 # with a token_budget that fits the whole conversation (4 messages, oldest
 # first, the follow-up last, with the state) and with a budget of 1 token (no
 # message, truncated); and one bad call (StoreMessage without a role) that
-# must fail with InvalidArgument.
+# must fail with InvalidArgument. Throughout, a WatchMessages stream of the
+# user runs in the background: it must print the three messages and the
+# follow-up, and a second WatchMessages from the first message's cursor must
+# print the rest and not the first.
 #
 # grpcurl prints answers as proto3 JSON: int64 fields are strings
 # ("version": "1"), a oneof shows only its set member, and fields at their
@@ -165,7 +168,7 @@ done
 
 ok "$memory_addr" describe "$memory_svc"
 for m in StoreMessage GetConversation ListMessages GetEmotionHistory ListConversations CloseConversation \
-    GetConversationState UpdateConversationState GetContext DeleteUserData; do
+    GetConversationState UpdateConversationState GetContext DeleteUserData WatchMessages; do
     contains "MemoryService describes $m" "rpc $m ("
 done
 ok "$booking_addr" describe "$booking_svc"
@@ -190,6 +193,23 @@ expect "booking-service liveness" "$(py 'd["status"]')" SERVING
 log "== a conversation with three negative messages"
 conversation="$(uuid)"
 user="grpcurl-$(uuid | cut -c1-8)"
+
+# The change feed: a watcher of this user's messages, in the background for
+# the rest of the journey (as a channel gateway would follow the feed).
+watch_out="$(mktemp)"
+watch_pid=""
+stop_watch() { [[ -z "$watch_pid" ]] || kill "$watch_pid" 2>/dev/null || true; rm -f "$watch_out"; }
+trap stop_watch EXIT
+watch_args=(-max-time 120 -d "{\"user_id\":\"$user\"}" "$memory_addr" "$memory_svc/WatchMessages")
+shown="grpcurl -plaintext"
+for a in "${watch_args[@]}"; do shown+=" $(quote "$a")"; done
+printf '\n$ %s &\n' "$shown"
+"$grpcurl" -plaintext "${auth[@]}" "${watch_args[@]}" >"$watch_out" 2>&1 &
+watch_pid=$!
+# The stream opens with a heartbeat: from then on nothing stored is missed.
+for _ in $(seq 100); do grep -q '"heartbeat"' "$watch_out" && break; sleep 0.1; done
+grep -q '"heartbeat"' "$watch_out" || { cat "$watch_out" >&2; die "WatchMessages sent no opening heartbeat"; }
+log "ok: WatchMessages is open (opening heartbeat received)"
 scores=(-0.2 -0.5 -0.8)
 labels=(sadness anger anger)
 for i in 0 1 2; do
@@ -284,6 +304,47 @@ ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetC
 expect "nothing written by the stale write: version" "$(py 'd["state"]["version"]')" 2
 expect "nothing written by the stale write: state" "$(py 'sorted(json.loads(d["state"]["stateJson"]).items())')" '[["step", "followed_up"], ["table", {"seat": "window"}]]'
 
+log "== the change feed: what the watcher printed"
+# watched: the message ids and cursors the background watcher printed so far.
+watched() {
+    python3 -c '
+import json, sys
+text, at, decoder, seen = open(sys.argv[1]).read(), 0, json.JSONDecoder(), []
+while True:
+    at = text.find("{", at)
+    if at < 0:
+        break
+    try:
+        obj, at = decoder.raw_decode(text, at)
+    except ValueError:
+        at += 1
+        continue
+    if "message" in obj:
+        seen.append((obj["message"]["messageId"], obj["cursor"], obj.get("channel", "")))
+print(json.dumps(seen))
+' "$watch_out"
+}
+for _ in $(seq 100); do
+    [[ "$(watched | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" -ge 4 ]] && break
+    sleep 0.1
+done
+sed 's/^/  /' "$watch_out"
+seen="$(watched)"
+out="$seen"
+expect "watched: the three messages and the follow-up" "$(py 'len(d)')" 4
+expect "watched: the follow-up last" "$(py 'd[-1][0]')" "$followup_message"
+expect "watched: with their channel" "$(py 'd[0][2]')" grpcurl
+first_cursor="$(py 'd[0][1]')"
+stop_watch
+watch_pid=""
+
+log "== resuming the feed from the first message's cursor (ends at -max-time)"
+call -max-time 3 -d "{\"cursor\":\"$first_cursor\",\"user_id\":\"$user\"}" "$memory_addr" "$memory_svc/WatchMessages"
+contains "resumed: the second message" "message 2: still waiting"
+contains "resumed: the follow-up" "$followup_message"
+if grep -qF -- "message 1: still waiting" <<<"$out"; then die "resumed: the first message came again"; fi
+log "ok: resumed after the cursor, nothing before it"
+
 ok -d "{\"conversation_id\":\"$conversation\",\"token_budget\":4096}" "$memory_addr" "$memory_svc/GetContext"
 expect "context: the whole conversation, oldest first" "$(py '[m["sequence"] for m in d["messages"]]')" '["1", "2", "3", "4"]'
 expect "context: the follow-up last" "$(py 'd["messages"][-1]["messageId"]')" "$followup_message"
@@ -308,4 +369,4 @@ contains "the message names the role field" "role"
 ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetConversation"
 expect "nothing written by the bad call" "$(py 'd["conversation"]["messageCount"]')" 4
 
-printf '\n%s: PASSED: reflection, health, the whole journey, state and context, and a refused bad call\n' "$me"
+printf '\n%s: PASSED: reflection, health, the whole journey, the change feed, state and context, and a refused bad call\n' "$me"

@@ -108,6 +108,12 @@ pub struct Cli {
     /// stay direct. scripts/pooler-check.sh uses it.
     #[arg(long)]
     pub pooler: Option<String>,
+
+    /// Open this many WatchMessages streams on memory-service during every
+    /// run, each reading its opening heartbeat and then nothing (stalled
+    /// change-feed consumers): writers must not notice them.
+    #[arg(long, default_value_t = 0)]
+    pub stalled_watchers: usize,
 }
 
 /// The run, every default resolved.
@@ -132,6 +138,8 @@ pub struct Plan {
     pub allow_errors: bool,
     /// host:port of the pooler the services go through, if any.
     pub pooler: Option<String>,
+    /// WatchMessages streams held open, unread, during every run.
+    pub stalled_watchers: usize,
 }
 
 impl Cli {
@@ -193,6 +201,7 @@ impl Cli {
             workers_during_load: !self.workers_off,
             allow_errors: self.allow_errors,
             pooler: self.pooler,
+            stalled_watchers: self.stalled_watchers,
         })
     }
 }

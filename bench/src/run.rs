@@ -20,7 +20,7 @@ use crate::{
     resources::{self, CpuUse, Probe},
     scenarios::{
         Client, Endpoints, Scenario, create_booking::BookClient, follow_ups, get_context,
-        journey::JourneyClient, store_message::StoreClient,
+        journey::JourneyClient, stalled_watchers::StalledWatchers, store_message::StoreClient,
     },
     services::{Launch, Stack},
     stats::{Measurement, Sample},
@@ -358,12 +358,15 @@ impl Bench<'_> {
             self.start(self.plan.workers_during_load).await?;
             db::checkpoint(&self.pool).await?;
             let load_clients = self.clients(scenario, clients).await?;
+            let stalled =
+                StalledWatchers::open(&self.endpoints, self.plan.stalled_watchers).await?;
             if self.pg_stats {
                 pg_cost::reset(&self.pool).await?;
             }
             let before = self.probe.snapshot()?;
             let sample = load::closed_loop(load_clients, self.plan.warmup, segment).await?;
             let after = self.probe.snapshot()?;
+            drop(stalled);
             self.check_services()?;
             service.merge(sample)?;
             service_cpu.add(&self.probe.between(&before, &after));

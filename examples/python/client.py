@@ -24,7 +24,12 @@ checking every answer:
   other write -> rich errors: a bad StoreMessage gives INVALID_ARGUMENT whose
   grpc-status-details-bin trailer decodes (grpcio-status) to a BadRequest
   naming the bad fields, and a full slot gives FAILED_PRECONDITION with
-  ErrorInfo reason SLOT_FULL.
+  ErrorInfo reason SLOT_FULL -> the change feed, as a channel gateway
+  follows it: WatchMessages from the cursor saved before the first message
+  (the opening heartbeat's), every message of the conversation delivered once
+  and in order, with a disconnect after the second and a resume from the last
+  cursor handled; then one more message, and the loop resumes from its cursor
+  with just that one.
 
 The stack must deliver follow-ups right after the event
 (BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh).
@@ -663,6 +668,102 @@ def check_rich_errors(c: Client, user: str) -> None:
         check(infos[0].metadata.get("available_seats") == "1", "available_seats 1")
 
 
+# ---------------------------------------------------------------- change feed
+def feed_start(c: Client, user: str) -> str:
+    """Where a gateway that starts now resumes from: the cursor of the
+    stream's opening heartbeat (saved before anything is stored)."""
+    m = c.memory_pb
+    step("WatchMessages from now: the opening heartbeat gives the starting cursor")
+    stream = c.memory.WatchMessages(
+        m.WatchMessagesRequest(user_id=user), timeout=10, metadata=c.metadata
+    )
+    first = next(stream)
+    stream.cancel()
+    check(first.WhichOneof("event") == "heartbeat", "the stream opens with a heartbeat")
+    check(first.cursor != "", "with a cursor")
+    return first.cursor
+
+
+def consume_feed(c: Client, user: str, cursor: str, deliver, until, disconnect_after=None) -> str:
+    """A channel gateway's loop: follow WatchMessages from `cursor`, hand each
+    message to `deliver` once (the feed is at-least-once: drop repeats by
+    message id), keep the last cursor, and reconnect from it whenever the
+    stream ends: UNAVAILABLE (a server restart, WATCHER_TOO_SLOW), a
+    deadline, or our own disconnect. Returns the cursor to resume from once
+    `until()` holds. OUT_OF_RANGE (CURSOR_EXPIRED) would need a re-read of
+    the conversations instead, and is left to the caller here."""
+    m = c.memory_pb
+    seen: set[str] = set()
+    for _ in range(20):
+        stream = c.memory.WatchMessages(
+            m.WatchMessagesRequest(cursor=cursor, user_id=user), timeout=3, metadata=c.metadata
+        )
+        try:
+            for response in stream:
+                if response.WhichOneof("event") == "message":
+                    message = response.message
+                    if message.message_id not in seen:
+                        seen.add(message.message_id)
+                        deliver(message, response.channel)
+                cursor = response.cursor  # only after the message was handled
+                if until():
+                    stream.cancel()
+                    return cursor
+                if disconnect_after is not None and len(seen) == disconnect_after:
+                    disconnect_after = None
+                    stream.cancel()  # as if the gateway restarted here
+                    break
+        except grpc.RpcError as err:
+            if err.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED,
+            ):
+                raise
+        # Reconnect from the last cursor handled.
+    raise AssertionError("the feed never delivered everything")
+
+
+def follow_the_feed(c: Client, user: str, conversation: str, start: str) -> None:
+    m = c.memory_pb
+    stored = c.call(
+        c.memory.ListMessages,
+        m.ListMessagesRequest(conversation_id=conversation, page_size=500),
+    ).messages
+    want = [x.message_id for x in stored]
+    step(
+        f"a gateway's loop over WatchMessages from the saved cursor {start}: "
+        f"{len(want)} messages, with a disconnect after the second"
+    )
+    delivered: list[str] = []
+    channels: set[str] = set()
+
+    def deliver(message, channel):
+        delivered.append(message.message_id)
+        channels.add(channel)
+
+    cursor = consume_feed(
+        c, user, start, deliver, until=lambda: len(delivered) >= len(want), disconnect_after=2
+    )
+    check(sorted(delivered) == sorted(want), "every stored message delivered once")
+    by_sequence = [x.message_id for x in sorted(stored, key=lambda x: x.sequence)]
+    check(delivered == by_sequence, "in the conversation's order")
+    check(channels == {"python"}, "with the conversation's channel")
+
+    step("one more message: the loop resumes from its cursor and gets only that")
+    extra = c.call(
+        c.memory.StoreMessage,
+        m.StoreMessageRequest(
+            conversation_id=conversation, user_id=user, channel="python",
+            role=m.ROLE_ASSISTANT, content="your table is ready",
+            request_id=f"{user}-feed-extra",
+        ),
+    ).message
+    delivered.clear()
+    consume_feed(c, user, cursor, deliver, until=lambda: len(delivered) >= 1)
+    check(delivered == [extra.message_id], "just the new message")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory-addr", default=os.environ.get("MEMORY_ADDR", "127.0.0.1:50051"))
@@ -682,6 +783,7 @@ def main() -> int:
         user = f"python-{uuid.uuid4().hex[:8]}"
         try:
             check_health(client)
+            feed_cursor = feed_start(client, user)
             conversation = store_conversation(client, user)
             check_conversation(client, user, conversation)
             newest_id = book_and_follow_up(client, args, user, conversation)
@@ -689,6 +791,7 @@ def main() -> int:
             check_context_budget(client, conversation, newest)
             check_state_conflicts(client, conversation)
             check_rich_errors(client, user)
+            follow_the_feed(client, user, conversation, feed_cursor)
         finally:
             client.close()
     except AssertionError as failure:

@@ -20,7 +20,7 @@ use maitre_runtime::{
 use anyhow::ensure;
 
 use crate::{
-    domain::Limits, erasure::PurgeSettings, startup::MAX_RESPONSE_BYTES,
+    domain::Limits, erasure::PurgeSettings, feed::FeedSettings, startup::MAX_RESPONSE_BYTES,
     store::group_commit::GroupCommit,
 };
 
@@ -175,6 +175,56 @@ pub struct Settings {
     #[arg(long, env = "MEMORY_STORE_LOCK_WAIT", default_value = "50ms", value_parser = humantime::parse_duration, global = true)]
     pub store_lock_wait: Duration,
 
+    /// WatchMessages: how often the message feed is sequenced and its end
+    /// read when no message stored through this replica prompts it (how soon
+    /// a watcher here sees messages stored through another replica).
+    #[arg(long, env = "MEMORY_FEED_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration, global = true)]
+    pub feed_poll_interval: Duration,
+
+    /// How long the message feed keeps a position: a WatchMessages cursor
+    /// older than this has expired (OUT_OF_RANGE, CURSOR_EXPIRED).
+    #[arg(long, env = "MEMORY_FEED_RETENTION", default_value = "7d", value_parser = humantime::parse_duration, global = true)]
+    pub feed_retention: Duration,
+
+    /// How often an idle WatchMessages stream gets a heartbeat.
+    #[arg(long, env = "MEMORY_WATCH_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration, global = true)]
+    pub watch_heartbeat: Duration,
+
+    /// Messages held for one WatchMessages stream that its client has not
+    /// read yet (at most this many, plus a page of 64 being sent).
+    #[arg(
+        long,
+        env = "MEMORY_WATCH_BUFFER",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u32).range(1..=4096),
+        global = true
+    )]
+    pub watch_buffer: u32,
+
+    /// A WatchMessages stream whose buffer stays full this long (its client
+    /// stopped reading) is ended with UNAVAILABLE, WATCHER_TOO_SLOW.
+    #[arg(long, env = "MEMORY_WATCH_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub watch_stall_timeout: Duration,
+
+    /// Most WatchMessages streams open at once on this replica.
+    #[arg(
+        long,
+        env = "MEMORY_WATCH_MAX_STREAMS",
+        default_value_t = 256,
+        global = true
+    )]
+    pub watch_max_streams: usize,
+
+    /// Most WatchMessages streams one caller may have open at once on this
+    /// replica (with AUTH_MODE=none every client is the same caller).
+    #[arg(
+        long,
+        env = "MEMORY_WATCH_MAX_STREAMS_PER_CALLER",
+        default_value_t = 16,
+        global = true
+    )]
+    pub watch_max_streams_per_caller: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -197,6 +247,18 @@ impl Settings {
         PurgeSettings {
             batch_size: self.purge_batch_size,
             interval: self.purge_interval,
+        }
+    }
+
+    pub fn feed(&self) -> FeedSettings {
+        FeedSettings {
+            poll_interval: self.feed_poll_interval,
+            retention: self.feed_retention,
+            heartbeat: self.watch_heartbeat,
+            stall_timeout: self.watch_stall_timeout,
+            buffer: self.watch_buffer as usize,
+            max_streams: self.watch_max_streams,
+            max_streams_per_caller: self.watch_max_streams_per_caller,
         }
     }
 
@@ -263,6 +325,38 @@ impl Settings {
             "MEMORY_MAX_LABEL_CHARS admits emotion histories of up to {} bytes, over the \
              {MAX_RESPONSE_BYTES}-byte response limit",
             limits.largest_history_bytes()
+        );
+        let feed = self.feed();
+        for (name, value, least) in [
+            (
+                "MEMORY_FEED_POLL_INTERVAL",
+                feed.poll_interval,
+                Duration::from_millis(10),
+            ),
+            (
+                "MEMORY_WATCH_HEARTBEAT",
+                feed.heartbeat,
+                Duration::from_millis(100),
+            ),
+            (
+                "MEMORY_WATCH_STALL_TIMEOUT",
+                feed.stall_timeout,
+                Duration::from_millis(100),
+            ),
+            (
+                "MEMORY_FEED_RETENTION",
+                feed.retention,
+                Duration::from_millis(1),
+            ),
+        ] {
+            ensure!(
+                value >= least && value <= Duration::from_secs(10 * 365 * 24 * 3600),
+                "{name} is {value:?}: it must be between {least:?} and 10 years"
+            );
+        }
+        ensure!(
+            feed.max_streams >= 1 && feed.max_streams_per_caller >= 1,
+            "MEMORY_WATCH_MAX_STREAMS and MEMORY_WATCH_MAX_STREAMS_PER_CALLER must be at least 1"
         );
         let smallest_context = limits.smallest_context_bytes();
         ensure!(

@@ -37,6 +37,27 @@ pub enum Error {
         reason: &'static str,
         message: String,
     },
+    /// WatchMessages past the stream limits.
+    #[error("too many WatchMessages streams (limit {limit})")]
+    TooManyWatchers { limit: usize, per_caller: bool },
+    /// WatchMessages from a cursor whose successors retention dropped.
+    #[error("cursor {cursor} expired")]
+    CursorExpired { cursor: i64, oldest: i64 },
+    /// WatchMessages from a cursor past the feed's end.
+    #[error("cursor {cursor} is ahead of the feed")]
+    CursorAhead { cursor: i64, last: i64 },
+    /// A WatchMessages stream whose client did not keep up.
+    #[error("watcher too slow")]
+    WatcherTooSlow {
+        cursor: i64,
+        stalled_for: std::time::Duration,
+    },
+    /// A WatchMessages stream ended by the server's shutdown.
+    #[error("server stopping")]
+    ServerStopping { cursor: i64 },
+    /// A WatchMessages stream at the deadline its client set.
+    #[error("deadline exceeded")]
+    StreamDeadline { cursor: i64 },
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }
@@ -98,6 +119,70 @@ impl From<Error> for Status {
                 violations.add(field, reason, message);
                 violations.into_status(DOMAIN)
             }
+            Error::TooManyWatchers { limit, per_caller } => with_reason(
+                Code::ResourceExhausted,
+                DOMAIN,
+                "TOO_MANY_WATCHERS",
+                if per_caller {
+                    format!("this caller already has {limit} WatchMessages streams open; close one")
+                } else {
+                    format!("{limit} WatchMessages streams are open on this server; retry later")
+                },
+                HashMap::from([("limit".into(), limit.to_string())]),
+            ),
+            Error::CursorExpired { cursor, oldest } => with_reason(
+                Code::OutOfRange,
+                DOMAIN,
+                "CURSOR_EXPIRED",
+                format!(
+                    "messages after cursor {cursor} are no longer in the feed (kept for \
+                     MEMORY_FEED_RETENTION); read the conversations with ListMessages, then \
+                     watch from now"
+                ),
+                HashMap::from([
+                    ("cursor".into(), cursor.to_string()),
+                    ("oldest_cursor".into(), oldest.to_string()),
+                ]),
+            ),
+            Error::CursorAhead { cursor, last } => with_reason(
+                Code::OutOfRange,
+                DOMAIN,
+                "CURSOR_AHEAD",
+                format!(
+                    "cursor {cursor} is past the feed's end ({last}): this feed never issued it"
+                ),
+                HashMap::from([
+                    ("cursor".into(), cursor.to_string()),
+                    ("last_cursor".into(), last.to_string()),
+                ]),
+            ),
+            Error::WatcherTooSlow {
+                cursor,
+                stalled_for,
+            } => with_reason(
+                Code::Unavailable,
+                DOMAIN,
+                "WATCHER_TOO_SLOW",
+                format!(
+                    "the stream was not read for {stalled_for:?} with its buffer full; \
+                     reconnect with the last cursor you received"
+                ),
+                HashMap::from([("cursor".into(), cursor.to_string())]),
+            ),
+            Error::ServerStopping { cursor } => with_reason(
+                Code::Unavailable,
+                DOMAIN,
+                "SERVER_STOPPING",
+                "the server is shutting down; reconnect with the last cursor you received",
+                HashMap::from([("cursor".into(), cursor.to_string())]),
+            ),
+            Error::StreamDeadline { cursor } => with_reason(
+                Code::DeadlineExceeded,
+                DOMAIN,
+                "DEADLINE_EXCEEDED",
+                "the deadline of the call passed; reconnect with the last cursor you received",
+                HashMap::from([("cursor".into(), cursor.to_string())]),
+            ),
             Error::Database(cause) => database_status(DOMAIN, &cause),
         }
     }

@@ -8,10 +8,11 @@
 //!   the emotion rules; no SQL, no tonic.
 //! - [`store`]: every SQL statement, next to the migrations' schema.
 //! - [`erasure`]: DeleteUserData's batched purge and the background purger.
+//! - [`feed`]: the message feed's sequencer and the WatchMessages limits.
 //! - [`error`]: the one error type and its one mapping to gRPC status.
 //! - [`metrics`]: memory-service's own metrics (the group commit's).
 //!
-//! Imports point one way: [`grpc`] and [`erasure`] → [`domain`] and
+//! Imports point one way: [`grpc`], [`erasure`] and [`feed`] → [`domain`] and
 //! [`store`]; [`store`] → [`domain`]; nothing back up (the `layering` test
 //! checks it).
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod config;
 pub mod domain;
 pub mod erasure;
 pub mod error;
+pub mod feed;
 pub mod grpc;
 pub mod metrics;
 pub mod startup;

@@ -19,6 +19,7 @@ use maitre_runtime::{
 use crate::{
     config::Settings,
     erasure::Purger,
+    feed::{Feed, FeedMetrics},
     grpc::MemoryApi,
     store,
     store::group_commit::{GroupCommitMetrics, MessageWriter},
@@ -30,11 +31,12 @@ pub const SERVICE_NAME: &str = "maitre.memory.v1.MemoryService";
 /// Who may call what when AUTH_GRANTS is not set (README, Security):
 /// assistants use conversations; booking-service reads emotion history,
 /// delivers follow-ups and erases a customer's data (its own erasure RPC
-/// calls DeleteUserData); `admin` may do everything.
+/// calls DeleteUserData); the channel gateway follows the message feed
+/// (WatchMessages); `admin` may do everything.
 pub const DEFAULT_GRANTS: &str = "assistant=StoreMessage,GetConversation,ListMessages,\
 GetEmotionHistory,ListConversations,CloseConversation,GetContext,GetConversationState,\
 UpdateConversationState;\
-booking-service=GetEmotionHistory,StoreMessage,DeleteUserData;admin=*";
+booking-service=GetEmotionHistory,StoreMessage,DeleteUserData;gateway=WatchMessages;admin=*";
 
 /// Largest response the server encodes. Most gRPC clients refuse to receive
 /// more than 4 MiB by default, so a larger answer would fail at the client
@@ -49,6 +51,7 @@ pub struct Application {
     bound: Bound,
     metrics: Arc<Metrics>,
     group_commit_metrics: GroupCommitMetrics,
+    feed_metrics: FeedMetrics,
     tracer: Tracer,
     settings: Settings,
 }
@@ -64,6 +67,7 @@ impl Application {
         let bound = launch::bind(&settings.common, &settings.pool(), migrate(&settings)).await?;
         let mut metrics = Metrics::new("memory-service");
         let group_commit_metrics = crate::metrics::register_group_commit(metrics.registry_mut());
+        let feed_metrics = crate::metrics::register_feed(metrics.registry_mut());
         let tracer = settings
             .common
             .trace
@@ -72,6 +76,7 @@ impl Application {
             bound,
             metrics: Arc::new(metrics),
             group_commit_metrics,
+            feed_metrics,
             tracer,
             settings,
         })
@@ -96,6 +101,7 @@ impl Application {
             bound,
             metrics,
             group_commit_metrics,
+            feed_metrics,
             tracer,
             settings,
         } = self;
@@ -105,12 +111,16 @@ impl Application {
         let purger = Purger::new(pool.clone(), settings.purge());
         let writer =
             MessageWriter::spawn(pool.clone(), settings.group_commit(), group_commit_metrics);
+        // Numbers committed messages for WatchMessages and ends the streams
+        // when the server stops.
+        let feed = Feed::new(pool.clone(), settings.feed(), feed_metrics);
         let api = MemoryApi::new(
             pool.clone(),
             writer,
             settings.limits(),
             purger.clone(),
             settings.purge(),
+            feed.clone(),
         );
         let api = MemoryServiceServer::new(api)
             .max_decoding_message_size(settings.max_request_bytes())
@@ -130,7 +140,11 @@ impl Application {
             tracer,
         };
         serve(spec, api, shutdown, move |stopping| {
-            Some(tokio::spawn(purger.run(stopping)))
+            let purging = tokio::spawn(purger.run(stopping.clone()));
+            let sequencing = tokio::spawn(feed.run(stopping));
+            Some(tokio::spawn(async move {
+                let _ = tokio::join!(purging, sequencing);
+            }))
         })
         .await
     }

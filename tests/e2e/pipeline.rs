@@ -508,6 +508,14 @@ impl MemoryService for FakeMemory {
             ..Default::default()
         }))
     }
+    type WatchMessagesStream =
+        futures::stream::Empty<Result<memory::WatchMessagesResponse, Status>>;
+    async fn watch_messages(
+        &self,
+        _: Request<memory::WatchMessagesRequest>,
+    ) -> Result<Response<Self::WatchMessagesStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Serves `fake` on a loopback port; returns its URL.

@@ -7,6 +7,7 @@ pub mod create_booking;
 pub mod follow_ups;
 pub mod get_context;
 pub mod journey;
+pub mod stalled_watchers;
 pub mod store_message;
 
 use std::time::Duration;

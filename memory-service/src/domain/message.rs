@@ -83,7 +83,7 @@ pub struct NewMessage {
 }
 
 /// Longest channel name, in characters.
-const MAX_CHANNEL_CHARS: usize = 64;
+pub const MAX_CHANNEL_CHARS: usize = 64;
 
 impl NewMessage {
     /// Validates every field; reports every bad one.

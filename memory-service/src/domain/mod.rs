@@ -6,6 +6,7 @@
 //! the database; parsing collects one violation per bad field.
 
 pub mod emotion;
+pub mod feed;
 pub mod limits;
 pub mod message;
 pub mod queries;

@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod paging;
 mod state;
+mod watch;
 
 use std::{
     sync::Arc,
@@ -22,6 +23,7 @@ use crate::{
     },
     erasure::{self, PurgeSettings, Purger},
     error::Error,
+    feed::Feed,
     store::{
         self,
         group_commit::MessageWriter,
@@ -45,6 +47,8 @@ pub struct MemoryApi {
     /// The background purger, woken when an erasure is left unfinished.
     purger: Purger,
     purge: PurgeSettings,
+    /// The message feed WatchMessages reads; nudged after each store.
+    feed: Feed,
 }
 
 impl MemoryApi {
@@ -54,6 +58,7 @@ impl MemoryApi {
         limits: Limits,
         purger: Purger,
         purge: PurgeSettings,
+        feed: Feed,
     ) -> Self {
         Self {
             pool,
@@ -61,6 +66,7 @@ impl MemoryApi {
             limits,
             purger,
             purge,
+            feed,
         }
     }
 }
@@ -101,6 +107,9 @@ impl MemoryApi {
             .writer
             .store(message_id, message.clone(), key, maitre_runtime::db::now())
             .await?;
+        if matches!(outcome, StoreOutcome::Stored { .. }) {
+            self.feed.nudge();
+        }
         // The writer let go of its share once it answered.
         let message = Arc::unwrap_or_clone(message);
         let response = match outcome {
@@ -361,5 +370,15 @@ impl MemoryService for MemoryApi {
         request: Request<pb::GetContextRequest>,
     ) -> Reply<pb::GetContextResponse> {
         reply(MemoryApi::get_context(self, request.into_inner()).await)
+    }
+
+    type WatchMessagesStream = watch::WatchStream;
+
+    async fn watch_messages(
+        &self,
+        request: Request<pb::WatchMessagesRequest>,
+    ) -> Reply<Self::WatchMessagesStream> {
+        let deadline = watch::client_deadline(request.metadata());
+        reply(MemoryApi::watch_messages(self, request.into_inner(), deadline).await)
     }
 }

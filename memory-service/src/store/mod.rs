@@ -3,6 +3,7 @@
 pub mod context;
 pub mod conversations;
 pub mod erasure;
+pub mod feed;
 pub mod group_commit;
 pub mod message_batch;
 pub mod messages;

@@ -20,3 +20,4 @@ mod state;
 mod store_message;
 mod trace_export;
 mod validation;
+mod watch;
