@@ -691,7 +691,11 @@ def consume_feed(c: Client, user: str, cursor: str, deliver, until, disconnect_a
     stream ends: UNAVAILABLE (a server restart, WATCHER_TOO_SLOW), a
     deadline, or our own disconnect. Returns the cursor to resume from once
     `until()` holds. OUT_OF_RANGE (CURSOR_EXPIRED) would need a re-read of
-    the conversations instead, and is left to the caller here."""
+    the conversations instead, and is left to the caller here. A real
+    gateway also keeps the cursor (and the ids it sent recently) in durable
+    storage, so that a restart resumes instead of starting over, and waits a
+    little (with backoff) before reconnecting after INTERNAL or
+    RESOURCE_EXHAUSTED; this example stops on them."""
     m = c.memory_pb
     seen: set[str] = set()
     for _ in range(20):

@@ -156,10 +156,10 @@ impl From<Error> for Status {
                     ("last_cursor".into(), last.to_string()),
                 ]),
             ),
-            Error::WatcherTooSlow {
-                cursor,
-                stalled_for,
-            } => with_reason(
+            // No cursor in these: the watcher's own may be past what the
+            // client read (its buffer is dropped); the client resumes from
+            // the last cursor it handled.
+            Error::WatcherTooSlow { stalled_for, .. } => with_reason(
                 Code::Unavailable,
                 DOMAIN,
                 "WATCHER_TOO_SLOW",
@@ -167,21 +167,21 @@ impl From<Error> for Status {
                     "the stream was not read for {stalled_for:?} with its buffer full; \
                      reconnect with the last cursor you received"
                 ),
-                HashMap::from([("cursor".into(), cursor.to_string())]),
+                HashMap::new(),
             ),
-            Error::ServerStopping { cursor } => with_reason(
+            Error::ServerStopping { .. } => with_reason(
                 Code::Unavailable,
                 DOMAIN,
                 "SERVER_STOPPING",
                 "the server is shutting down; reconnect with the last cursor you received",
-                HashMap::from([("cursor".into(), cursor.to_string())]),
+                HashMap::new(),
             ),
-            Error::StreamDeadline { cursor } => with_reason(
+            Error::StreamDeadline { .. } => with_reason(
                 Code::DeadlineExceeded,
                 DOMAIN,
                 "DEADLINE_EXCEEDED",
                 "the deadline of the call passed; reconnect with the last cursor you received",
-                HashMap::from([("cursor".into(), cursor.to_string())]),
+                HashMap::new(),
             ),
             Error::Database(cause) => database_status(DOMAIN, &cause),
         }

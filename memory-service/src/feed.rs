@@ -41,6 +41,7 @@ const CONCURRENT_READS: usize = 4;
 /// retention is shorter), and how many one statement drops at most.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: i64 = 10_000;
+const PRUNE_BATCHES_PER_VISIT: usize = 10;
 
 /// How the feed and its watchers run.
 #[derive(Debug, Clone)]
@@ -222,18 +223,28 @@ impl Feed {
     /// The sequencer and retention, until `stopping` turns true.
     pub async fn run(self, mut stopping: watch::Receiver<bool>) {
         let inner = &self.inner;
+        // Streams end as soon as the server stops, whatever a round is doing.
+        tokio::spawn({
+            let inner = inner.clone();
+            let mut stopping = stopping.clone();
+            async move {
+                stopped(&mut stopping).await;
+                inner.stop.send_replace(true);
+            }
+        });
         let mut next_prune = tokio::time::Instant::now();
         let mut went_back_reported = false;
         loop {
             tokio::select! {
-                () = stopped(&mut stopping) => {
-                    inner.stop.send_replace(true);
-                    return;
-                }
+                () = stopped(&mut stopping) => return,
                 () = inner.nudge.notified() => {}
                 () = tokio::time::sleep(inner.settings.poll_interval) => {}
             }
-            let pause = match store::feed::sequence(&inner.pool).await {
+            let round = tokio::select! {
+                () = stopped(&mut stopping) => return,
+                round = store::feed::sequence(&inner.pool) => round,
+            };
+            let pause = match round {
                 Ok(Round::Done { last_pos, numbered }) => {
                     inner.metrics.sequenced.inc_by(numbered.unsigned_abs());
                     self.saw_end(last_pos);
@@ -271,10 +282,7 @@ impl Feed {
                     tokio::time::Instant::now() + PRUNE_EVERY.min(inner.settings.retention);
             }
             tokio::select! {
-                () = stopped(&mut stopping) => {
-                    inner.stop.send_replace(true);
-                    return;
-                }
+                () = stopped(&mut stopping) => return,
                 () = tokio::time::sleep(pause) => {}
             }
         }
@@ -287,7 +295,12 @@ impl Feed {
             return;
         };
         let cutoff = maitre_runtime::db::now() - retention;
-        while !*stopping.borrow() {
+        // A few batches per visit: after the retention was shortened, the
+        // rest waits for the next visits, and rounds go on in between.
+        for _ in 0..PRUNE_BATCHES_PER_VISIT {
+            if *stopping.borrow() {
+                return;
+            }
             match store::feed::prune(&inner.pool, cutoff, PRUNE_BATCH).await {
                 Ok(Some(dropped)) if dropped == PRUNE_BATCH => continue,
                 Ok(Some(dropped)) => {

@@ -45,7 +45,10 @@ impl MemoryApi {
         let query = WatchQuery::parse(request)?;
         let caller = CallContext::current_caller().unwrap_or_default();
         let slot = self.feed.open_stream(&caller)?;
-        let state = store::feed::state(&self.pool).await?;
+        let state = {
+            let _turn = self.feed.read_turn().await;
+            store::feed::state(&self.pool).await?
+        };
         self.feed.saw_end(state.last_pos);
         let start = match query.after {
             None => state.last_pos,
@@ -75,6 +78,7 @@ impl MemoryApi {
             filter: query.filter,
             items,
             buffer: Arc::downgrade(&delivered),
+            stopping: self.feed.stopping(),
             deadline,
             cursor: start,
             sent: 0,
@@ -99,6 +103,8 @@ struct Watcher {
     /// client that reads nothing more would otherwise keep it full). Weak:
     /// when the client goes, the receiver goes, and `items` sees it closed.
     buffer: Weak<Mutex<mpsc::Receiver<pb::WatchMessagesResponse>>>,
+    /// The server's shutdown, which also ends a wait on a full buffer.
+    stopping: tokio::sync::watch::Receiver<bool>,
     deadline: Option<Instant>,
     /// Everything up to here was delivered or filtered out.
     cursor: i64,
@@ -120,7 +126,12 @@ impl Watcher {
             }
             Err(error) => error,
         };
-        let too_slow = matches!(error, Error::WatcherTooSlow { .. });
+        // A stalled client (or one at shutdown) is not kept waiting for
+        // what it has not read: it resumes from its cursor.
+        let drop_buffer = matches!(
+            error,
+            Error::WatcherTooSlow { .. } | Error::ServerStopping { .. }
+        );
         match &error {
             Error::WatcherTooSlow { .. } => {
                 self.feed.metrics().too_slow.inc();
@@ -134,9 +145,9 @@ impl Watcher {
         // Set before the buffer closes: the client reads it after the
         // buffered messages, and its last cursor is where it resumes.
         let _ = end.send(error.into());
-        if too_slow && let Some(buffer) = self.buffer.upgrade() {
-            // What it did not read is not kept for it (a client that reads
-            // nothing more would hold it until its connection closes).
+        if drop_buffer && let Some(buffer) = self.buffer.upgrade() {
+            // A client that reads nothing more would hold it until its
+            // connection closes.
             let mut buffer = buffer.lock().unwrap_or_else(|p| p.into_inner());
             buffer.close();
             while buffer.try_recv().is_ok() {}
@@ -148,7 +159,7 @@ impl Watcher {
     async fn stream(&mut self) -> Result<(), Error> {
         let settings = self.feed.settings().clone();
         let mut end = self.feed.end();
-        let mut stopping = self.feed.stopping();
+        let mut stopping = self.stopping.clone();
         if !self.send(heartbeat(self.cursor), &settings).await? {
             return Ok(());
         }
@@ -250,11 +261,14 @@ impl Watcher {
         response: pb::WatchMessagesResponse,
         settings: &crate::feed::FeedSettings,
     ) -> Result<bool, Error> {
-        match self
-            .items
-            .send_timeout(response, settings.stall_timeout)
-            .await
-        {
+        let mut stopping = self.stopping.clone();
+        let sent = tokio::select! {
+            sent = self.items.send_timeout(response, settings.stall_timeout) => sent,
+            () = crate::feed::stopped(&mut stopping) => {
+                return Err(Error::ServerStopping { cursor: self.cursor });
+            }
+        };
+        match sent {
             Ok(()) => Ok(true),
             Err(mpsc::error::SendTimeoutError::Closed(_)) => Ok(false),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Error::WatcherTooSlow {

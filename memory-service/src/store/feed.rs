@@ -22,19 +22,25 @@ const SEQUENCER_LOCK: i64 = 0x6d61_6974_7265_0001;
 /// (not by history, nor by a long transaction holding xmin back; the list
 /// as one array, so that it is probed in the index). Positions
 /// follow (conversation, sequence) within the round. Returns the last
-/// position (unchanged when nothing was new) and how many were numbered.
+/// position (unchanged when nothing was new), how many were numbered, and
+/// whether the server's transaction ids are behind the recorded snapshot
+/// (a restored database): then nothing is read or written at all, since the
+/// restored rows' ids mean nothing in the new id sequence.
 pub const SEQUENCE_ROUND: &str = r#"
 WITH state AS (
-    SELECT last_pos, snapshot FROM memory.feed_state
+    SELECT last_pos, snapshot,
+           pg_snapshot_xmax(pg_current_snapshot()) < pg_snapshot_xmax(snapshot) AS went_back
+    FROM memory.feed_state
 ),
 fresh AS (
     SELECT m.conversation_id, m.seq
     FROM memory.messages m
-    WHERE m.tx_id >= (SELECT pg_snapshot_xmax(snapshot) FROM state)
+    WHERE m.tx_id >= (SELECT pg_snapshot_xmax(snapshot) FROM state WHERE NOT went_back)
     UNION ALL
     SELECT m.conversation_id, m.seq
     FROM memory.messages m
-    WHERE m.tx_id = ANY ((SELECT array_agg(x) FROM state, pg_snapshot_xip(state.snapshot) x)::xid8[])
+    WHERE m.tx_id = ANY ((SELECT array_agg(x) FROM state, pg_snapshot_xip(state.snapshot) x
+                          WHERE NOT state.went_back)::xid8[])
 ),
 numbered AS (
     SELECT conversation_id, seq,
@@ -56,8 +62,7 @@ advanced AS (
 )
 SELECT COALESCE((SELECT last_pos FROM advanced), (SELECT last_pos FROM state)) AS last_pos,
        (SELECT count(*) FROM fed) AS numbered,
-       pg_snapshot_xmax(pg_current_snapshot())
-           < (SELECT pg_snapshot_xmax(snapshot) FROM state) AS ids_went_back
+       (SELECT went_back FROM state) AS ids_went_back
 "#;
 
 /// What a round did.
