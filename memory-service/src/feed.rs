@@ -43,7 +43,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: i64 = 10_000;
 const PRUNE_BATCHES_PER_VISIT: usize = 10;
 
-/// How the feed and its watchers run.
+/// How the feed and its watchers run (the defaults are the flags', in
+/// `config.rs`).
 #[derive(Debug, Clone)]
 pub struct FeedSettings {
     /// How often the feed is sequenced and its end read when no local write
@@ -60,20 +61,6 @@ pub struct FeedSettings {
     /// Open streams at most, in all and per caller.
     pub max_streams: usize,
     pub max_streams_per_caller: usize,
-}
-
-impl Default for FeedSettings {
-    fn default() -> Self {
-        Self {
-            poll_interval: Duration::from_millis(250),
-            retention: Duration::from_secs(7 * 24 * 3600),
-            heartbeat: Duration::from_secs(15),
-            stall_timeout: Duration::from_secs(30),
-            buffer: 64,
-            max_streams: 256,
-            max_streams_per_caller: 16,
-        }
-    }
 }
 
 /// What the feed reports to `/metrics`.

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use maitre_runtime::testkit::{http_get, sample};
 
-use crate::support::{TestApp, reason, spawn_app, spawn_app_with, violated_fields};
+use crate::support::{TestApp, reason, spawn_app, spawn_app_with, spawn_on, violated_fields};
 
 /// Longest wait for anything a test expects to arrive.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -907,42 +907,14 @@ async fn sixteen_writers_and_a_watcher_reconnecting_at_random_lose_nothing() {
     assert_eq!(rows.len() as u64, written);
 }
 
-/// A second replica on the same database, serving until the returned sender
-/// is dropped or fired.
-async fn spawn_replica(
-    database_url: &str,
-) -> (
-    pb::memory_service_client::MemoryServiceClient<tonic::transport::Channel>,
-    tokio::sync::oneshot::Sender<()>,
-) {
-    let mut settings = memory_service::config::Settings::for_database(database_url);
-    settings.common.grpc_addr = "127.0.0.1:0".parse().expect("address");
-    settings.common.admin_addr = "127.0.0.1:0".parse().expect("address");
-    let app = memory_service::startup::Application::build(settings)
-        .await
-        .expect("build replica");
-    let addr = app.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect_lazy();
-    (
-        pb::memory_service_client::MemoryServiceClient::new(channel),
-        stop,
-    )
-}
-
 /// Two replicas store into one database and both sequence it: every message
 /// is numbered once, the positions are 1..N without a hole, and a watcher
 /// on either replica gets every message, whichever replica stored it.
 #[tokio::test]
 async fn two_replicas_number_every_message_once_and_their_watchers_see_all() {
     let app = spawn_app().await;
-    let (other, _stop_other) = spawn_replica(&app.database_url).await;
-    let replicas = [app.client.clone(), other.clone()];
+    let other = spawn_on(app.database_url.clone(), |_| {}).await;
+    let replicas = [app.client.clone(), other.client.clone()];
     let mut watchers = Vec::new();
     for replica in &replicas {
         let mut stream = replica

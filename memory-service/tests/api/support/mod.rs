@@ -30,7 +30,12 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the service with default settings adjusted by `tweak`.
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     maitre_runtime::telemetry::init_for_tests();
-    let database_url = fresh_database().await;
+    spawn_on(fresh_database().await, tweak).await
+}
+
+/// Starts the service on an existing database: a second replica of an app
+/// when given its `database_url`.
+pub async fn spawn_on(database_url: String, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = Settings::for_database(&database_url);
     settings.common.grpc_addr = "127.0.0.1:0".parse().expect("address");
     settings.common.admin_addr = "127.0.0.1:0".parse().expect("address");
