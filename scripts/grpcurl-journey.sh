@@ -6,9 +6,10 @@
 #
 #   scripts/grpcurl-journey.sh
 #
-# Needs a running stack whose follow-ups go out right after the event:
+# Needs a running stack whose follow-ups go out right after the event and
+# whose reminders go out a few seconds before it:
 #
-#   BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh
+#   BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=3s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh
 #
 # Steps: reflection (list, describe) and health (readiness and liveness) of
 # both services; StoreMessage x3 with negative emotions into a new
@@ -26,7 +27,14 @@
 # must fail with InvalidArgument. Throughout, a WatchMessages stream of the
 # user runs in the background: it must print the three messages and the
 # follow-up, and a second WatchMessages from the first message's cursor must
-# print the rest and not the first.
+# print the rest and not the first. Then the booking lifecycle of a second
+# customer, with its own watcher: HoldSeats (another customer's hold finds
+# the slot full), ConfirmHold (twice: a replay), RecordPayment (twice: a
+# replay), MoveBooking to another slot, ListFollowUps until the reminder
+# (worded with the new slot) and the follow-up are SENT, the watcher
+# printing the customer's message, the reminder and the follow-up in that
+# order; and on a slot an hour ahead, a paid booking cancelled
+# (REFUND_PENDING) and a hold released (RELEASED).
 #
 # grpcurl prints answers as proto3 JSON: int64 fields are strings
 # ("version": "1"), a oneof shows only its set member, and fields at their
@@ -42,6 +50,7 @@
 #   SLOT_START_IN   seconds from now until the slot starts (3: each grpcurl
 #                   call takes a few hundred ms, the booking must come first)
 #   FOLLOWUP_WAIT   seconds to wait for the follow-up to be SENT (30)
+#   REMINDER_LEAD   the stack's BOOKING_REMINDER_LEAD, in seconds (3)
 set -euo pipefail
 
 me="grpcurl-journey"
@@ -53,6 +62,7 @@ memory_addr="${MEMORY_ADDR:-127.0.0.1:50051}"
 booking_addr="${BOOKING_ADDR:-127.0.0.1:50052}"
 start_in="${SLOT_START_IN:-3}"
 followup_wait="${FOLLOWUP_WAIT:-30}"
+reminder_lead="${REMINDER_LEAD:-3}"
 
 command -v python3 >/dev/null 2>&1 || die "python3 is needed to read grpcurl's JSON answers"
 
@@ -172,7 +182,8 @@ for m in StoreMessage GetConversation ListMessages GetEmotionHistory ListConvers
     contains "MemoryService describes $m" "rpc $m ("
 done
 ok "$booking_addr" describe "$booking_svc"
-for m in CreateSlot ListAvailability CreateBooking GetBooking ListBookings CancelBooking ListFollowUps EraseCustomer; do
+for m in CreateSlot ListAvailability CreateBooking GetBooking ListBookings CancelBooking ListFollowUps EraseCustomer \
+    HoldSeats ConfirmHold ReleaseHold MoveBooking RecordPayment; do
     contains "BookingService describes $m" "rpc $m ("
 done
 ok "$memory_addr" describe maitre.memory.v1.StoreMessageRequest
@@ -254,7 +265,7 @@ deadline=$((SECONDS + followup_wait))
 state=""
 while :; do
     ok -d "{\"booking_id\":\"$booking\"}" "$booking_addr" "$booking_svc/ListFollowUps"
-    state="$(py '(d.get("followUps") or [{}])[0].get("state", "")')"
+    state="$(py '([f for f in d.get("followUps", []) if f["trigger"] == "post_event"] or [{}])[0].get("state", "")')"
     [[ "$state" == FOLLOW_UP_STATE_SENT ]] && break
     [[ "$state" == FOLLOW_UP_STATE_FAILED || "$state" == FOLLOW_UP_STATE_CANCELLED ]] \
         && die "the follow-up ended $state (see last_error above)"
@@ -264,7 +275,7 @@ while :; do
     fi
     sleep 0.5
 done
-expect "follow-ups of the booking" "$(py 'len(d["followUps"])')" 1
+expect "follow-ups of the booking (no reminder: booked inside the lead)" "$(py 'len(d["followUps"])')" 1
 expect "follow-up conversation" "$(py 'd["followUps"][0]["conversationId"]')" "$conversation"
 expect "follow-up template (negative history)" "$(py 'd["followUps"][0]["templateKey"]')" service_recovery
 followup_text="$(py 'd["followUps"][0]["renderedText"]')"
@@ -359,6 +370,117 @@ expect "1-token context: no message" "$(py 'len(d.get("messages", []))')" 0
 expect "1-token context: truncated" "$(py 'd.get("truncated", False)')" True
 expect "1-token context: still the state" "$(py 'd["state"]["version"]')" 2
 
+# ------------------------------------------------------------ lifecycle
+log "== the booking lifecycle: hold -> payment -> booking -> reminder -> follow-up -> feed"
+customer="grpcurl-life-$(uuid | cut -c1-8)"
+life_conversation="$(uuid)"
+life_out="$(mktemp)"
+life_pid=""
+stop_life() { [[ -z "$life_pid" ]] || kill "$life_pid" 2>/dev/null || true; rm -f "$life_out"; }
+trap 'stop_watch; stop_life' EXIT
+life_args=(-max-time 120 -d "{\"user_id\":\"$customer\"}" "$memory_addr" "$memory_svc/WatchMessages")
+shown="grpcurl -plaintext"
+for a in "${life_args[@]}"; do shown+=" $(quote "$a")"; done
+printf '\n$ %s &\n' "$shown"
+"$grpcurl" -plaintext "${auth[@]}" "${life_args[@]}" >"$life_out" 2>&1 &
+life_pid=$!
+for _ in $(seq 100); do grep -q '"heartbeat"' "$life_out" && break; sleep 0.1; done
+grep -q '"heartbeat"' "$life_out" || { cat "$life_out" >&2; die "the second WatchMessages sent no opening heartbeat"; }
+
+ok -d "{\"conversation_id\":\"$life_conversation\",\"user_id\":\"$customer\",\"channel\":\"grpcurl\",\"role\":\"ROLE_USER\",\"content\":\"a table for two on the rooftop, please\",\"emotion\":{\"score\":0.6,\"label\":\"joy\"},\"request_id\":\"$customer-msg\"}" \
+    "$memory_addr" "$memory_svc/StoreMessage"
+life_first="$(py 'd["message"]["messageId"]')"
+
+# Two slots a few seconds ahead, both starting after the reminder lead.
+rooftop_in=$((reminder_lead + 6))
+garden_in=$((reminder_lead + 8))
+ok -d "{\"start_time\":\"$(rfc3339 "$rooftop_in")\",\"end_time\":\"$(rfc3339 "$((rooftop_in + 1))")\",\"capacity\":2,\"label\":\"grpcurl rooftop\",\"request_id\":\"$customer-rooftop\"}" \
+    "$booking_addr" "$booking_svc/CreateSlot"
+rooftop="$(py 'd["slot"]["slotId"]')"
+ok -d "{\"start_time\":\"$(rfc3339 "$garden_in")\",\"end_time\":\"$(rfc3339 "$((garden_in + 1))")\",\"capacity\":2,\"label\":\"grpcurl garden\",\"request_id\":\"$customer-garden\"}" \
+    "$booking_addr" "$booking_svc/CreateSlot"
+garden="$(py 'd["slot"]["slotId"]')"
+
+ok -d "{\"customer_id\":\"$customer\",\"slot_id\":\"$rooftop\",\"party_size\":2,\"request_id\":\"$customer-hold\"}" \
+    "$booking_addr" "$booking_svc/HoldSeats"
+hold="$(py 'd["hold"]["holdId"]')"
+expect "hold state" "$(py 'd["hold"]["state"]')" HOLD_STATE_HELD
+call -d "{\"customer_id\":\"$customer-other\",\"slot_id\":\"$rooftop\",\"party_size\":1,\"request_id\":\"$customer-other-hold\"}" \
+    "$booking_addr" "$booking_svc/HoldSeats"
+((rc != 0)) || die "a hold on a fully held slot succeeded"
+matches "held seats are taken: SLOT_FULL" '"reason": ?"SLOT_FULL"'
+
+confirm="{\"hold_id\":\"$hold\",\"customer_id\":\"$customer\",\"customer_name\":\"Grace Curl\",\"conversation_id\":\"$life_conversation\",\"deposit\":{\"currency_code\":\"EUR\",\"amount_minor\":3000}}"
+ok -d "$confirm" "$booking_addr" "$booking_svc/ConfirmHold"
+life_booking="$(py 'd["booking"]["bookingId"]')"
+expect "confirmed booking" "$(py 'd["booking"]["state"]')" BOOKING_STATE_CONFIRMED
+expect "its key comes from the hold" "$(py 'd["booking"]["requestId"]')" "hold:$hold"
+ok -d "$confirm" "$booking_addr" "$booking_svc/ConfirmHold"
+expect "confirming again replays" "$(py 'd["booking"]["bookingId"] + " " + str(d.get("replayed", False))')" "$life_booking True"
+
+payment="{\"booking_id\":\"$life_booking\",\"provider_reference\":\"pi_$customer\",\"amount\":{\"currency_code\":\"EUR\",\"amount_minor\":3000}}"
+ok -d "$payment" "$booking_addr" "$booking_svc/RecordPayment"
+expect "deposit paid" "$(py 'd["booking"]["deposit"]["state"]')" PAYMENT_STATE_PAID
+expect "with the provider's reference" "$(py 'd["booking"]["deposit"]["providerReference"]')" "pi_$customer"
+ok -d "$payment" "$booking_addr" "$booking_svc/RecordPayment"
+expect "the webhook delivered again replays" "$(py 'd.get("replayed", False)')" True
+
+ok -d "{\"booking_id\":\"$life_booking\",\"slot_id\":\"$garden\",\"request_id\":\"$customer-move\"}" \
+    "$booking_addr" "$booking_svc/MoveBooking"
+expect "moved to the garden" "$(py 'd["booking"]["slotId"]')" "$garden"
+expect "still paid" "$(py 'd["booking"]["deposit"]["state"]')" PAYMENT_STATE_PAID
+
+log "polling ListFollowUps until the reminder and the follow-up are SENT (at most $((followup_wait + garden_in)) s)"
+deadline=$((SECONDS + followup_wait + garden_in))
+while :; do
+    ok -d "{\"booking_id\":\"$life_booking\"}" "$booking_addr" "$booking_svc/ListFollowUps"
+    sent="$(py 'sorted(f["trigger"] for f in d.get("followUps", []) if f["state"] == "FOLLOW_UP_STATE_SENT")')"
+    [[ "$sent" == '["post_event", "pre_event"]' ]] && break
+    ((SECONDS < deadline)) || die "not both SENT after the wait (sent: $sent); does booking-service run with BOOKING_REMINDER_LEAD=${reminder_lead}s and BOOKING_FOLLOWUP_DELAY=0s?"
+    sleep 0.5
+done
+reminder_text="$(py '[f["renderedText"] for f in d["followUps"] if f["trigger"] == "pre_event"][0]')"
+reminder_message="$(py '[f["messageId"] for f in d["followUps"] if f["trigger"] == "pre_event"][0]')"
+life_followup="$(py '[f["messageId"] for f in d["followUps"] if f["trigger"] == "post_event"][0]')"
+expect "the reminder names the slot it moved to" "$(py '"grpcurl garden" in [f["renderedText"] for f in d["followUps"] if f["trigger"] == "pre_event"][0]')" True
+log "reminder: $reminder_text"
+
+watched_life() { watch_out="$life_out" watched; }
+for _ in $(seq 100); do
+    [[ "$(watched_life | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" -ge 3 ]] && break
+    sleep 0.1
+done
+sed 's/^/  /' "$life_out"
+out="$(watched_life)"
+expect "feed: the message, the reminder, the follow-up, in that order" "$(py '[m[0] for m in d]')" "[\"$life_first\", \"$reminder_message\", \"$life_followup\"]"
+stop_life
+life_pid=""
+
+log "== a paid booking cancelled, a hold released"
+later_in=3600
+ok -d "{\"start_time\":\"$(rfc3339 "$later_in")\",\"end_time\":\"$(rfc3339 "$((later_in + 3600))")\",\"capacity\":4,\"label\":\"grpcurl cellar\",\"request_id\":\"$customer-cellar\"}" \
+    "$booking_addr" "$booking_svc/CreateSlot"
+cellar="$(py 'd["slot"]["slotId"]')"
+ok -d "{\"customer_id\":\"$customer\",\"slot_id\":\"$cellar\",\"party_size\":2,\"request_id\":\"$customer-cellar-hold\"}" \
+    "$booking_addr" "$booking_svc/HoldSeats"
+cellar_hold="$(py 'd["hold"]["holdId"]')"
+ok -d "{\"hold_id\":\"$cellar_hold\",\"customer_id\":\"$customer\",\"customer_name\":\"Grace Curl\",\"deposit\":{\"currency_code\":\"EUR\",\"amount_minor\":1000}}" \
+    "$booking_addr" "$booking_svc/ConfirmHold"
+cellar_booking="$(py 'd["booking"]["bookingId"]')"
+ok -d "{\"booking_id\":\"$cellar_booking\",\"provider_reference\":\"pi_$customer-cellar\",\"amount\":{\"currency_code\":\"EUR\",\"amount_minor\":1000}}" \
+    "$booking_addr" "$booking_svc/RecordPayment"
+ok -d "{\"booking_id\":\"$cellar_booking\",\"reason\":\"plans changed\"}" "$booking_addr" "$booking_svc/CancelBooking"
+expect "cancelled" "$(py 'd["booking"]["state"]')" BOOKING_STATE_CANCELLED
+expect "a paid deposit is owed back" "$(py 'd["booking"]["deposit"]["state"]')" PAYMENT_STATE_REFUND_PENDING
+ok -d "{\"customer_id\":\"$customer\",\"slot_id\":\"$cellar\",\"party_size\":1,\"request_id\":\"$customer-cellar-hold-2\"}" \
+    "$booking_addr" "$booking_svc/HoldSeats"
+second_hold="$(py 'd["hold"]["holdId"]')"
+ok -d "{\"hold_id\":\"$second_hold\",\"customer_id\":\"$customer\"}" "$booking_addr" "$booking_svc/ReleaseHold"
+expect "released" "$(py 'd["hold"]["state"]')" HOLD_STATE_RELEASED
+ok -d "{\"start_time\":\"$(rfc3339 "$((later_in - 60))")\",\"end_time\":\"$(rfc3339 "$((later_in + 60))")\",\"min_available_seats\":4}" \
+    "$booking_addr" "$booking_svc/ListAvailability"
+expect "the cellar is free again" "$(py '[s["slotId"] for s in d.get("slots", []) if s["slotId"] == "'"$cellar"'"]')" "[\"$cellar\"]"
+
 # ------------------------------------------------------------ bad input
 log "== a bad call: StoreMessage without a role"
 call -d "{\"conversation_id\":\"$conversation\",\"user_id\":\"$user\",\"content\":\"no role\"}" "$memory_addr" "$memory_svc/StoreMessage"
@@ -369,4 +491,4 @@ contains "the message names the role field" "role"
 ok -d "{\"conversation_id\":\"$conversation\"}" "$memory_addr" "$memory_svc/GetConversation"
 expect "nothing written by the bad call" "$(py 'd["conversation"]["messageCount"]')" 4
 
-printf '\n%s: PASSED: reflection, health, the whole journey, the change feed, state and context, and a refused bad call\n' "$me"
+printf '\n%s: PASSED: reflection, health, the whole journey, the change feed, state and context, the booking lifecycle, and a refused bad call\n' "$me"

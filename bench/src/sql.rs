@@ -86,7 +86,7 @@ mod tests {
             placeholders(memory_service::store::messages::STORE_MESSAGE),
             21
         );
-        assert_eq!(placeholders(booking_service::store::bookings::CREATE), 18);
+        assert_eq!(placeholders(booking_service::store::bookings::CREATE), 26);
     }
 
     #[test]

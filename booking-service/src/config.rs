@@ -147,6 +147,32 @@ fn duration(value: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(value)
 }
 
+/// Shortest and longest hold: long enough to pay, short enough that
+/// abandoned holds do not keep a slot looking full for long.
+pub const HOLD_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(10)..=Duration::from_secs(3600);
+
+/// Longest reminder lead: reminders are for the days before an event.
+pub const MAX_REMINDER_LEAD: Duration = Duration::from_secs(30 * 86_400);
+
+fn reminder_lead(value: &str) -> Result<Duration, String> {
+    let lead = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if lead <= MAX_REMINDER_LEAD {
+        Ok(lead)
+    } else {
+        Err("must be at most 30 days (0 turns reminders off)".into())
+    }
+}
+
+fn hold_ttl(value: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if HOLD_TTL_RANGE.contains(&ttl) {
+        Ok(ttl)
+    } else {
+        Err("must be between 10s and 1h".into())
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     #[command(flatten)]
@@ -207,6 +233,14 @@ pub struct Settings {
     /// When a follow-up is delivered: this long after the event ends.
     #[arg(long, env = "BOOKING_FOLLOWUP_DELAY", default_value = "24h", value_parser = duration, global = true)]
     pub followup_delay: Duration,
+
+    /// How long before the event its reminder is sent; bookings made (or moved) closer to the start get none. 0 turns reminders off.
+    #[arg(long, env = "BOOKING_REMINDER_LEAD", default_value = "24h", value_parser = reminder_lead, global = true)]
+    pub reminder_lead: Duration,
+
+    /// How long HoldSeats keeps seats for a customer who pays (never past the slot's start): 10s-1h.
+    #[arg(long, env = "BOOKING_HOLD_TTL", default_value = "10m", value_parser = hold_ttl, global = true)]
+    pub hold_ttl: Duration,
 
     /// How many recent scored messages choose the follow-up's template.
     #[arg(
@@ -352,6 +386,14 @@ impl Settings {
             asynchronous_commit: false,
             ..workers.direct()?
         }))
+    }
+
+    pub fn lifecycle_times(&self) -> crate::domain::booking::LifecycleTimes {
+        crate::domain::booking::LifecycleTimes {
+            followup_delay: self.followup_delay,
+            reminder_lead: self.reminder_lead,
+            hold_ttl: self.hold_ttl,
+        }
     }
 
     pub fn policy(&self) -> FollowUpPolicy {

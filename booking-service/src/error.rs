@@ -54,6 +54,31 @@ pub enum Error {
     FollowUpBookingCancelled(Uuid),
     #[error("follow-up {id} is {state}, not FAILED: only FAILED follow-ups can be re-driven")]
     FollowUpNotFailed { id: Uuid, state: &'static str },
+    #[error("booking {0} is cancelled")]
+    BookingCancelled(Uuid),
+    #[error("booking {booking_id} is in slot {slot_id} already")]
+    AlreadyInSlot { booking_id: Uuid, slot_id: Uuid },
+    #[error("hold {0} not found")]
+    HoldNotFound(Uuid),
+    #[error("hold {0} has expired: its seats are free again; hold them anew")]
+    HoldExpired(Uuid),
+    #[error("hold {0} was released: its seats are free again; hold them anew")]
+    HoldReleased(Uuid),
+    #[error("hold {hold_id} is confirmed already, as booking {booking_id}")]
+    HoldAlreadyConfirmed { hold_id: Uuid, booking_id: Uuid },
+    #[error(
+        "the deposit of booking {booking_id} is {amount_minor} {currency} (minor units); \
+         the payment must be that amount"
+    )]
+    PaymentAmountMismatch {
+        booking_id: Uuid,
+        currency: String,
+        amount_minor: i64,
+    },
+    #[error("the deposit of booking {0} was already recorded under another provider reference")]
+    PaymentAlreadyRecorded(Uuid),
+    #[error("this provider reference was already recorded for another booking")]
+    ProviderReferenceUsed,
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }
@@ -162,6 +187,92 @@ impl From<Error> for Status {
                     ("state".into(), state.to_owned()),
                 ]),
             ),
+            Error::BookingCancelled(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "BOOKING_CANCELLED",
+                message,
+                HashMap::from([("booking_id".into(), id.to_string())]),
+            ),
+            Error::AlreadyInSlot {
+                booking_id,
+                slot_id,
+            } => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "BOOKING_ALREADY_IN_SLOT",
+                message,
+                HashMap::from([
+                    ("booking_id".into(), booking_id.to_string()),
+                    ("slot_id".into(), slot_id.to_string()),
+                ]),
+            ),
+            Error::HoldNotFound(id) => with_reason(
+                Code::NotFound,
+                DOMAIN,
+                "HOLD_NOT_FOUND",
+                message,
+                HashMap::from([("hold_id".into(), id.to_string())]),
+            ),
+            Error::HoldExpired(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "HOLD_EXPIRED",
+                message,
+                HashMap::from([("hold_id".into(), id.to_string())]),
+            ),
+            Error::HoldReleased(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "HOLD_RELEASED",
+                message,
+                HashMap::from([("hold_id".into(), id.to_string())]),
+            ),
+            Error::HoldAlreadyConfirmed {
+                hold_id,
+                booking_id,
+            } => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "HOLD_ALREADY_CONFIRMED",
+                message,
+                HashMap::from([
+                    ("hold_id".into(), hold_id.to_string()),
+                    ("booking_id".into(), booking_id.to_string()),
+                ]),
+            ),
+            Error::PaymentAmountMismatch {
+                booking_id,
+                currency,
+                amount_minor,
+            } => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "PAYMENT_AMOUNT_MISMATCH",
+                message,
+                HashMap::from([
+                    ("booking_id".into(), booking_id.to_string()),
+                    ("expected_currency_code".into(), currency),
+                    ("expected_amount_minor".into(), amount_minor.to_string()),
+                ]),
+            ),
+            Error::PaymentAlreadyRecorded(id) => with_reason(
+                Code::FailedPrecondition,
+                DOMAIN,
+                "PAYMENT_ALREADY_RECORDED",
+                message,
+                HashMap::from([("booking_id".into(), id.to_string())]),
+            ),
+            Error::ProviderReferenceUsed => {
+                let mut violation = FieldViolation::new(
+                    "provider_reference",
+                    "was already recorded for another booking",
+                );
+                violation.reason = "PROVIDER_REFERENCE_USED".into();
+                let mut details = ErrorDetails::with_bad_request(vec![violation]);
+                details.set_error_info("PROVIDER_REFERENCE_USED", DOMAIN, HashMap::new());
+                Status::with_error_details(Code::AlreadyExists, message, details)
+            }
             Error::Database(cause) => database_status(DOMAIN, &cause),
         }
     }

@@ -128,7 +128,7 @@ impl BookingMetrics {
         registry.register(
             "followup_deliveries",
             "Delivery attempts by outcome (sent, retried, failed, cancelled, erased, \
-             sent_after_cancel, claim_lost)",
+             sent_after_cancel, claim_lost, reminder_too_late)",
             metrics.deliveries.clone(),
         );
         registry.register(

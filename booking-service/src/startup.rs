@@ -30,10 +30,12 @@ use crate::{
 pub const SERVICE_NAME: &str = "maitre.booking.v1.BookingService";
 
 /// Who may call what when AUTH_GRANTS is not set (README, Security):
-/// assistants book and read bookings; creating slots and erasing customers
-/// (EraseCustomer) is for `admin`.
+/// assistants book, hold, move and read bookings; the payment provider's
+/// webhook (`payments`) records payments; creating slots and erasing
+/// customers (EraseCustomer) is for `admin`.
 pub const DEFAULT_GRANTS: &str = "assistant=ListAvailability,CreateBooking,GetBooking,\
-ListBookings,CancelBooking,ListFollowUps;admin=*";
+ListBookings,CancelBooking,ListFollowUps,HoldSeats,ConfirmHold,ReleaseHold,MoveBooking;\
+payments=RecordPayment,GetBooking;admin=*";
 
 /// Largest request message accepted (every booking request is small).
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -108,7 +110,7 @@ impl Application {
             settings.common.max_page_size,
             memory.clone(),
             wakeups.clone(),
-            settings.followup_delay,
+            settings.lifecycle_times(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_RESPONSE_BYTES);

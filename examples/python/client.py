@@ -29,10 +29,17 @@ checking every answer:
   (the opening heartbeat's), every message of the conversation delivered once
   and in order, with a disconnect after the second and a resume from the last
   cursor handled; then one more message, and the loop resumes from its cursor
-  with just that one.
+  with just that one -> the booking lifecycle of a second customer: HoldSeats
+  (a second hold finds the slot full) -> ConfirmHold (retried: a replay) ->
+  RecordPayment, as a payment provider's webhook delivers it (twice: a
+  replay) -> MoveBooking to a later slot -> ListFollowUps until the reminder
+  (worded with the new slot) and the follow-up are SENT -> on a slot an hour
+  ahead, a paid booking cancelled leaves the deposit REFUND_PENDING, and a
+  released hold frees its seats.
 
-The stack must deliver follow-ups right after the event
-(BOOKING_FOLLOWUP_DELAY=0s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh).
+The stack must deliver follow-ups right after the event and reminders a few
+seconds before it (BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=3s
+BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh).
 
 Exit status 0 when every check passed, 1 (with the failed check) otherwise.
 """
@@ -322,6 +329,8 @@ def book_and_follow_up(c: Client, args, user: str, conversation: str) -> str:
         follow_ups = c.call(
             c.booking.ListFollowUps, b.ListFollowUpsRequest(booking_id=booking.booking_id)
         ).follow_ups
+        # The post-event follow-up (a booking this close to its event gets no reminder).
+        follow_ups = [f for f in follow_ups if f.trigger == "post_event"]
         state = follow_ups[0].state if follow_ups else None
         if state == b.FOLLOW_UP_STATE_SENT:
             break
@@ -768,6 +777,124 @@ def follow_the_feed(c: Client, user: str, conversation: str, start: str) -> None
     check(delivered == [extra.message_id], "just the new message")
 
 
+# ---------------------------------------------------------------- lifecycle
+def booking_lifecycle(c: Client, args, customer: str) -> None:
+    """Hold -> payment -> booking -> move -> reminder -> follow-up, and a paid
+    booking cancelled, a hold released."""
+    b = c.booking_pb
+    lead = args.reminder_lead
+
+    def slot(starts_in: float, lasts: float, capacity: int, label: str) -> str:
+        return c.call(
+            c.booking.CreateSlot,
+            b.CreateSlotRequest(
+                start_time=timestamp(starts_in),
+                end_time=timestamp(starts_in + lasts),
+                capacity=capacity,
+                label=label,
+                request_id=f"{customer}-{label}",
+            ),
+        ).slot.slot_id
+
+    step("HoldSeats: 2 seats held while the customer pays")
+    rooftop = slot(lead + 6, 1, 2, "Python rooftop")
+    garden = slot(lead + 8, 1, 2, "Python garden")
+    hold = c.call(
+        c.booking.HoldSeats,
+        b.HoldSeatsRequest(customer_id=customer, slot_id=rooftop, party_size=2, request_id=f"{customer}-hold"),
+    ).hold
+    check(hold.state == b.HOLD_STATE_HELD, "HELD")
+    try:
+        c.call(
+            c.booking.HoldSeats,
+            b.HoldSeatsRequest(customer_id=f"{customer}-2", slot_id=rooftop, party_size=1, request_id="other"),
+        )
+        raise AssertionError("a second hold on a fully held slot succeeded")
+    except grpc.RpcError as err:
+        check(err.code() == grpc.StatusCode.FAILED_PRECONDITION, "held seats are taken")
+
+    step("ConfirmHold: the hold becomes a booking (a retry replays)")
+    confirm = b.ConfirmHoldRequest(
+        hold_id=hold.hold_id,
+        customer_id=customer,
+        customer_name="Py Thon",
+        deposit=b.Money(currency_code="EUR", amount_minor=3000),
+    )
+    booking = c.call(c.booking.ConfirmHold, confirm).booking
+    check(booking.state == b.BOOKING_STATE_CONFIRMED, "CONFIRMED")
+    check(booking.request_id == f"hold:{hold.hold_id}", "keyed by the hold")
+    again = c.call(c.booking.ConfirmHold, confirm)
+    check(again.replayed and again.booking.booking_id == booking.booking_id, "the retry replays")
+
+    step("RecordPayment, as the provider's webhook delivers it (twice)")
+    payment = b.RecordPaymentRequest(
+        booking_id=booking.booking_id,
+        provider_reference=f"pi_{customer}",
+        amount=b.Money(currency_code="EUR", amount_minor=3000),
+    )
+    paid = c.call(c.booking.RecordPayment, payment)
+    check(paid.booking.deposit.state == b.PAYMENT_STATE_PAID, "PAID")
+    check(c.call(c.booking.RecordPayment, payment).replayed, "the second delivery replays")
+
+    step("MoveBooking to the garden: the reminder and the follow-up move with it")
+    moved = c.call(
+        c.booking.MoveBooking,
+        b.MoveBookingRequest(booking_id=booking.booking_id, slot_id=garden, request_id=f"{customer}-move"),
+    ).booking
+    check(moved.slot_id == garden, "in the garden now")
+
+    step(f"ListFollowUps until the reminder and the follow-up are SENT (at most {args.followup_wait + lead + 8} s)")
+    deadline = time.monotonic() + args.followup_wait + lead + 8
+    while True:
+        follow_ups = c.call(
+            c.booking.ListFollowUps, b.ListFollowUpsRequest(booking_id=booking.booking_id)
+        ).follow_ups
+        sent = {f.trigger: f for f in follow_ups if f.state == b.FOLLOW_UP_STATE_SENT}
+        if set(sent) == {"pre_event", "post_event"}:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not both SENT: {follow_ups}; BOOKING_REMINDER_LEAD={lead}s?")
+        time.sleep(0.25)
+    check("Python garden" in sent["pre_event"].rendered_text, "the reminder names the new slot")
+    check(sent["pre_event"].sent_time.ToDatetime() <= sent["post_event"].sent_time.ToDatetime(), "reminder first")
+
+    step("a paid booking cancelled: the deposit is owed back; a released hold frees its seats")
+    cellar = slot(3600, 3600, 4, "Python cellar")
+    held = c.call(
+        c.booking.HoldSeats,
+        b.HoldSeatsRequest(customer_id=customer, slot_id=cellar, party_size=2, request_id=f"{customer}-cellar"),
+    ).hold
+    later = c.call(
+        c.booking.ConfirmHold,
+        b.ConfirmHoldRequest(
+            hold_id=held.hold_id,
+            customer_id=customer,
+            customer_name="Py Thon",
+            deposit=b.Money(currency_code="EUR", amount_minor=1000),
+        ),
+    ).booking
+    c.call(
+        c.booking.RecordPayment,
+        b.RecordPaymentRequest(
+            booking_id=later.booking_id,
+            provider_reference=f"pi_{customer}_cellar",
+            amount=b.Money(currency_code="EUR", amount_minor=1000),
+        ),
+    )
+    cancelled = c.call(
+        c.booking.CancelBooking, b.CancelBookingRequest(booking_id=later.booking_id, reason="plans changed")
+    ).booking
+    check(cancelled.deposit.state == b.PAYMENT_STATE_REFUND_PENDING, "REFUND_PENDING")
+    spare = c.call(
+        c.booking.HoldSeats,
+        b.HoldSeatsRequest(customer_id=customer, slot_id=cellar, party_size=1, request_id=f"{customer}-spare"),
+    ).hold
+    released = c.call(
+        c.booking.ReleaseHold, b.ReleaseHoldRequest(hold_id=spare.hold_id, customer_id=customer)
+    ).hold
+    check(released.state == b.HOLD_STATE_RELEASED, "RELEASED")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory-addr", default=os.environ.get("MEMORY_ADDR", "127.0.0.1:50051"))
@@ -776,6 +903,9 @@ def main() -> int:
     parser.add_argument("--token", default=os.environ.get("AUTH_TOKEN"), help="bearer token, if required")
     parser.add_argument("--slot-start-in", type=float, default=2.0)
     parser.add_argument("--followup-wait", type=float, default=30.0)
+    parser.add_argument(
+        "--reminder-lead", type=float, default=3.0, help="the stack's BOOKING_REMINDER_LEAD, in seconds"
+    )
     args = parser.parse_args()
 
     out = pathlib.Path(tempfile.mkdtemp(prefix="maitre-stubs-"))
@@ -796,6 +926,7 @@ def main() -> int:
             check_state_conflicts(client, conversation)
             check_rich_errors(client, user)
             follow_the_feed(client, user, conversation, feed_cursor)
+            booking_lifecycle(client, args, f"{user}-life")
         finally:
             client.close()
     except AssertionError as failure:

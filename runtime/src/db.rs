@@ -199,6 +199,9 @@ pub enum DbFailure {
     Timeout,
     /// A unique index refused a row; carries the constraint name.
     UniqueViolation(String),
+    /// The transaction lost to a concurrent one (deadlock, serialization
+    /// failure, lock wait timed out): nothing was written, retry.
+    Conflict,
     /// Anything else: a bug or a schema mismatch, never the caller's fault.
     Other,
 }
@@ -222,6 +225,8 @@ pub fn classify(error: &sqlx::Error) -> DbFailure {
                 "57014" => DbFailure::Timeout,
                 // unique_violation
                 "23505" => DbFailure::UniqueViolation(db.constraint().unwrap_or_default().into()),
+                // deadlock_detected, serialization_failure, lock_not_available
+                "40P01" | "40001" | "55P03" => DbFailure::Conflict,
                 // admin_shutdown, crash_shutdown, cannot_connect_now,
                 // too_many_connections, read-only / recovery
                 "57P01" | "57P02" | "57P03" | "53300" | "25006" => DbFailure::Unavailable,

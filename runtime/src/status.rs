@@ -109,6 +109,14 @@ pub fn database_status(domain: &str, cause: &sqlx::Error) -> Status {
                 "the database did not answer in time",
             )
         }
+        DbFailure::Conflict => {
+            tracing::warn!(error = %cause, "transaction lost to a concurrent one");
+            (
+                Code::Aborted,
+                "DATABASE_CONFLICT",
+                "a concurrent change got in the way; nothing was written, retry",
+            )
+        }
         DbFailure::UniqueViolation(_) | DbFailure::Other => {
             tracing::error!(error = ?cause, "unexpected database error");
             (Code::Internal, "INTERNAL", "internal error")

@@ -277,7 +277,7 @@ async fn follow_ups_date_the_event_where_it_happens() {
         stack.plan_early(&booked.booking_id).await;
         let planned = stack
             .wait_follow_up(&booked.booking_id, "planned", |f| {
-                f.state == FollowUpState::Pending as i32
+                f.trigger == "post_event" && f.state == FollowUpState::Pending as i32
             })
             .await;
         assert!(

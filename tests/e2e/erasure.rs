@@ -144,17 +144,20 @@ async fn assert_memory_holds_nothing(stack: &Stack, customer: &str, conversation
 /// contains `needle` (row as text; job payloads as bytes).
 async fn rows_mentioning(stack: &Stack, needle: &str) -> Vec<String> {
     let mut found = Vec::new();
-    for table in [
-        "booking.slots",
-        "booking.bookings",
-        "booking.payments",
-        "booking.scheduled_followups",
-        "booking.conversation_owners",
-        "apalis.jobs",
-    ] {
+    // Every table of booking-service's schema (new ones included), and the queue.
+    let mut tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables \
+         WHERE table_schema = 'booking' AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .fetch_all(&stack.db)
+    .await
+    .expect("tables");
+    assert!(tables.len() >= 8, "{tables:?}");
+    tables.push("apalis.jobs".into());
+    for table in tables {
         let sql = format!(
             "SELECT count(*) FROM {table} t WHERE strpos(t::text, $1) > 0{}",
-            if table == "apalis.jobs" {
+            if table.as_str() == "apalis.jobs" {
                 " OR position(convert_to($1, 'UTF8') IN t.job) > 0"
             } else {
                 ""
@@ -892,6 +895,82 @@ async fn failed_follow_ups_are_cancelled_and_deliveries_in_flight_keep_it_incomp
     assert_eq!(
         rows_mentioning(&stack, &customer).await,
         Vec::<String>::new()
+    );
+    stack.shutdown().await;
+}
+
+/// Holds and moves keep nothing of an erased customer: holds are
+/// pseudonymised (their keys replaced), a live one released, and the
+/// bookings' move keys deleted.
+#[tokio::test]
+async fn an_erased_customers_holds_and_moves_keep_no_trace() {
+    use crate::holds::{confirm, confirm_request, hold};
+    let stack = spawn_stack_with(|s| s.followup_delay = Duration::from_secs(3600)).await;
+    let customer = unique("ana");
+    let slot = stack
+        .slot(Duration::from_secs(3600), Duration::from_secs(3600), 10)
+        .await;
+    let later = stack
+        .slot(Duration::from_secs(7200), Duration::from_secs(3600), 10)
+        .await;
+    let key = |what: &str| format!("{what}-of-{customer}");
+    let live = hold(
+        &stack,
+        booking::HoldSeatsRequest {
+            customer_id: customer.clone(),
+            slot_id: slot.slot_id.clone(),
+            party_size: 2,
+            request_id: key("live-hold"),
+        },
+    )
+    .await
+    .expect("held");
+    let confirmed = hold(
+        &stack,
+        booking::HoldSeatsRequest {
+            customer_id: customer.clone(),
+            slot_id: slot.slot_id.clone(),
+            party_size: 1,
+            request_id: key("confirmed-hold"),
+        },
+    )
+    .await
+    .expect("held");
+    let booked = confirm(&stack, confirm_request(&confirmed, "Ana"))
+        .await
+        .expect("confirmed")
+        .booking
+        .expect("booking");
+    stack
+        .booking
+        .clone()
+        .move_booking(booking::MoveBookingRequest {
+            booking_id: booked.booking_id.clone(),
+            slot_id: later.slot_id.clone(),
+            request_id: key("move"),
+        })
+        .await
+        .expect("moved");
+
+    erase_completely(&stack, &customer).await;
+    assert_eq!(
+        rows_mentioning(&stack, &customer).await,
+        Vec::<String>::new()
+    );
+    let held: i32 = sqlx::query_scalar("SELECT booking.held_seats($1::uuid)")
+        .bind(&slot.slot_id)
+        .fetch_one(&stack.db)
+        .await
+        .expect("held seats");
+    assert_eq!(held, 0, "the live hold was released");
+    let refused = confirm(&stack, confirm_request(&live, "Ana"))
+        .await
+        .expect_err("erased");
+    assert_eq!(refused.code(), tonic::Code::NotFound);
+    // The moved booking stays in its new slot, for accounting.
+    assert_eq!(
+        get_booking(&stack, &booked.booking_id).await.slot_id,
+        later.slot_id
     );
     stack.shutdown().await;
 }

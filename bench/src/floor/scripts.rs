@@ -18,7 +18,7 @@
 
 use anyhow::{Context, Result};
 use booking_service::{
-    jobs::PlanFollowUp,
+    jobs::{DeliverFollowUp, PlanFollowUp},
     store::{bookings::CREATE, jobs::APALIS_MAX_ATTEMPTS},
 };
 use memory_service::{
@@ -187,6 +187,21 @@ fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
         // The follow-up delay after the event, seconds: the bench's
         // booking-service runs with BOOKING_FOLLOWUP_DELAY=0s.
         "0::float8".into(),
+        // No hold: a plain CreateBooking.
+        "NULL::uuid".into(),
+        // The reminder (written only for events further ahead than the
+        // lead; the bench's are not), as the service binds it with
+        // BOOKING_REMINDER_LEAD's default of 24 h.
+        id7("rm"),
+        "86400::float8".into(),
+        format!("{}::text", id7("rmjob")),
+        reminder_payload(&id7("rm"))?,
+        format!("{}::text || '/1'", id7("rm")),
+        format!("{}::text", literal(booking_service::jobs::DELIVER_QUEUE)),
+        format!(
+            "{}::text",
+            literal(booking_service::domain::PRE_EVENT_TRIGGER)
+        ),
     ];
     let counter = format!("\\set n :n + 1\n\\set slot :client_id * 1000 + :n / {SLOT_CAPACITY}\n");
     let create = bind(CREATE, &args).context("binding CREATE")?;
@@ -195,21 +210,35 @@ fn booking_transaction(customer: &str, conversation: &str) -> Result<String> {
 
 /// The plan job's payload as booking-service serialises it (a bytea
 /// expression), with a trace context like the one every CreateBooking
-/// passes on; built through serde, so fields added later keep this
-/// compiling.
+/// passes on.
 fn plan_payload(booking_id: &str) -> Result<String> {
+    job_payload::<PlanFollowUp>("booking_id", booking_id)
+}
+
+/// The reminder's first deliver job payload, likewise.
+fn reminder_payload(reminder_id: &str) -> Result<String> {
+    job_payload::<DeliverFollowUp>("follow_up_id", reminder_id)
+}
+
+/// A job payload of type `J` (attempt 1, with a trace context) whose `field`
+/// is the uuid SQL expression `id`: built through serde, so fields added
+/// later keep this compiling.
+fn job_payload<J: serde::Serialize + serde::de::DeserializeOwned>(
+    field: &str,
+    id: &str,
+) -> Result<String> {
     let nil = Uuid::nil().to_string();
-    let job: PlanFollowUp = serde_json::from_value(serde_json::json!({
-        "booking_id": nil,
+    let job: J = serde_json::from_value(serde_json::json!({
+        field: nil,
         "attempt": 1,
         "trace_parent": TRACE_PARENT,
     }))?;
     let payload = serde_json::to_string(&job)?;
     let (before, after) = payload
         .split_once(&nil)
-        .context("PlanFollowUp's JSON has no booking_id")?;
+        .with_context(|| format!("the job's JSON has no {field}"))?;
     Ok(format!(
-        "convert_to({} || {booking_id}::text || {}, 'UTF8')",
+        "convert_to({} || {id}::text || {}, 'UTF8')",
         literal(before),
         literal(after)
     ))
@@ -237,7 +266,7 @@ pub fn store_message_script() -> Result<String> {
 pub fn create_booking_script() -> Result<String> {
     Ok(format!(
         "{}{}",
-        randoms(&["bk", "rq", "pay", "job"]),
+        randoms(&["bk", "rq", "pay", "job", "rm", "rmjob"]),
         booking_transaction(
             "('floor-' || :run::text || '-' || :client_id::text)",
             "NULL::uuid"
@@ -250,7 +279,9 @@ pub fn create_booking_script() -> Result<String> {
 pub fn journey_script() -> Result<String> {
     let conversation = "bench.key_uuid(:run::int8, :client_id::int8 * 1000000000 + :j::int8)";
     let user = "('floor-' || :run::text || '-' || :client_id::text || '-' || :j::text)";
-    let mut script = randoms(&["m1", "r1", "m2", "r2", "m3", "r3", "bk", "rq", "pay", "job"]);
+    let mut script = randoms(&[
+        "m1", "r1", "m2", "r2", "m3", "r3", "bk", "rq", "pay", "job", "rm", "rmjob",
+    ]);
     script.push_str("\\set j :j + 1\n");
     script.push_str(&format!(
         "\\set s1 random(-100, 100)\n\\set s2 random(-100, 100)\n\

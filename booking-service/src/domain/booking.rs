@@ -18,8 +18,24 @@ pub const CONFIRMED: i16 = pb::BookingState::Confirmed as i16;
 pub const CANCELLED: i16 = pb::BookingState::Cancelled as i16;
 /// Payment state of a fresh booking's deposit.
 pub const PAYMENT_PENDING: i16 = pb::PaymentState::Pending as i16;
+/// Payment state of a collected deposit.
+pub const PAYMENT_PAID: i16 = pb::PaymentState::Paid as i16;
 /// Payment state of a cancelled booking's deposit.
 pub const PAYMENT_VOIDED: i16 = pb::PaymentState::Voided as i16;
+/// Payment state of a collected deposit of a cancelled booking.
+pub const PAYMENT_REFUND_PENDING: i16 = pb::PaymentState::RefundPending as i16;
+
+/// The times a booking's lifecycle runs on (configuration).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LifecycleTimes {
+    /// The follow-up comes due this long after the event ends.
+    pub followup_delay: std::time::Duration,
+    /// The reminder comes due this long before the event starts; zero: no
+    /// reminders. A booking made (or moved) closer to the start gets none.
+    pub reminder_lead: std::time::Duration,
+    /// How long HoldSeats keeps seats.
+    pub hold_ttl: std::time::Duration,
+}
 
 /// A validated CreateBooking request.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +50,9 @@ pub struct NewBooking {
     pub request_id: String,
     /// The request's fingerprint, stored with `request_id`.
     pub fingerprint: Vec<u8>,
+    /// The hold this booking confirms (ConfirmHold): its seats are taken
+    /// already, so none are counted again.
+    pub hold_id: Option<Uuid>,
 }
 
 impl NewBooking {
@@ -49,65 +68,26 @@ impl NewBooking {
             request_id,
         } = request;
         let mut v = FieldViolations::new();
-        let customer_id = fields::identifier(&mut v, "customer_id", &customer_id)
-            .inspect(|id| erasure::refuse_pseudonym(&mut v, "customer_id", id));
-        let name = customer_name.trim();
-        if name.is_empty() {
-            v.add("customer_name", "REQUIRED", "must be set");
-        } else if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-            v.add(
-                "customer_name",
-                "INVALID_NAME",
-                format!("must be at most {MAX_NAME_CHARS} printable characters"),
-            );
-        }
-        let conversation_id = if conversation_id.is_empty() {
-            None
-        } else {
-            fields::uuid(&mut v, "conversation_id", &conversation_id)
-        };
+        let customer_id = customer(&mut v, &customer_id);
+        let name = name(&mut v, &customer_name);
+        let conversation_id = conversation(&mut v, &conversation_id);
         let slot_id = fields::uuid(&mut v, "slot_id", &slot_id);
-        if !(1..=MAX_PARTY_SIZE).contains(&party_size) {
-            v.add(
-                "party_size",
-                "OUT_OF_RANGE",
-                format!("must be between 1 and {MAX_PARTY_SIZE}"),
-            );
-        }
-        let (currency, amount) = match deposit {
-            None => {
-                v.add("deposit", "REQUIRED", "must be set (amount_minor may be 0)");
-                (String::new(), 0)
+        party(&mut v, party_size);
+        let (currency, amount) = deposit_money(&mut v, "deposit", deposit);
+        let request_id = fields::identifier(&mut v, "request_id", &request_id).inspect(|key| {
+            if key.starts_with(super::hold::BOOKING_KEY_PREFIX) {
+                v.add(
+                    "request_id",
+                    "RESERVED_PREFIX",
+                    "must not start with \"hold:\" (the keys of bookings made by ConfirmHold)",
+                );
             }
-            Some(pb::Money {
-                currency_code,
-                amount_minor,
-            }) => {
-                if currency_code.len() != 3
-                    || !currency_code.chars().all(|c| c.is_ascii_uppercase())
-                {
-                    v.add(
-                        "deposit.currency_code",
-                        "INVALID_CURRENCY",
-                        "must be an ISO 4217 code such as EUR",
-                    );
-                }
-                if !(0..=MAX_DEPOSIT_MINOR).contains(&amount_minor) {
-                    v.add(
-                        "deposit.amount_minor",
-                        "OUT_OF_RANGE",
-                        format!("must be between 0 and {MAX_DEPOSIT_MINOR}"),
-                    );
-                }
-                (currency_code, amount_minor)
-            }
-        };
-        let request_id = fields::identifier(&mut v, "request_id", &request_id);
+        });
         v.into_result()?;
         match (customer_id, slot_id, request_id) {
             (Some(customer_id), Some(slot_id), Some(request_id)) => Ok(Self {
                 customer_id,
-                customer_name: name.to_owned(),
+                customer_name: name,
                 conversation_id,
                 slot_id,
                 party_size,
@@ -115,8 +95,84 @@ impl NewBooking {
                 deposit_minor: amount,
                 request_id,
                 fingerprint,
+                hold_id: None,
             }),
             _ => Err(FieldViolations::new()),
+        }
+    }
+}
+
+/// A customer id a booking or hold may be made for (not a pseudonym).
+pub fn customer(v: &mut FieldViolations, customer_id: &str) -> Option<String> {
+    fields::identifier(v, "customer_id", customer_id)
+        .inspect(|id| erasure::refuse_pseudonym(v, "customer_id", id))
+}
+
+/// A customer's name, trimmed.
+pub fn name(v: &mut FieldViolations, customer_name: &str) -> String {
+    let name = customer_name.trim();
+    if name.is_empty() {
+        v.add("customer_name", "REQUIRED", "must be set");
+    } else if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        v.add(
+            "customer_name",
+            "INVALID_NAME",
+            format!("must be at most {MAX_NAME_CHARS} printable characters"),
+        );
+    }
+    name.to_owned()
+}
+
+/// An optional memory-service conversation id.
+pub fn conversation(v: &mut FieldViolations, conversation_id: &str) -> Option<Uuid> {
+    if conversation_id.is_empty() {
+        None
+    } else {
+        fields::uuid(v, "conversation_id", conversation_id)
+    }
+}
+
+/// Seats one booking or hold takes.
+pub fn party(v: &mut FieldViolations, party_size: i32) {
+    if !(1..=MAX_PARTY_SIZE).contains(&party_size) {
+        v.add(
+            "party_size",
+            "OUT_OF_RANGE",
+            format!("must be between 1 and {MAX_PARTY_SIZE}"),
+        );
+    }
+}
+
+/// An amount of money (a deposit, a payment): currency and minor units.
+pub fn deposit_money(
+    v: &mut FieldViolations,
+    field: &str,
+    money: Option<pb::Money>,
+) -> (String, i64) {
+    match money {
+        None => {
+            v.add(field, "REQUIRED", "must be set (amount_minor may be 0)");
+            (String::new(), 0)
+        }
+        Some(pb::Money {
+            currency_code,
+            amount_minor,
+        }) => {
+            if currency_code.len() != 3 || !currency_code.chars().all(|c| c.is_ascii_uppercase()) {
+                v.add(
+                    &format!("{field}.currency_code"),
+                    "INVALID_CURRENCY",
+                    "must be an ISO 4217 code such as EUR",
+                );
+            }
+            if !(0..=MAX_DEPOSIT_MINOR).contains(&amount_minor) {
+                v.add(
+                    &format!("{field}.amount_minor"),
+                    "OUT_OF_RANGE",
+                    format!("must be between 0 and {MAX_DEPOSIT_MINOR}"),
+                );
+            }
+            (currency_code, amount_minor)
         }
     }
 }
@@ -252,6 +308,74 @@ pub fn parse_cancel(request: pb::CancelBookingRequest) -> Result<(Uuid, String),
     }
     v.into_result()?;
     Ok((id.ok_or_else(FieldViolations::new)?, reason))
+}
+
+/// A validated MoveBooking request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BookingMove {
+    pub booking_id: Uuid,
+    pub to_slot_id: Uuid,
+    pub request_id: String,
+    /// The request's fingerprint, stored with `request_id`.
+    pub fingerprint: Vec<u8>,
+}
+
+impl BookingMove {
+    pub fn parse(request: pb::MoveBookingRequest) -> Result<Self, FieldViolations> {
+        let fingerprint = idempotency::fingerprint(&request, |r| r.request_id.clear());
+        let pb::MoveBookingRequest {
+            booking_id,
+            slot_id,
+            request_id,
+        } = request;
+        let mut v = FieldViolations::new();
+        let booking_id = fields::uuid(&mut v, "booking_id", &booking_id);
+        let to_slot_id = fields::uuid(&mut v, "slot_id", &slot_id);
+        let request_id = fields::identifier(&mut v, "request_id", &request_id);
+        v.into_result()?;
+        match (booking_id, to_slot_id, request_id) {
+            (Some(booking_id), Some(to_slot_id), Some(request_id)) => Ok(Self {
+                booking_id,
+                to_slot_id,
+                request_id,
+                fingerprint,
+            }),
+            _ => Err(FieldViolations::new()),
+        }
+    }
+}
+
+/// A validated RecordPayment request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaymentRecord {
+    pub booking_id: Uuid,
+    pub provider_reference: String,
+    pub currency: String,
+    pub amount_minor: i64,
+}
+
+impl PaymentRecord {
+    pub fn parse(request: pb::RecordPaymentRequest) -> Result<Self, FieldViolations> {
+        let pb::RecordPaymentRequest {
+            booking_id,
+            provider_reference,
+            amount,
+        } = request;
+        let mut v = FieldViolations::new();
+        let booking_id = fields::uuid(&mut v, "booking_id", &booking_id);
+        let reference = fields::identifier(&mut v, "provider_reference", &provider_reference);
+        let (currency, amount_minor) = deposit_money(&mut v, "amount", amount);
+        v.into_result()?;
+        match (booking_id, reference) {
+            (Some(booking_id), Some(provider_reference)) => Ok(Self {
+                booking_id,
+                provider_reference,
+                currency,
+                amount_minor,
+            }),
+            _ => Err(FieldViolations::new()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@ use chrono_tz::Tz;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     pub key: String,
+    /// What the template is for: `post_event` (the follow-up after the
+    /// event) or `pre_event` (the reminder before it).
+    pub trigger: String,
     pub priority: i32,
     pub min_score: Option<f64>,
     pub max_score: Option<f64>,
@@ -45,11 +48,16 @@ impl Template {
     }
 }
 
-/// The template for `summary`: the lowest priority number among matches.
-pub fn choose<'a>(templates: &'a [Template], summary: &EmotionSummary) -> Option<&'a Template> {
+/// The template of `trigger` for `summary`: the lowest priority number
+/// among matches.
+pub fn choose<'a>(
+    templates: &'a [Template],
+    trigger: &str,
+    summary: &EmotionSummary,
+) -> Option<&'a Template> {
     templates
         .iter()
-        .filter(|t| t.matches(summary))
+        .filter(|t| t.trigger == trigger && t.matches(summary))
         .min_by_key(|t| (t.priority, t.key.as_str()))
 }
 
@@ -65,15 +73,16 @@ pub struct RenderContext<'a> {
 }
 
 /// The placeholders a template may use.
-const PLACEHOLDERS: [&str; 4] = [
+const PLACEHOLDERS: [&str; 5] = [
     "{customer_name}",
     "{party_size}",
     "{slot_label}",
     "{event_date}",
+    "{event_time}",
 ];
 
-/// Fills `{customer_name}`, `{party_size}`, `{slot_label}`, `{event_date}`
-/// in one pass over the template: a substituted value is never scanned
+/// Fills `{customer_name}`, `{party_size}`, `{slot_label}`, `{event_date}`,
+/// `{event_time}` in one pass over the template: a substituted value is never scanned
 /// again, so a customer named `{event_date}` is greeted by that name, not by
 /// a date. Unknown placeholders stay as written, so a typo shows instead of
 /// vanishing.
@@ -110,6 +119,9 @@ fn push_value(out: &mut String, placeholder: &str, ctx: &RenderContext<'_>) {
         "{event_date}" => {
             let _ = write!(out, "{}", ctx.event_start.format("%A %-d %B %Y"));
         }
+        "{event_time}" => {
+            let _ = write!(out, "{}", ctx.event_start.format("%H:%M"));
+        }
         // PLACEHOLDERS holds only the names above.
         _ => {}
     }
@@ -122,6 +134,7 @@ mod tests {
     fn seeded() -> Vec<Template> {
         let t = |key: &str, priority, min_score, max_score, requires_history| Template {
             key: key.into(),
+            trigger: "post_event".into(),
             priority,
             min_score,
             max_score,
@@ -132,13 +145,30 @@ mod tests {
             t("service_recovery", 10, None, Some(-0.25), true),
             t("review_request", 20, Some(0.35), None, true),
             t("thank_you", 100, None, None, false),
+            Template {
+                trigger: "pre_event".into(),
+                ..t("event_reminder", 1, None, None, false)
+            },
         ]
+    }
+
+    #[test]
+    fn each_trigger_chooses_among_its_own_templates() {
+        let templates = seeded();
+        let reminder = choose(
+            &templates,
+            "pre_event",
+            &EmotionSummary { scores: vec![0.9] },
+        );
+        assert_eq!(reminder.map(|t| t.key.as_str()), Some("event_reminder"));
+        assert!(choose(&templates, "no_such_trigger", &EmotionSummary::default()).is_none());
     }
 
     fn key(scores: &[f64]) -> String {
         let templates = seeded();
         choose(
             &templates,
+            "post_event",
             &EmotionSummary {
                 scores: scores.to_vec(),
             },
@@ -188,10 +218,10 @@ mod tests {
     fn render_fills_every_placeholder() {
         assert_eq!(
             render(
-                "{customer_name},{party_size},{slot_label},{event_date},{other}",
+                "{customer_name},{party_size},{slot_label},{event_date},{event_time},{other}",
                 &ctx("Ada")
             ),
-            "Ada,3,Chef's table,Friday 4 December 2026,{other}"
+            "Ada,3,Chef's table,Friday 4 December 2026,19:30,{other}"
         );
     }
 

@@ -3,7 +3,10 @@
 use maitre_api::booking::v1 as pb;
 use maitre_runtime::fields::to_timestamp;
 
-use crate::store::rows::{BookingRow, FollowUpRow, SlotRow};
+use crate::{
+    domain::hold,
+    store::rows::{BookingRow, FollowUpRow, HoldRow, SlotRow},
+};
 
 pub fn slot(row: SlotRow) -> pb::Slot {
     pb::Slot {
@@ -12,7 +15,9 @@ pub fn slot(row: SlotRow) -> pb::Slot {
         end_time: Some(to_timestamp(row.ends_at)),
         capacity: row.capacity,
         booked_seats: row.booked,
-        available_seats: row.capacity - row.booked,
+        // Never negative, even if holds and bookings were read apart.
+        available_seats: (row.capacity - row.booked - row.held).max(0),
+        held_seats: row.held,
         label: row.label,
         create_time: Some(to_timestamp(row.created_at)),
         time_zone: row.time_zone,
@@ -38,6 +43,8 @@ pub fn booking(row: BookingRow) -> pb::Booking {
                 currency_code: row.currency,
                 amount_minor: row.amount_minor,
             }),
+            provider_reference: row.provider_reference.unwrap_or_default(),
+            paid_time: row.paid_at.map(to_timestamp),
         }),
         slot_start_time: Some(to_timestamp(row.slot_starts_at.to_utc())),
         slot_end_time: Some(to_timestamp(row.slot_ends_at)),
@@ -65,5 +72,18 @@ pub fn follow_up(row: FollowUpRow) -> pb::FollowUp {
         message_id: row.message_id.map(|m| m.to_string()).unwrap_or_default(),
         create_time: Some(to_timestamp(row.created_at)),
         sent_time: row.sent_at.map(to_timestamp),
+    }
+}
+
+pub fn hold(row: HoldRow) -> pb::Hold {
+    pb::Hold {
+        hold_id: row.id.to_string(),
+        slot_id: row.slot_id.to_string(),
+        state: hold::state(row.booking_id, row.released_at, row.expires_at, row.read_at) as i32,
+        customer_id: row.customer_id,
+        party_size: row.party_size,
+        expire_time: Some(to_timestamp(row.expires_at)),
+        create_time: Some(to_timestamp(row.created_at)),
+        booking_id: row.booking_id.map(|id| id.to_string()).unwrap_or_default(),
     }
 }

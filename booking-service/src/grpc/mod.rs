@@ -1,6 +1,7 @@
 //! The gRPC surface: thin handlers that parse, call the store, convert back.
 
 pub mod convert;
+mod lifecycle;
 pub mod redrive;
 
 use maitre_api::booking::v1::{self as pb, booking_service_server::BookingService};
@@ -11,12 +12,12 @@ use uuid::Uuid;
 
 use crate::{
     domain::{
-        booking::{self, BookingPage, FollowUpPage, NewBooking},
+        booking::{self, BookingPage, FollowUpPage, LifecycleTimes, NewBooking},
         erasure,
         slot::{AvailabilityQuery, NewSlot, SlotCursor},
     },
     error::Error,
-    jobs::{PLAN_QUEUE, wakeups::Wakeups},
+    jobs::{DELIVER_QUEUE, PLAN_QUEUE, wakeups::Wakeups},
     memory_client::MemoryClient,
     store::{
         self,
@@ -35,8 +36,8 @@ pub struct BookingApi {
     memory: MemoryClient,
     /// Wakes the workers after a commit that made work due.
     wakeups: Wakeups,
-    /// A booking's follow-up job comes due this long after its event ends.
-    followup_delay: std::time::Duration,
+    /// When follow-ups and reminders come due, how long holds last.
+    times: LifecycleTimes,
 }
 
 impl BookingApi {
@@ -45,19 +46,76 @@ impl BookingApi {
         max_page_size: u32,
         memory: MemoryClient,
         wakeups: Wakeups,
-        followup_delay: std::time::Duration,
+        times: LifecycleTimes,
     ) -> Self {
         Self {
             pool,
             max_page_size,
             memory,
             wakeups,
-            followup_delay,
+            times,
+        }
+    }
+
+    /// Books (CreateBooking, ConfirmHold) and, for a new booking, wakes the
+    /// workers when its jobs come due: the follow-up at the event's end +
+    /// delay, the reminder (if any) its lead before the start (polling
+    /// covers restarts and events further ahead).
+    async fn book(&self, booking: &NewBooking) -> Result<CreateOutcome, Error> {
+        // The jobs continue this call's trace.
+        let trace = CallContext::current().map(|c| c.trace.header_value());
+        let now = maitre_runtime::db::now();
+        let outcome = store::bookings::create(
+            &self.pool,
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            booking,
+            now,
+            &self.times,
+            trace,
+        )
+        .await?;
+        if let CreateOutcome::Created(row) = &outcome {
+            let due = row.slot_ends_at + to_chrono(self.times.followup_delay);
+            self.wake_planners_at(due);
+            self.wake_reminder(row.slot_starts_at.to_utc(), now);
+        }
+        Ok(outcome)
+    }
+
+    /// Wakes every replica's deliverers when the reminder of an event
+    /// starting at `starts_at`, booked or moved `now`, comes due (the
+    /// statement wrote one on the same rule).
+    fn wake_reminder(
+        &self,
+        starts_at: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        if self.times.reminder_lead.is_zero() {
+            return;
+        }
+        let due = starts_at.checked_sub_signed(to_chrono(self.times.reminder_lead));
+        if let Some(due) = due.filter(|due| *due > now) {
+            self.wakeups.poke_at(DELIVER_QUEUE, due);
+        }
+    }
+
+    /// Wakes every replica's planners at `due` (now, if it has passed).
+    fn wake_planners_at(&self, due: chrono::DateTime<chrono::Utc>) {
+        if due <= maitre_runtime::db::now() {
+            self.wakeups.poke(PLAN_QUEUE);
+        } else {
+            self.wakeups.poke_at(PLAN_QUEUE, due);
         }
     }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// A configured duration (bounded by the configuration) as chrono's.
+fn to_chrono(duration: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or_default()
+}
 
 /// The handlers proper: each takes the decoded request message and answers
 /// with the service's own [`Error`], which `?` converts into through `From`.
@@ -110,30 +168,8 @@ impl BookingApi {
         request: pb::CreateBookingRequest,
     ) -> Result<pb::CreateBookingResponse, Error> {
         let booking = NewBooking::parse(request)?;
-        // The plan job continues this call's trace.
-        let trace = CallContext::current().map(|c| c.trace.header_value());
-        let outcome = store::bookings::create(
-            &self.pool,
-            Uuid::now_v7(),
-            Uuid::now_v7(),
-            &booking,
-            maitre_runtime::db::now(),
-            self.followup_delay,
-            trace,
-        )
-        .await?;
-        let (row, replayed) = match outcome {
+        let (row, replayed) = match self.book(&booking).await? {
             CreateOutcome::Created(row) => {
-                // The follow-up job comes due at the event's end + delay:
-                // every replica's workers are woken then (polling covers
-                // restarts and events further ahead).
-                let due = row.slot_ends_at
-                    + chrono::Duration::from_std(self.followup_delay).unwrap_or_default();
-                if due <= maitre_runtime::db::now() {
-                    self.wakeups.poke(PLAN_QUEUE);
-                } else {
-                    self.wakeups.poke_at(PLAN_QUEUE, due);
-                }
                 tracing::info!(booking_id = %row.id, slot_id = %row.slot_id, "booking confirmed");
                 (row, false)
             }
@@ -152,6 +188,12 @@ impl BookingApi {
                     available,
                     requested: booking.party_size,
                 });
+            }
+            // Only a booking that confirms a hold can lose it.
+            CreateOutcome::HoldLost => {
+                return Err(Error::Database(sqlx::Error::Protocol(
+                    "CreateBooking reported a lost hold".into(),
+                )));
             }
         };
         Ok(pb::CreateBookingResponse {
@@ -347,5 +389,40 @@ impl BookingService for BookingApi {
         request: Request<pb::RetryFollowUpsRequest>,
     ) -> Reply<pb::RetryFollowUpsResponse> {
         reply(redrive::retry_follow_ups(&self.pool, &self.wakeups, request.into_inner()).await)
+    }
+
+    async fn hold_seats(
+        &self,
+        request: Request<pb::HoldSeatsRequest>,
+    ) -> Reply<pb::HoldSeatsResponse> {
+        reply(BookingApi::hold_seats(self, request.into_inner()).await)
+    }
+
+    async fn confirm_hold(
+        &self,
+        request: Request<pb::ConfirmHoldRequest>,
+    ) -> Reply<pb::ConfirmHoldResponse> {
+        reply(BookingApi::confirm_hold(self, request.into_inner()).await)
+    }
+
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Reply<pb::ReleaseHoldResponse> {
+        reply(BookingApi::release_hold(self, request.into_inner()).await)
+    }
+
+    async fn move_booking(
+        &self,
+        request: Request<pb::MoveBookingRequest>,
+    ) -> Reply<pb::MoveBookingResponse> {
+        reply(BookingApi::move_booking(self, request.into_inner()).await)
+    }
+
+    async fn record_payment(
+        &self,
+        request: Request<pb::RecordPaymentRequest>,
+    ) -> Reply<pb::RecordPaymentResponse> {
+        reply(BookingApi::record_payment(self, request.into_inner()).await)
     }
 }

@@ -34,7 +34,8 @@ use maitre_api::memory::v1 as memory;
 use uuid::Uuid;
 
 use super::{
-    DELIVER_QUEUE, DeliverFollowUp, JobContext, JobRun, current_trace, jitter, job_context, run_job,
+    DELIVER_QUEUE, DeliverFollowUp, JobContext, JobRun, current_trace, jitter, job_context,
+    reminders, run_job,
 };
 use crate::{
     domain::booking::CONFIRMED,
@@ -98,6 +99,10 @@ pub(super) async fn deliver(job: &DeliverFollowUp, ctx: &JobContext) -> Result<(
         }
     };
 
+    // A reminder is worded now, from its booking as it is (or cancelled).
+    let Some(follow_up) = reminders::prepare(ctx, follow_up, token).await? else {
+        return Ok(());
+    };
     // Claimed: the pooled connection went back with the claim's statement.
     call_and_finish(ctx, job.attempt, &follow_up, token).await
 }

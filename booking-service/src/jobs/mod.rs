@@ -37,6 +37,7 @@ pub mod deliver;
 pub mod gauges;
 pub mod plan;
 pub mod poison;
+pub mod reminders;
 pub mod templates;
 pub mod wakeups;
 pub mod workers;

@@ -25,7 +25,7 @@ use crate::{
     domain::{
         POST_EVENT_TRIGGER,
         booking::CONFIRMED,
-        template::{EmotionSummary, RenderContext, choose, render},
+        template::{EmotionSummary, choose, render},
     },
     memory_client::MemoryError,
     store::{
@@ -123,21 +123,13 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     };
 
     let templates = ctx.templates.get(&ctx.pool).await?;
-    let Some(template) = choose(&templates, &summary) else {
+    let Some(template) = choose(&templates, POST_EVENT_TRIGGER, &summary) else {
         // Unplanned, so the sweep tries again once the templates are fixed.
         return Err(sqlx::Error::Protocol(
             "no follow-up template matches: booking.followup_templates needs one with requires_history = false".into(),
         ));
     };
-    let rendered_text = render(
-        &template.body,
-        &RenderContext {
-            customer_name: &booking.customer_name,
-            party_size: booking.party_size,
-            slot_label: &booking.slot_label,
-            event_start: booking.slot_starts_at,
-        },
-    );
+    let rendered_text = render(&template.body, &booking.render_context());
     let follow_up = NewFollowUp {
         id: Uuid::now_v7(),
         booking_id: booking.id,
@@ -206,6 +198,7 @@ async fn plan(job: &PlanFollowUp, ctx: &JobContext) -> Result<(), sqlx::Error> {
     let claimed = Claimed {
         id: follow_up.id,
         booking_id: follow_up.booking_id,
+        trigger: POST_EVENT_TRIGGER.to_owned(),
         customer_id: follow_up.customer_id,
         conversation_id: follow_up.conversation_id,
         template_key: follow_up.template_key,

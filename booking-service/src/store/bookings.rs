@@ -7,8 +7,9 @@ use uuid::Uuid;
 
 use super::{jobs, rows::BookingRow};
 use crate::domain::{
-    booking::{BookingPage, CONFIRMED, NewBooking, PAYMENT_PENDING},
-    followup_jobs::{PLAN_QUEUE, PlanFollowUp},
+    PRE_EVENT_TRIGGER,
+    booking::{BookingPage, CONFIRMED, LifecycleTimes, NewBooking, PAYMENT_PENDING},
+    followup_jobs::{DELIVER_QUEUE, DeliverFollowUp, PLAN_QUEUE, PlanFollowUp},
     idempotency::same_request,
     slot::stored_time_zone,
 };
@@ -31,16 +32,29 @@ pub enum CreateOutcome {
     },
     /// The slot's event has already started.
     SlotStarted,
+    /// ConfirmHold: the hold stopped being live while the statement ran
+    /// (released by an erasure): nothing written.
+    HoldLost,
 }
 
 /// The whole booking in one statement (one round trip, one implicit
-/// transaction): seats, booking, pending payment, and the follow-up's job,
-/// due at the event's end + `BOOKING_FOLLOWUP_DELAY` (`$18`, seconds): it
-/// plans and delivers then, from the freshest emotion history, and nothing
-/// of the pipeline runs during the booking burst. The seats are taken by a conditional UPDATE, so two concurrent
-/// bookings can never both take the last seat: the second waits for the
-/// first's row lock, re-checks `booked + n <= capacity` against the new
-/// value, and finds no row.
+/// transaction): seats, booking, pending payment, the follow-up's job, due
+/// at the event's end + `BOOKING_FOLLOWUP_DELAY` (`$18`, seconds), and the
+/// reminder. The follow-up plans and delivers then, from the freshest
+/// emotion history, and nothing of the pipeline runs during the booking
+/// burst.
+///
+/// Seats are taken by a conditional UPDATE of the slot row, so two
+/// concurrent bookings can never both take the last seat: the second waits
+/// for the first's row lock, re-checks its condition against the new row,
+/// and finds no row. The condition counts the slot's live holds too
+/// (`booking.held_seats`, read afresh on that re-check: see migration
+/// `holds_moves_payments`). A booking that confirms a hold (`$19`) takes
+/// the hold's seats instead, only while the hold is live (`hold_is_live`,
+/// re-checked the same way), and marks it confirmed (`confirmed_hold`); an
+/// erasure that released the hold meanwhile (it does not wait for the slot
+/// row) leaves nothing to mark, and `hold_confirmed` then fails the whole
+/// statement (SQLSTATE `MH001`, [`HOLD_LOST`]).
 ///
 /// The idempotency key is checked first (`replay`): a key seen before writes
 /// nothing, and the statement says whether the stored fingerprint matches.
@@ -49,11 +63,18 @@ pub enum CreateOutcome {
 /// booking (`claim`). Two first bookings of one conversation at the same
 /// instant cannot see each other's claim: the loser's claim conflicts, does
 /// nothing, and the foreign key from bookings to owners fails its statement
-/// whole (see `create`). The plan job row is the one
-/// `apalis_postgres::queries::push_tasks` writes (its `sink.sql`: same
-/// columns, status, ULID id, JSON payload), inserted here so that the booking
-/// and its job commit together without four more round trips; the test
-/// `the_plan_job_row_matches_what_apalis_writes` keeps the two in step.
+/// whole (see `create`).
+///
+/// The reminder (`reminder`, `reminder_job`) is a follow-up of trigger
+/// `pre_event` (`$26`) due `BOOKING_REMINDER_LEAD` (`$21` seconds; 0: none)
+/// before the start, written only when that is still ahead, unrendered (its
+/// first delivery renders it), with its first deliver job.
+///
+/// The job rows are the ones `apalis_postgres::queries::push_tasks` writes
+/// (its `sink.sql`: same columns, status, ULID id, JSON payload), inserted
+/// here so that the booking and its jobs commit together without more round
+/// trips; the test `the_plan_job_row_matches_what_apalis_writes` keeps the
+/// two in step.
 ///
 /// A `pub const` run with `sqlx::query`, not a macro: the bench runs this
 /// very text.
@@ -66,9 +87,11 @@ owner AS (
 ),
 seats AS (
     UPDATE booking.slots SET booked = booked + $6
-    WHERE id = $5 AND booked + $6 <= capacity AND starts_at > $10
+    WHERE id = $5 AND starts_at > $10
       AND NOT EXISTS (SELECT 1 FROM replay)
       AND NOT EXISTS (SELECT 1 FROM owner WHERE owner.customer_id <> $2)
+      AND CASE WHEN $19::uuid IS NULL THEN booked + $6 + booking.held_seats(id) <= capacity
+               ELSE booking.hold_is_live($19, $2) END
     RETURNING id, starts_at, ends_at, label, time_zone
 ),
 new_booking AS (
@@ -91,6 +114,29 @@ payment AS (
     SELECT $11, new_booking.id, 1 /* booking::PAYMENT_PENDING */, $7, $8, $10, $10 FROM new_booking
     RETURNING id
 ),
+confirmed_hold AS (
+    UPDATE booking.holds h SET booking_id = new_booking.id
+    FROM new_booking
+    WHERE h.id = $19 AND h.customer_id = $2 AND h.booking_id IS NULL AND h.released_at IS NULL
+    RETURNING h.id
+),
+reminder AS (
+    INSERT INTO booking.scheduled_followups
+        (id, booking_id, customer_id, conversation_id, trigger, template_key, rendered_text,
+         state, scheduled_at, created_at, updated_at)
+    SELECT $20, new_booking.id, $2, $4, $26, '', '', 1 /* followups::PENDING */,
+           seats.starts_at - make_interval(secs => $21), $10, $10
+    FROM new_booking, seats
+    WHERE $21 > 0 AND seats.starts_at - make_interval(secs => $21) > $10
+    RETURNING id, scheduled_at
+),
+reminder_job AS (
+    INSERT INTO apalis.jobs
+        (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+    SELECT $22, $25, $23, 'Pending', 0, $15, reminder.scheduled_at, 0, ''::hstore, $24
+    FROM reminder
+    RETURNING id
+),
 plan_job AS (
     INSERT INTO apalis.jobs
         (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
@@ -100,6 +146,7 @@ plan_job AS (
 )
 SELECT seats.starts_at, seats.ends_at, seats.label, seats.time_zone, 'created' AS outcome
 FROM seats, new_booking, payment, plan_job
+WHERE booking.hold_confirmed($19, (SELECT count(*) FROM confirmed_hold), new_booking.id)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL,
        CASE WHEN replay.request_fingerprint IS NULL OR replay.request_fingerprint = $17
@@ -110,13 +157,18 @@ SELECT NULL, NULL, NULL, NULL, 'foreign_conversation'
 FROM owner WHERE owner.customer_id <> $2 AND NOT EXISTS (SELECT 1 FROM replay)
 "#;
 
+/// The SQLSTATE of a ConfirmHold whose hold was released between its seat
+/// check and its mark (see CREATE): nothing was written.
+pub const HOLD_LOST: &str = "MH001";
+
 /// The constraint that fails a booking whose conversation another
 /// customer's concurrent booking claimed first.
 const CONVERSATION_OWNER_FKEY: &str = "bookings_conversation_owner_fkey";
 
-/// Why no seats were taken: unknown slot, full, or already started.
-const SLOT_STATE: &str = r#"
-SELECT capacity - booked, starts_at FROM booking.slots WHERE id = $1
+/// Why no seats were taken: unknown slot, full (free seats: not booked,
+/// not held), or already started.
+pub(crate) const SLOT_STATE: &str = r#"
+SELECT capacity - booked - booking.held_seats(id), starts_at FROM booking.slots WHERE id = $1
 "#;
 
 // The three reads of a [`BookingRow`] keep `sqlx::query_as` with raw
@@ -127,7 +179,8 @@ SELECT b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.par
        b.state, b.request_id, b.created_at, b.cancelled_at,
        s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label,
        s.time_zone AS slot_time_zone,
-       p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor
+       p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor,
+       p.provider_reference, p.paid_at
 FROM booking.bookings b
 JOIN booking.slots s ON s.id = b.slot_id
 JOIN booking.payments p ON p.booking_id = b.id
@@ -140,7 +193,7 @@ SELECT b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.par
        s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label,
        s.time_zone AS slot_time_zone,
        p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor,
-       b.request_fingerprint
+       p.provider_reference, p.paid_at, b.request_fingerprint
 FROM booking.bookings b
 JOIN booking.slots s ON s.id = b.slot_id
 JOIN booking.payments p ON p.booking_id = b.id
@@ -151,7 +204,8 @@ SELECT b.id, b.slot_id, b.customer_id, b.customer_name, b.conversation_id, b.par
        b.state, b.request_id, b.created_at, b.cancelled_at,
        s.starts_at AS slot_starts_at, s.ends_at AS slot_ends_at, s.label AS slot_label,
        s.time_zone AS slot_time_zone,
-       p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor
+       p.id AS payment_id, p.state AS payment_state, p.currency, p.amount_minor,
+       p.provider_reference, p.paid_at
 FROM booking.bookings b
 JOIN booking.slots s ON s.id = b.slot_id
 JOIN booking.payments p ON p.booking_id = b.id
@@ -179,9 +233,15 @@ pub async fn create(
     payment_id: Uuid,
     booking: &NewBooking,
     now: DateTime<Utc>,
-    followup_delay: std::time::Duration,
+    times: &LifecycleTimes,
     trace_parent: Option<String>,
 ) -> Result<CreateOutcome, sqlx::Error> {
+    let reminder_id = Uuid::now_v7();
+    let reminder = jobs::deliver_job_row(&DeliverFollowUp {
+        follow_up_id: reminder_id,
+        attempt: 1,
+        trace_parent: trace_parent.clone(),
+    })?;
     let plan = jobs::plan_job_row(&PlanFollowUp {
         booking_id,
         attempt: 1,
@@ -209,7 +269,15 @@ pub async fn create(
             .bind(plan.max_attempts)
             .bind(&plan.idempotency_key)
             .bind(&booking.fingerprint)
-            .bind(followup_delay.as_secs_f64())
+            .bind(times.followup_delay.as_secs_f64())
+            .bind(booking.hold_id)
+            .bind(reminder_id)
+            .bind(times.reminder_lead.as_secs_f64())
+            .bind(&reminder.id)
+            .bind(&reminder.payload)
+            .bind(&reminder.idempotency_key)
+            .bind(DELIVER_QUEUE)
+            .bind(PRE_EVENT_TRIGGER)
             .fetch_optional(pool)
             .traced("bookings::CREATE")
             .await;
@@ -219,6 +287,9 @@ pub async fn create(
             // statement failed whole (no seat taken); answer with the winner's.
             Err(sqlx::Error::Database(e)) if e.constraint() == Some("bookings_request_id_key") => {
                 return replay(pool, booking).await;
+            }
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(HOLD_LOST) => {
+                return Ok(CreateOutcome::HoldLost);
             }
             Err(sqlx::Error::Database(e)) if e.constraint() == Some(CONVERSATION_OWNER_FKEY) => {
                 if lost_owner_race {
@@ -255,9 +326,16 @@ pub async fn create(
                 payment_state: PAYMENT_PENDING,
                 currency: booking.deposit_currency.clone(),
                 amount_minor: booking.deposit_minor,
+                provider_reference: None,
+                paid_at: None,
             }))
         }
         _ => {
+            // A concurrent twin of this call may have booked with this key
+            // while this one waited for the slot row: then it is a replay.
+            if let Some(outcome) = replay_if_used(pool, booking).await? {
+                return Ok(outcome);
+            }
             let state = sqlx::query_as::<_, (i32, DateTime<Utc>)>(SLOT_STATE)
                 .bind(booking.slot_id)
                 .fetch_optional(pool)
@@ -281,20 +359,30 @@ struct KeyedBooking {
 
 /// The answer to a key seen before: the first booking if the request is
 /// the same, else a refusal.
-async fn replay(pool: &PgPool, booking: &NewBooking) -> Result<CreateOutcome, sqlx::Error> {
+pub async fn replay(pool: &PgPool, booking: &NewBooking) -> Result<CreateOutcome, sqlx::Error> {
+    replay_if_used(pool, booking)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// [`replay`]'s answer if the customer used the key, else None.
+pub async fn replay_if_used(
+    pool: &PgPool,
+    booking: &NewBooking,
+) -> Result<Option<CreateOutcome>, sqlx::Error> {
     let earlier = sqlx::query_as::<_, KeyedBooking>(BY_REQUEST_ID)
         .bind(&booking.customer_id)
         .bind(&booking.request_id)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .traced("bookings::BY_REQUEST_ID")
         .await?;
-    Ok(
+    Ok(earlier.map(|earlier| {
         if same_request(earlier.request_fingerprint.as_deref(), &booking.fingerprint) {
             CreateOutcome::Replayed(earlier.booking)
         } else {
             CreateOutcome::RequestIdReused
-        },
-    )
+        }
+    }))
 }
 
 #[tracing::instrument(skip(pool))]
@@ -347,8 +435,14 @@ seats AS (
     RETURNING s.id
 ),
 payment AS (
-    UPDATE booking.payments p SET state = 3 /* booking::PAYMENT_VOIDED */, updated_at = $2
-    FROM cancelled c WHERE p.booking_id = c.id AND p.state = 1 /* booking::PAYMENT_PENDING */
+    UPDATE booking.payments p
+    SET state = CASE WHEN p.state = 2 /* booking::PAYMENT_PAID */
+                     THEN 4 /* booking::PAYMENT_REFUND_PENDING */
+                     ELSE 3 /* booking::PAYMENT_VOIDED */ END,
+        updated_at = $2
+    FROM cancelled c
+    WHERE p.booking_id = c.id
+      AND p.state IN (1 /* booking::PAYMENT_PENDING */, 2 /* booking::PAYMENT_PAID */)
     RETURNING p.id
 ),
 followups AS (

@@ -32,6 +32,8 @@ use crate::domain::erasure::{ERASED_REASON, pseudonym};
 ///   own id, unique, so the (customer, request id) key cannot collide)
 ///   cleared, the customer id pseudonymised, the erasure time recorded.
 ///   Slot, party size, state, payment, amounts and timestamps stay;
+/// - the bookings' MoveBooking keys (caller-chosen, like request ids),
+///   deleted (through the primary key of `moves`);
 /// - the customer's conversation ownerships (through the primary key).
 const ERASE: &str = r#"
 WITH old AS (
@@ -56,6 +58,9 @@ bookings AS (
     WHERE b.id = ANY($1)
     RETURNING b.id
 ),
+moves AS (
+    DELETE FROM booking.moves m WHERE m.booking_id = ANY($1)
+),
 owners AS (
     DELETE FROM booking.conversation_owners o
     WHERE o.conversation_id = ANY($6) AND o.customer_id = $5
@@ -64,6 +69,17 @@ owners AS (
 SELECT (SELECT count(*) FROM bookings),
        (SELECT count(*) FROM followups WHERE was IN (1 /* followups::PENDING */, 4 /* followups::FAILED */)),
        (SELECT count(*) FROM followups)
+"#;
+
+/// The customer's holds ($1, through `holds_request_id_key`): pseudonymised
+/// like the bookings (the key replaced by the hold's own id), and a hold not
+/// confirmed is released, so its seats are free and it can never be
+/// confirmed (ConfirmHold checks the hold's customer, now a pseudonym).
+const ERASE_HOLDS: &str = r#"
+UPDATE booking.holds
+SET customer_id = $2, request_id = id::text, request_fingerprint = NULL, erased_at = $3,
+    released_at = CASE WHEN booking_id IS NULL THEN COALESCE(released_at, $3) ELSE released_at END
+WHERE customer_id = $1
 "#;
 
 /// The constraint a booking of the customer committed between the lock and
@@ -130,7 +146,14 @@ FOR UPDATE
         .fetch_one(&mut *tx)
         .await?;
     let pseudonym = pseudonym(&salt, customer_id);
+    sqlx::query(ERASE_HOLDS)
+        .bind(customer_id)
+        .bind(&pseudonym)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
     if locked.is_empty() {
+        tx.commit().await?;
         return Ok(Erased {
             pseudonym,
             ..Erased::default()

@@ -9,7 +9,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::rows::FollowUpRow;
-use crate::domain::booking::FollowUpPage;
+use crate::domain::{PRE_EVENT_TRIGGER, booking::FollowUpPage};
 
 /// Follow-up states, stored as the proto enum's numbers. In SQL they are
 /// literals marked `/* followups::NAME */` (the partial indexes and the
@@ -222,6 +222,8 @@ WHERE booking_id = $1 AND trigger = $2 AND state <> 3 /* followups::CANCELLED */
 pub struct Claimed {
     pub id: Uuid,
     pub booking_id: Uuid,
+    /// `post_event` or `pre_event`: which templates word it.
+    pub trigger: String,
     pub customer_id: String,
     pub conversation_id: Option<Uuid>,
     pub template_key: String,
@@ -237,7 +239,8 @@ pub struct Claimed {
 /// Claims attempt `attempts_made + 1` of a follow-up for `lease` under
 /// `token`: only while it is PENDING, its booking CONFIRMED, no attempt was
 /// made since the job was enqueued, and no other run holds an unexpired
-/// claim. One short statement: no lock outlives it, so nothing waits on the
+/// claim; a reminder only once it is due (a MoveBooking may have put it
+/// later after its job was fetched: the sweep enqueues it again then). One short statement: no lock outlives it, so nothing waits on the
 /// delivery's network call (CancelBooking least of all).
 pub async fn claim(
     pool: &PgPool,
@@ -256,19 +259,72 @@ WHERE f.id = $1 AND b.id = f.booking_id
   AND b.state = 1 /* booking::CONFIRMED */ AND b.erased_at IS NULL
   AND f.state = 1 /* followups::PENDING */ AND f.attempts = $4
   AND (f.claimed_until IS NULL OR f.claimed_until < now())
-RETURNING f.id AS "id!", f.booking_id AS "booking_id!", f.customer_id AS "customer_id!",
-          f.conversation_id, f.template_key AS "template_key!",
+  AND (f.trigger <> $5 OR f.scheduled_at <= now())
+RETURNING f.id AS "id!", f.booking_id AS "booking_id!", f.trigger AS "trigger!",
+          f.customer_id AS "customer_id!", f.conversation_id, f.template_key AS "template_key!",
           f.rendered_text AS "rendered_text!", f.attempts AS "attempts!",
           f.retry_from AS "retry_from!", f.last_error
 "#,
         id,
         token,
         lease.as_secs_f64(),
-        attempts_made
+        attempts_made,
+        PRE_EVENT_TRIGGER
     )
     .fetch_optional(pool)
     .traced("followups::claim")
     .await
+}
+
+/// Cancels a claimed follow-up with `reason`, only while the claim `token`
+/// holds (a reminder whose event has started).
+pub async fn cancel_claimed(
+    pool: &PgPool,
+    id: Uuid,
+    token: Uuid,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let cancelled = sqlx::query!(
+        r#"
+UPDATE booking.scheduled_followups
+SET state = 3 /* followups::CANCELLED */, last_error = $3, claim_token = NULL,
+    claimed_until = NULL, updated_at = now()
+WHERE id = $1 AND claim_token = $2 AND state = 1 /* followups::PENDING */
+"#,
+        id,
+        token,
+        reason
+    )
+    .execute(pool)
+    .traced("followups::cancel_claimed")
+    .await?;
+    Ok(cancelled.rows_affected() == 1)
+}
+
+/// Records the wording of a claimed reminder, only while the claim `token`
+/// holds.
+pub async fn set_wording(
+    pool: &PgPool,
+    id: Uuid,
+    token: Uuid,
+    template_key: &str,
+    rendered_text: &str,
+) -> Result<bool, sqlx::Error> {
+    let worded = sqlx::query!(
+        r#"
+UPDATE booking.scheduled_followups
+SET template_key = $3, rendered_text = $4, updated_at = now()
+WHERE id = $1 AND claim_token = $2 AND state = 1 /* followups::PENDING */
+"#,
+        id,
+        token,
+        template_key,
+        rendered_text
+    )
+    .execute(pool)
+    .traced("followups::set_wording")
+    .await?;
+    Ok(worded.rows_affected() == 1)
 }
 
 /// Why a claim was refused.

@@ -62,6 +62,17 @@ pub fn plan_job_row(job: &PlanFollowUp) -> Result<JobRow, sqlx::Error> {
     })
 }
 
+/// A deliver job's row as `push_tasks` would write it (the first delivery
+/// of a reminder, written with its booking).
+pub fn deliver_job_row(job: &DeliverFollowUp) -> Result<JobRow, sqlx::Error> {
+    Ok(JobRow {
+        id: ulid::Ulid::generate().to_string(),
+        payload: serde_json::to_vec(job).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+        max_attempts: APALIS_MAX_ATTEMPTS as i32,
+        idempotency_key: deliver_key(job.follow_up_id, job.attempt),
+    })
+}
+
 /// What a push did. Both are success for the caller: the attempt has a
 /// live job either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

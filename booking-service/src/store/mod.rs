@@ -3,7 +3,10 @@
 pub mod bookings;
 pub mod erasure;
 pub mod followups;
+pub mod holds;
 pub mod jobs;
+pub mod moves;
+pub mod payments;
 pub mod planning;
 pub mod poison;
 pub mod rows;
@@ -45,6 +48,8 @@ mod sql_literals {
             "booking::CANCELLED" => booking::CANCELLED,
             "booking::PAYMENT_PENDING" => booking::PAYMENT_PENDING,
             "booking::PAYMENT_VOIDED" => booking::PAYMENT_VOIDED,
+            "booking::PAYMENT_PAID" => booking::PAYMENT_PAID,
+            "booking::PAYMENT_REFUND_PENDING" => booking::PAYMENT_REFUND_PENDING,
             _ => return None,
         })
     }

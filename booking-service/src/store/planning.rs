@@ -13,7 +13,7 @@ use maitre_runtime::otel::{self, Recorder, TracedStatement};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::domain::slot::stored_time_zone;
+use crate::domain::{slot::stored_time_zone, template::RenderContext};
 
 /// What planning reads of a booking, in one statement: what the wording
 /// needs, and whether planning is over already.
@@ -30,6 +30,18 @@ pub struct ToPlan {
     pub slot_ends_at: DateTime<Utc>,
     pub slot_label: String,
     pub planned_at: Option<DateTime<Utc>>,
+}
+
+impl ToPlan {
+    /// What a template may say of this booking.
+    pub fn render_context(&self) -> RenderContext<'_> {
+        RenderContext {
+            customer_name: &self.customer_name,
+            party_size: self.party_size,
+            slot_label: &self.slot_label,
+            event_start: self.slot_starts_at,
+        }
+    }
 }
 
 /// A row of the planning read, before the slot's time zone is applied.

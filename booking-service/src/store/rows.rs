@@ -14,6 +14,8 @@ pub struct SlotRow {
     pub ends_at: DateTime<Utc>,
     pub capacity: i32,
     pub booked: i32,
+    /// Seats of live holds when read.
+    pub held: i32,
     pub label: String,
     pub created_at: DateTime<Utc>,
     /// IANA name of the slot's time zone.
@@ -42,6 +44,8 @@ pub struct BookingRow {
     pub payment_state: i16,
     pub currency: String,
     pub amount_minor: i64,
+    pub provider_reference: Option<String>,
+    pub paid_at: Option<DateTime<Utc>>,
 }
 
 /// By hand, to read `slot_starts_at` in the zone of `slot_time_zone`.
@@ -68,8 +72,25 @@ impl<'r> sqlx::FromRow<'r, PgRow> for BookingRow {
             payment_state: row.try_get("payment_state")?,
             currency: row.try_get("currency")?,
             amount_minor: row.try_get("amount_minor")?,
+            provider_reference: row.try_get("provider_reference")?,
+            paid_at: row.try_get("paid_at")?,
         })
     }
+}
+
+/// A hold, with the database's clock when it was read (its state depends
+/// on it: see `domain::hold::state`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HoldRow {
+    pub id: Uuid,
+    pub slot_id: Uuid,
+    pub customer_id: String,
+    pub party_size: i32,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub booking_id: Option<Uuid>,
+    pub released_at: Option<DateTime<Utc>>,
+    pub read_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

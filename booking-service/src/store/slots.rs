@@ -13,8 +13,8 @@ use crate::domain::{
 /// The caller's earlier slot for a key, and the fingerprint it was made
 /// with. Raw, not a macro: the row nests a [`SlotRow`] (`#[sqlx(flatten)]`).
 const BY_REQUEST_ID: &str = r#"
-SELECT id, starts_at, ends_at, capacity, booked, label, created_at, time_zone,
-       request_fingerprint
+SELECT id, starts_at, ends_at, capacity, booked, booking.held_seats(id) AS held, label,
+       created_at, time_zone, request_fingerprint
 FROM booking.slots
 WHERE caller = $1 AND request_id = $2
 "#;
@@ -56,7 +56,7 @@ INSERT INTO booking.slots
      request_fingerprint)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (caller, request_id) WHERE request_id IS NOT NULL DO NOTHING
-RETURNING id, starts_at, ends_at, capacity, booked, label, created_at, time_zone
+RETURNING id, starts_at, ends_at, capacity, booked, 0 AS "held!", label, created_at, time_zone
 "#,
         id,
         slot.starts_at,
@@ -98,16 +98,25 @@ pub async fn availability(
         .after
         .map(|c| (c.starts_at, c.id))
         .unwrap_or((DateTime::<Utc>::UNIX_EPOCH, Uuid::nil()));
-    // Slots starting in [from, until) with at least `min_seats` free, in
-    // start order, after the cursor; one extra row tells whether a page follows.
+    // Slots starting in [from, until) with at least `min_seats` free (not
+    // booked, not held by a live hold), in start order, after the cursor;
+    // one extra row tells whether a page follows. The live holds of each
+    // slot are a range read of `holds_live_idx` from now on (`now()`, the
+    // statement's own transaction's time: a bound the index can use).
     sqlx::query_as!(
         SlotRow,
         r#"
-SELECT id, starts_at, ends_at, capacity, booked, label, created_at, time_zone
-FROM booking.slots
-WHERE starts_at >= $1 AND starts_at < $2 AND capacity - booked >= $3
-  AND (starts_at, id) > ($4, $5)
-ORDER BY starts_at, id
+SELECT s.id, s.starts_at, s.ends_at, s.capacity, s.booked, h.held AS "held!", s.label,
+       s.created_at, s.time_zone
+FROM booking.slots s
+CROSS JOIN LATERAL (
+    SELECT COALESCE(sum(party_size), 0)::int AS held FROM booking.holds
+    WHERE slot_id = s.id AND booking_id IS NULL AND released_at IS NULL
+      AND expires_at > now()
+) h
+WHERE s.starts_at >= $1 AND s.starts_at < $2 AND s.capacity - s.booked - h.held >= $3
+  AND (s.starts_at, s.id) > ($4, $5)
+ORDER BY s.starts_at, s.id
 LIMIT $6
 "#,
         query.from,

@@ -8,7 +8,7 @@ pub async fn all(pool: &PgPool) -> Result<Vec<Template>, sqlx::Error> {
     sqlx::query_as!(
         Template,
         r#"
-SELECT key, priority, min_score, max_score, requires_history, body
+SELECT key, trigger, priority, min_score, max_score, requires_history, body
 FROM booking.followup_templates
 ORDER BY priority, key
 "#
