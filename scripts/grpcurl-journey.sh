@@ -9,7 +9,7 @@
 # Needs a running stack whose follow-ups go out right after the event and
 # whose reminders go out a few seconds before it:
 #
-#   BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=3s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh
+#   BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=5s BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh
 #
 # Steps: reflection (list, describe) and health (readiness and liveness) of
 # both services; StoreMessage x3 with negative emotions into a new
@@ -50,7 +50,7 @@
 #   SLOT_START_IN   seconds from now until the slot starts (3: each grpcurl
 #                   call takes a few hundred ms, the booking must come first)
 #   FOLLOWUP_WAIT   seconds to wait for the follow-up to be SENT (30)
-#   REMINDER_LEAD   the stack's BOOKING_REMINDER_LEAD, in seconds (3)
+#   REMINDER_LEAD   the stack's BOOKING_REMINDER_LEAD, in seconds (5)
 set -euo pipefail
 
 me="grpcurl-journey"
@@ -62,7 +62,7 @@ memory_addr="${MEMORY_ADDR:-127.0.0.1:50051}"
 booking_addr="${BOOKING_ADDR:-127.0.0.1:50052}"
 start_in="${SLOT_START_IN:-3}"
 followup_wait="${FOLLOWUP_WAIT:-30}"
-reminder_lead="${REMINDER_LEAD:-3}"
+reminder_lead="${REMINDER_LEAD:-5}"
 
 command -v python3 >/dev/null 2>&1 || die "python3 is needed to read grpcurl's JSON answers"
 

@@ -12,8 +12,8 @@
 #
 # Needs target/release/{memory-service,booking-service} (cargo build
 # --release) and grpcurl (scripts/install-tools.sh). Follow-ups are due at
-# once (BOOKING_FOLLOWUP_DELAY=0s) and reminders 3 s before the event
-# (BOOKING_REMINDER_LEAD=3s) so the clients see them. With
+# once (BOOKING_FOLLOWUP_DELAY=0s) and reminders 5 s before the event
+# (BOOKING_REMINDER_LEAD=5s) so the clients see them. With
 # SMOKE_POOLER=host:port, `start` runs both services through that
 # transaction-mode pooler (DB_POOLER=transaction, DATABASE_DIRECT_URL
 # straight to the server; scripts/pooler-check.sh). The stack's
@@ -138,7 +138,7 @@ start() {
     wait_serving memory-service "$memory_port" maitre.memory.v1.MemoryService
     launch booking-service "${common[@]}" GRPC_ADDR="127.0.0.1:$booking_port" ADMIN_ADDR="127.0.0.1:$booking_admin" \
         BOOKING_MEMORY_URL="http://127.0.0.1:$memory_port" \
-        BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=3s BOOKING_WORKER_POLL_INTERVAL=100ms \
+        BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=5s BOOKING_WORKER_POLL_INTERVAL=100ms \
         BOOKING_FOLLOWUP_RETRY_BASE=200ms BOOKING_FOLLOWUP_RETRY_MAX=2s
     wait_serving booking-service "$booking_port" maitre.booking.v1.BookingService
 

@@ -125,7 +125,10 @@ CREATE UNIQUE INDEX payments_provider_reference_key ON booking.payments (provide
 -- Its text is rendered when it is first claimed for delivery, from the
 -- booking as it is then (a move changes its date), with a template of its
 -- own trigger: templates are chosen per trigger.
+-- Priority 1000, behind every post-event template: a binary of the
+-- previous version (a rolling deploy, a rollback) reads every template
+-- without looking at the trigger, and must never choose this one.
 ALTER TABLE booking.followup_templates ADD COLUMN trigger text NOT NULL DEFAULT 'post_event';
 INSERT INTO booking.followup_templates (key, trigger, priority, min_score, max_score, requires_history, body) VALUES
-    ('event_reminder', 'pre_event', 100, NULL, NULL, false,
+    ('event_reminder', 'pre_event', 1000, NULL, NULL, false,
      'Hi {customer_name}, a reminder of your booking for {party_size} at {slot_label} on {event_date} at {event_time}. We look forward to seeing you!');

@@ -38,7 +38,7 @@ checking every answer:
   released hold frees its seats.
 
 The stack must deliver follow-ups right after the event and reminders a few
-seconds before it (BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=3s
+seconds before it (BOOKING_FOLLOWUP_DELAY=0s BOOKING_REMINDER_LEAD=5s
 BOOKING_WORKER_POLL_INTERVAL=100ms scripts/dev-up.sh).
 
 Exit status 0 when every check passed, 1 (with the failed check) otherwise.
@@ -904,7 +904,7 @@ def main() -> int:
     parser.add_argument("--slot-start-in", type=float, default=2.0)
     parser.add_argument("--followup-wait", type=float, default=30.0)
     parser.add_argument(
-        "--reminder-lead", type=float, default=3.0, help="the stack's BOOKING_REMINDER_LEAD, in seconds"
+        "--reminder-lead", type=float, default=5.0, help="the stack's BOOKING_REMINDER_LEAD, in seconds"
     )
     args = parser.parse_args()
 

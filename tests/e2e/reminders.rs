@@ -397,3 +397,78 @@ async fn a_moved_bookings_reminder_names_the_new_event() {
     );
     stack.shutdown().await;
 }
+
+/// Two moves of one booking at once (both waiting for it): the one that
+/// goes second sees what the first did to the reminder, so the booking ends
+/// with exactly one reminder, due the lead before the slot it ended in.
+#[tokio::test]
+async fn two_moves_at_once_leave_one_reminder_at_the_right_time() {
+    let stack = spawn_stack_with(|s| {
+        s.followup_delay = Duration::from_secs(3600);
+        s.reminder_lead = Duration::from_secs(3600);
+    })
+    .await;
+    let hour = Duration::from_secs(3600);
+    // Booked inside the lead: no reminder yet; both moves go far enough ahead.
+    let soon = stack.slot(hour / 2, hour, 4).await;
+    let first = stack.slot(hour * 5, hour, 4).await;
+    let second = stack.slot(hour * 9, hour, 4).await;
+    let booked = stack
+        .book(Stack::booking_request(&soon, "ana", "", 1))
+        .await
+        .expect("booked");
+    assert!(reminder_row(&stack, &booked.booking_id).await.is_empty());
+
+    // Something else holds the booking (as a third move would): both moves
+    // queue behind it, then run one after the other.
+    let mut tx = stack.db.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM booking.bookings WHERE id = $1::uuid FOR UPDATE")
+        .bind(&booked.booking_id)
+        .execute(&mut *tx)
+        .await
+        .expect("locked");
+    let move_to = |slot: &booking::Slot| {
+        let mut client = stack.booking.clone();
+        let request = booking::MoveBookingRequest {
+            booking_id: booked.booking_id.clone(),
+            slot_id: slot.slot_id.clone(),
+            request_id: uuid::Uuid::now_v7().to_string(),
+        };
+        async move { client.move_booking(request).await }
+    };
+    let release = async {
+        stack.blocked_on_locks(2).await;
+        tx.commit().await.expect("commit");
+    };
+    let (a, b, ()) = tokio::join!(move_to(&first), move_to(&second), release);
+    a.expect("first move");
+    b.expect("second move");
+
+    let slot_id: String = sqlx::query_scalar("SELECT slot_id::text FROM booking.bookings")
+        .fetch_one(&stack.db)
+        .await
+        .expect("slot");
+    let ended_in = if slot_id == first.slot_id {
+        &first
+    } else {
+        &second
+    };
+    let live: Vec<_> = reminder_row(&stack, &booked.booking_id)
+        .await
+        .into_iter()
+        .filter(|(state, ..)| *state == 1)
+        .collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+    let expected = (start_of(ended_in) - chrono::Duration::hours(1)).timestamp();
+    assert_eq!(
+        live[0].1.timestamp(),
+        expected,
+        "due the lead before the slot it ended in"
+    );
+    assert_eq!(
+        live[0].3.map(|j| j.timestamp()),
+        Some(expected),
+        "and its job with it"
+    );
+    stack.shutdown().await;
+}

@@ -191,7 +191,7 @@ impl BookingApi {
             }
             // Only a booking that confirms a hold can lose it.
             CreateOutcome::HoldLost => {
-                return Err(Error::Database(sqlx::Error::Protocol(
+                return Err(Error::Database(sqlx::Error::Decode(
                     "CreateBooking reported a lost hold".into(),
                 )));
             }

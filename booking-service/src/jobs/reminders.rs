@@ -35,6 +35,7 @@ pub async fn prepare(
         return Ok(Some(follow_up));
     }
     let Some(booking) = ctx.statements.to_plan(follow_up.booking_id).await? else {
+        store::followups::release_claim(&ctx.pool, follow_up.id, token).await?;
         return Ok(None);
     };
     if booking.slot_starts_at.to_utc() <= chrono::Utc::now() {
@@ -56,6 +57,8 @@ pub async fn prepare(
     };
     let text = render(&template.body, &booking.render_context());
     if !store::followups::set_wording(&ctx.pool, follow_up.id, token, &template.key, &text).await? {
+        // Cancelled or erased since the claim: nothing to send.
+        store::followups::release_claim(&ctx.pool, follow_up.id, token).await?;
         return Ok(None);
     }
     follow_up.template_key = template.key.clone();

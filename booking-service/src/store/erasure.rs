@@ -3,8 +3,12 @@
 //! text of all of them, and pseudonymises their bookings.
 //!
 //! Ordering against the follow-up pipeline, which runs concurrently:
-//! - the customer's bookings are locked first (FOR UPDATE). A plan job that
-//!   is inserting a follow-up holds its booking FOR SHARE (the trigger of
+//! - the customer's bookings are locked first (FOR UPDATE), then their holds
+//!   are erased: a ConfirmHold that marked one is waited for, and the
+//!   bookings are read and locked again after that, so the booking it made
+//!   is erased too; one not yet at its mark finds the hold released and
+//!   books nothing;
+//! - a plan job that is inserting a follow-up holds its booking FOR SHARE (the trigger of
 //!   migration `customer_erasure`), so either it commits before the erasure
 //!   reads the follow-ups (and its row is cleared here), or it waits for the
 //!   erasure and its row is born cancelled and empty;
@@ -122,15 +126,14 @@ pub async fn erase(
     }
 }
 
-async fn erase_once(
-    pool: &PgPool,
+/// The customer's bookings, locked in id order (two erasures of one customer
+/// queue up instead of deadlocking); through `bookings_customer_idx`.
+async fn lock_bookings(
+    tx: &mut sqlx::PgConnection,
     customer_id: &str,
-    now: DateTime<Utc>,
-) -> Result<Erased, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // The customer's bookings, locked in id order (two erasures of one
-    // customer queue up instead of deadlocking); through `bookings_customer_idx`.
-    let locked = sqlx::query!(
+) -> Result<Vec<LockedBooking>, sqlx::Error> {
+    sqlx::query_as!(
+        LockedBooking,
         r#"
 SELECT id, conversation_id FROM booking.bookings
 WHERE customer_id = $1
@@ -139,19 +142,39 @@ FOR UPDATE
 "#,
         customer_id
     )
-    .fetch_all(&mut *tx)
-    .await?;
+    .fetch_all(tx)
+    .await
+}
+
+struct LockedBooking {
+    id: Uuid,
+    conversation_id: Option<Uuid>,
+}
+
+async fn erase_once(
+    pool: &PgPool,
+    customer_id: &str,
+    now: DateTime<Utc>,
+) -> Result<Erased, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_bookings(&mut tx, customer_id).await?;
     // The database's pseudonym salt (one row, made by the migration).
     let salt = sqlx::query_scalar!("SELECT salt FROM booking.erasure_salt")
         .fetch_one(&mut *tx)
         .await?;
     let pseudonym = pseudonym(&salt, customer_id);
+    // The holds: a ConfirmHold that marked one of them is waited for here,
+    // and one still before its mark finds the hold released and books
+    // nothing (see `bookings::CREATE`).
     sqlx::query(ERASE_HOLDS)
         .bind(customer_id)
         .bind(&pseudonym)
         .bind(now)
         .execute(&mut *tx)
         .await?;
+    // Read again, after that wait: the booking such a ConfirmHold made is
+    // committed now, and is erased with the others.
+    let locked = lock_bookings(&mut tx, customer_id).await?;
     if locked.is_empty() {
         tx.commit().await?;
         return Ok(Erased {

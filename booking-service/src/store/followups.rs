@@ -301,6 +301,24 @@ WHERE id = $1 AND claim_token = $2 AND state = 1 /* followups::PENDING */
     Ok(cancelled.rows_affected() == 1)
 }
 
+/// Gives up the claim `token` on a follow-up without recording an attempt
+/// (a run that found nothing to deliver), so that it is not counted as a
+/// delivery on its way for the rest of the lease.
+pub async fn release_claim(pool: &PgPool, id: Uuid, token: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        r#"
+UPDATE booking.scheduled_followups SET claim_token = NULL, claimed_until = NULL
+WHERE id = $1 AND claim_token = $2
+"#,
+        id,
+        token
+    )
+    .execute(pool)
+    .traced("followups::release_claim")
+    .await?;
+    Ok(())
+}
+
 /// Records the wording of a claimed reminder, only while the claim `token`
 /// holds.
 pub async fn set_wording(

@@ -56,7 +56,8 @@ booking AS (
 ),
 locked AS (
     SELECT s.id, s.starts_at FROM booking.slots s
-    WHERE s.id = $2 OR s.id = (SELECT slot_id FROM booking)
+    WHERE (s.id = $2 OR s.id = (SELECT slot_id FROM booking))
+      AND EXISTS (SELECT 1 FROM booking)
     ORDER BY s.id
     FOR UPDATE
 ),
@@ -187,26 +188,7 @@ pub async fn move_booking(
     })?;
     let mut attempt = 1;
     let row = loop {
-        let result = sqlx::query_as::<_, MoveRow>(MOVE)
-            .bind(request.booking_id)
-            .bind(request.to_slot_id)
-            .bind(&request.request_id)
-            .bind(now)
-            .bind(times.followup_delay.as_secs_f64())
-            .bind(PLAN_QUEUE)
-            .bind(&request.fingerprint)
-            .bind(times.reminder_lead.as_secs_f64())
-            .bind(reminder_id)
-            .bind(&reminder_job.id)
-            .bind(&reminder_job.payload)
-            .bind(&reminder_job.idempotency_key)
-            .bind(DELIVER_QUEUE)
-            .bind(PRE_EVENT_TRIGGER)
-            .bind(reminder_job.max_attempts)
-            .bind(REMINDER_SKIPPED)
-            .fetch_optional(pool)
-            .traced("moves::MOVE")
-            .await;
+        let result = move_once(pool, request, now, times, reminder_id, &reminder_job).await;
         match result {
             Ok(row) => break row,
             // A concurrent first use of the key won: answer as a replay.
@@ -234,6 +216,49 @@ pub async fn move_booking(
         // the booking while this one waited for it: then this is a replay.
         _ => replay(pool, request).await,
     }
+}
+
+/// One run of the move, in its own transaction: the booking is locked by a
+/// statement of its own first, so that MOVE's snapshot, taken after that
+/// lock is granted, sees whatever an earlier move or cancel of the booking
+/// committed (its reminder above all); in one statement alone, a move that
+/// waited for another would re-read only the rows it had already found.
+async fn move_once(
+    pool: &PgPool,
+    request: &BookingMove,
+    now: DateTime<Utc>,
+    times: &LifecycleTimes,
+    reminder_id: Uuid,
+    reminder_job: &jobs::JobRow,
+) -> Result<Option<MoveRow>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM booking.bookings WHERE id = $1 FOR UPDATE")
+        .bind(request.booking_id)
+        .execute(&mut *tx)
+        .traced("moves::LOCK_BOOKING")
+        .await?;
+    let row = sqlx::query_as::<_, MoveRow>(MOVE)
+        .bind(request.booking_id)
+        .bind(request.to_slot_id)
+        .bind(&request.request_id)
+        .bind(now)
+        .bind(times.followup_delay.as_secs_f64())
+        .bind(PLAN_QUEUE)
+        .bind(&request.fingerprint)
+        .bind(times.reminder_lead.as_secs_f64())
+        .bind(reminder_id)
+        .bind(&reminder_job.id)
+        .bind(&reminder_job.payload)
+        .bind(&reminder_job.idempotency_key)
+        .bind(DELIVER_QUEUE)
+        .bind(PRE_EVENT_TRIGGER)
+        .bind(reminder_job.max_attempts)
+        .bind(REMINDER_SKIPPED)
+        .fetch_optional(&mut *tx)
+        .traced("moves::MOVE")
+        .await?;
+    tx.commit().await?;
+    Ok(row)
 }
 
 /// The answer to a key that may have been used: a replay, a refusal, or
