@@ -17,6 +17,13 @@ fn quick_with_an_hours_lead(s: &mut booking_service::config::Settings) {
     s.reminder_lead = Duration::from_secs(3600);
 }
 
+/// Reminders an hour before the event, follow-ups not before an hour after
+/// it (nothing is delivered while the test runs).
+fn reminders_an_hour_ahead_no_delivery(s: &mut booking_service::config::Settings) {
+    s.followup_delay = Duration::from_secs(3600);
+    s.reminder_lead = Duration::from_secs(3600);
+}
+
 fn reminders(follow_ups: &[booking::FollowUp]) -> Vec<&booking::FollowUp> {
     follow_ups
         .iter()
@@ -196,11 +203,7 @@ async fn a_reminder_is_never_sent_once_the_event_has_started() {
 
 #[tokio::test]
 async fn a_booking_inside_the_lead_gets_no_reminder() {
-    let stack = spawn_stack_with(|s| {
-        s.followup_delay = Duration::from_secs(3600);
-        s.reminder_lead = Duration::from_secs(3600);
-    })
-    .await;
+    let stack = spawn_stack_with(reminders_an_hour_ahead_no_delivery).await;
     let soon = stack
         .slot(Duration::from_secs(1800), Duration::from_secs(3600), 4)
         .await;
@@ -309,11 +312,7 @@ async fn a_cancelled_bookings_reminder_is_never_sent() {
 /// when the new event is far enough ahead.
 #[tokio::test]
 async fn a_reminder_moves_with_its_booking() {
-    let stack = spawn_stack_with(|s| {
-        s.followup_delay = Duration::from_secs(3600);
-        s.reminder_lead = Duration::from_secs(3600);
-    })
-    .await;
+    let stack = spawn_stack_with(reminders_an_hour_ahead_no_delivery).await;
     let hour = Duration::from_secs(3600);
     let first = stack.slot(hour * 3, hour, 4).await;
     let second = stack.slot(hour * 5, hour, 4).await;
@@ -403,11 +402,7 @@ async fn a_moved_bookings_reminder_names_the_new_event() {
 /// with exactly one reminder, due the lead before the slot it ended in.
 #[tokio::test]
 async fn two_moves_at_once_leave_one_reminder_at_the_right_time() {
-    let stack = spawn_stack_with(|s| {
-        s.followup_delay = Duration::from_secs(3600);
-        s.reminder_lead = Duration::from_secs(3600);
-    })
-    .await;
+    let stack = spawn_stack_with(reminders_an_hour_ahead_no_delivery).await;
     let hour = Duration::from_secs(3600);
     // Booked inside the lead: no reminder yet; both moves go far enough ahead.
     let soon = stack.slot(hour / 2, hour, 4).await;
